@@ -168,7 +168,7 @@ class RenderRequest:
     motion_frames: int = 9
     color_correction: float = 1.0
     apg: bool = False
-    lora_strength: float = 1.0
+    lora_strength: float | None = None  # None: whatever the engine merged at load
     max_duration_s: float = 600.0
     crf: int = 18
     loudness_normalize: bool = True
@@ -269,7 +269,8 @@ SETTINGS: dict[str, Setting] = {
     "color_correction": Setting("float", 1.0, "Lab colour matching strength to the reference (0 = off)",
                                 minimum=0, maximum=1),
     "apg": Setting("bool", False, "adaptive projected guidance"),
-    "lora_strength": Setting("float", 1.0, "strength of the step-distill LoRA", minimum=0, maximum=4),
+    "lora_strength": Setting("float", None, "strength of the step-distill LoRA (default: engine.lora_strength; "
+                             "the LoRA is merged at load, so a job must agree with the engine)", minimum=0, maximum=4),
     "max_duration_s": Setting("float", 600.0, "refuse speech longer than this many seconds", minimum=0.1),
     "crf": Setting("int", 18, "H.264 quality (lower = better, bigger)", minimum=0, maximum=51),
     "loudness_normalize": Setting("bool", True, "normalise speech loudness to -23 LUFS before feature extraction"),
@@ -409,7 +410,7 @@ def request_from_settings(
         motion_frames=mf,
         color_correction=float(values["color_correction"]),  # type: ignore[arg-type]
         apg=bool(values["apg"]),
-        lora_strength=float(values["lora_strength"]),  # type: ignore[arg-type]
+        lora_strength=None if values["lora_strength"] is None else float(values["lora_strength"]),  # type: ignore[arg-type]
         max_duration_s=float(values["max_duration_s"]),  # type: ignore[arg-type]
         crf=int(values["crf"]),  # type: ignore[call-overload]
         loudness_normalize=bool(values["loudness_normalize"]),

@@ -1,0 +1,338 @@
+"""The ComfyUI ``models/`` folder: where each file lives, checking it (``doctor``), loading it.
+
+Every network is read the same way (weights.py): the header first (format, prefix, dtype), the
+network config from the tensor shapes, the module built on the meta device, then tensors streamed
+one at a time onto the target device and assigned strictly. No rename tables beyond prefix
+stripping and each encoder's ``normalize_keys`` for spelling variants of the same tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from engine import weights as wt
+
+log = logging.getLogger("infinitetalkd.engine")
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    folders: tuple[str, ...]  # the ComfyUI folder first, then the aliases older layouts use
+    default: str
+    what: str
+    need: str  # "always" | "patch" (at least one of the two) | "lora" (when the preset uses it) | "optional"
+
+
+ROLES: tuple[Role, ...] = (
+    Role("dit", ("diffusion_models", "unet"), "Wan2_1-I2V-14B-480p_fp8_e4m3fn_scaled_KJ.safetensors",
+         "Wan 2.1 I2V 14B 480p DiT", "always"),
+    Role("patch_single", ("model_patches", "diffusion_models"), "wan2.1_infiniteTalk_single_fp16.safetensors",
+         "InfiniteTalk single-speaker adapter", "patch"),
+    Role("patch_multi", ("model_patches", "diffusion_models"), "wan2.1_infiniteTalk_multi_fp16.safetensors",
+         "InfiniteTalk two-speaker adapter", "patch"),
+    Role("text_encoder", ("text_encoders", "clip"), "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+         "umT5-XXL text encoder", "always"),
+    Role("audio_encoder", ("audio_encoders", "wav2vec2"), "wav2vec2-chinese-base_fp16.safetensors",
+         "chinese-wav2vec2-base audio encoder", "always"),
+    Role("vae", ("vae",), "Wan2_1_VAE_bf16.safetensors", "Wan 2.1 VAE", "always"),
+    Role("lora", ("loras",), "lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors",
+         "lightx2v step-distill LoRA", "lora"),
+    Role("clip_vision", ("clip_vision",), "clip_vision_h.safetensors", "CLIP ViT-H/14 vision tower", "optional"),
+)
+ROLE_BY_NAME = {r.name: r for r in ROLES}
+
+
+def _is_adapter_key(key: str) -> bool:
+    return key.startswith("audio_proj.") or ".norm_x." in key or ".audio_cross_attn." in key
+
+
+def locate(models_dir: Path, files: Mapping[str, str] | None = None) -> dict[str, Path | None]:
+    """The path of each role's file, or None. A symlink into a shared store is fine if it ends at a file."""
+    files = files or {}
+    found: dict[str, Path | None] = {}
+    for role in ROLES:
+        name = files.get(role.name, role.default)
+        found[role.name] = None
+        for folder in role.folders:
+            p = models_dir / folder / name
+            if p.is_file():  # follows symlinks; a dangling link is not a file
+                found[role.name] = p
+                break
+    return found
+
+
+def _network(role: str) -> ModuleType:
+    """The network file that defines the tensors of a role (imported lazily: they pull in transformers)."""
+    import importlib
+
+    module = {"dit": "dit", "patch_single": "dit", "patch_multi": "dit", "vae": "vae",
+              "text_encoder": "text_encoder", "audio_encoder": "audio", "clip_vision": "image_encoder"}[role]
+    return importlib.import_module(f"engine.{module}")
+
+
+def _expected_shapes(net: ModuleType, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The key -> shape table of the network a file's shapes describe (built on the meta device)."""
+    module = net.build(net.config_from_shapes(shapes), "meta")
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def _normalize(net: ModuleType, d: dict[str, Any]) -> dict[str, Any]:
+    fn = getattr(net, "normalize_keys", None)
+    return fn(d) if fn is not None else d
+
+
+def _compare(expected: Mapping[str, tuple[int, ...]], got: Mapping[str, tuple[int, ...]]) -> list[str]:
+    problems = []
+    missing = [k for k in expected if k not in got]
+    extra = [k for k in got if k not in expected]
+    bad = [k for k in expected if k in got and tuple(got[k]) != tuple(expected[k])]
+    if missing:
+        problems.append(f"{len(missing)} missing keys, e.g. {', '.join(missing[:3])}")
+    if extra:
+        problems.append(f"{len(extra)} unexpected keys, e.g. {', '.join(extra[:3])}")
+    if bad:
+        k = bad[0]
+        problems.append(f"{len(bad)} mis-shaped keys, e.g. {k} {list(got[k])} (expected {list(expected[k])})")
+    return problems
+
+
+def _check_file(role: str, info: wt.FileInfo, others: Mapping[str, wt.FileInfo]) -> tuple[str, list[str]]:
+    """(summary, problems) of one file's keys against the network it should hold."""
+    shapes = wt.logical_shapes(info)
+    try:
+        if role in ("dit", "patch_single", "patch_multi"):
+            net = _network("dit")
+            base = shapes if role == "dit" else (wt.logical_shapes(others["dit"]) if "dit" in others else None)
+            patch = shapes if role != "dit" else next(
+                (wt.logical_shapes(others[r]) for r in ("patch_single", "patch_multi") if r in others), None)
+            if base is None or patch is None:
+                # Without the partner file the config cannot be read from shapes alone; check the side we have.
+                own = [k for k in shapes if _is_adapter_key(k) != (role == "dit")]
+                return (f"{len(shapes)} tensors", [f"keys of the wrong kind, e.g. {own[0]}"] if own else [])
+            expected = _expected_shapes(net, {**base, **patch})
+            want = {k: v for k, v in expected.items() if _is_adapter_key(k) == (role != "dit")}
+            return f"{len(shapes)} tensors", _compare(want, shapes)
+        if role == "lora":
+            return f"{len(shapes)} tensors", []  # checked against the DiT keys when merged at load
+        net = _network(role)
+        got = _normalize(net, dict(shapes))
+        return f"{len(shapes)} tensors", _compare(_expected_shapes(net, got), got)
+    except (ValueError, KeyError) as e:
+        return f"{len(shapes)} tensors", [f"not a {ROLE_BY_NAME[role].what} file: {e}"]
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return f"{n} B"
+
+
+def doctor(
+    models_dir: Path, files: Mapping[str, str] | None = None, *, need_lora: bool = True
+) -> tuple[bool, list[str]]:
+    """Check every expected file: one human line each. ok is False when something needed is missing or wrong."""
+    files = files or {}
+    lines: list[str] = []
+    ok = True
+    if not models_dir.is_dir():
+        return False, [f"models folder {models_dir} does not exist; point engine.models_dir (or --models-dir) at "
+                       "your ComfyUI models/ folder"]
+    paths = locate(models_dir, files)
+    infos: dict[str, wt.FileInfo] = {}
+    errors: dict[str, str] = {}
+    for role, path in paths.items():
+        if path is None:
+            continue
+        try:
+            infos[role] = wt.read_header(path)
+        except wt.WeightsError as e:
+            errors[role] = str(e)
+    for role in ROLES:
+        name = files.get(role.name, role.default)
+        path = paths[role.name]
+        needed = role.need == "always" or (role.need == "lora" and need_lora)
+        if path is None:
+            where = f"{models_dir}/{role.folders[0]}/{name}"
+            if role.need == "patch":
+                state = "missing (optional if the other patch is present)"
+            elif needed:
+                state = "MISSING"
+                ok = False
+            else:
+                state = "absent (optional)"
+            extra = "; renders run without CLIP features, as ComfyUI native does" if role.name == "clip_vision" else ""
+            lines.append(f"{state:<8} {role.name:<13} {where}  ({role.what}){extra}")
+            continue
+        if role.name in errors:
+            ok = False
+            lines.append(f"BAD      {role.name:<13} {path}: {errors[role.name]}")
+            continue
+        info = infos[role.name]
+        summary, problems = _check_file(role.name, info, infos)
+        fmt = "fp8-scaled" if info.quant in ("scaled_fp8", "comfy_quant") else info.quant
+        desc = (f"{info.main_dtype} {fmt} prefix={info.prefix or '-'} {summary} {_human_size(info.size)}")
+        if problems:
+            ok = False
+            lines.append(f"BAD      {role.name:<13} {path}: {desc}; " + "; ".join(problems))
+        else:
+            lines.append(f"ok       {role.name:<13} {path}: {desc}, keys ok")
+    if paths["patch_single"] is None and paths["patch_multi"] is None:
+        ok = False
+        lines.append("MISSING  an InfiniteTalk patch: put wan2.1_infiniteTalk_single_fp16.safetensors (one speaker) "
+                     f"and/or the multi file in {models_dir}/model_patches/")
+    return ok, lines
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    if device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise wt.WeightsError(f"engine.device is {device!r} but no CUDA device is visible to torch; "
+                                  "check the driver (nvidia-smi) or set device: cpu")
+    if dtype == "auto":
+        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    else:
+        dt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+    return dev, dt
+
+
+def _load_hf(role: str, info: wt.FileInfo, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    net = _network(role)
+    sd = _normalize(net, dict(wt.iter_tensors(info, dtype=dtype, device=device)))
+    cfg = net.config_from_shapes({k: tuple(v.shape) for k, v in sd.items()})
+    module = net.build(cfg, device)
+    wt.load_module(module, sd.items(), source=str(info.path))
+    return module.eval()
+
+
+def load_dit(base: wt.FileInfo, patch: wt.FileInfo, *, device: torch.device, dtype: torch.dtype,
+             lora: wt.FileInfo | None = None, lora_strength: float = 1.0,
+             ) -> tuple[torch.nn.Module, wt.LoraReport | None]:
+    """Base DiT + InfiniteTalk patch (+ LoRA merged into the dequantised weights), strict, streamed."""
+    net = _network("dit")
+    shapes = {**wt.logical_shapes(base), **wt.logical_shapes(patch)}
+    cfg = net.config_from_shapes(shapes)
+    dit = net.build(cfg, device)
+    stream: Iterable[tuple[str, torch.Tensor]] = wt.iter_tensors(base, dtype=dtype, device=device)
+    report = None
+    if lora is not None:
+        stream, report = wt.merge_lora(stream, lora, lora_strength, set(dit.state_dict()))
+    wt.load_module(dit, chain(stream, wt.iter_tensors(patch, dtype=dtype, device=device)),
+                   source=f"{base.path} + {patch.path}")
+    return dit.eval(), report
+
+
+def patch_swapper(dit: torch.nn.Module, patches: Mapping[int, wt.FileInfo], current: int,
+                  device: torch.device, dtype: torch.dtype) -> Callable[[int], None]:
+    """A callable that loads the adapter weights for 1 or 2 speakers into the resident DiT when they change."""
+    state = {"speakers": current}
+
+    def swap(speakers: int) -> None:
+        want = patches.get(speakers) or next(iter(patches.values()))
+        have = patches.get(state["speakers"]) or next(iter(patches.values()))
+        if want.path == have.path:
+            return
+        params = dict(dit.named_parameters())
+        for key, t in wt.iter_tensors(want, dtype=dtype, device=device):
+            params[key].data.copy_(t)
+        state["speakers"] = speakers
+
+    return swap
+
+
+def iter_roles(found: Mapping[str, Path | None]) -> Iterator[tuple[str, Path]]:
+    for k, v in found.items():
+        if v is not None:
+            yield k, v
+
+
+def load_models(options: Any) -> Any:
+    """Load every network for ``options`` (engine.api.EngineOptions) onto its device: a render.Models."""
+    from engine.api import PRESETS
+    from engine.render import Models
+
+    dev, dt = resolve_device(options.device, options.dtype)
+    need_lora = PRESETS[options.preset].use_lora if options.preset in PRESETS else False
+    ok, lines = doctor(options.models_dir, options.files, need_lora=need_lora)
+    if not ok:
+        bad = [ln for ln in lines if not ln.startswith(("ok", "absent", "missing"))]
+        raise wt.WeightsError("the models folder is not complete:\n  " + "\n  ".join(bad)
+                              + "\nrun 'infinitetalkd doctor --models-dir DIR' for the full list")
+    found = locate(options.models_dir, options.files)
+    infos = {role: wt.read_header(path) for role, path in iter_roles(found)}
+
+    patches = {n: infos[r] for n, r in ((1, "patch_single"), (2, "patch_multi")) if r in infos}
+    first = 1 if 1 in patches else 2
+    lora = infos.get("lora") if need_lora else None
+    log.info("loading DiT %s + %s on %s as %s", infos["dit"].path.name, patches[first].path.name, dev, dt)
+    dit, report = load_dit(infos["dit"], patches[first], device=dev, dtype=dt, lora=lora,
+                           lora_strength=options.lora_strength)
+    if report is not None:
+        log.info("LoRA %s merged at strength %g into %d weights", lora.path.name if lora else "?",
+                 options.lora_strength, report.applied)
+        if report.skipped_inert:
+            log.info("LoRA keys without effect skipped: %s", ", ".join(report.skipped_inert[:5]))
+        if report.unknown:
+            log.warning("LoRA keys not understood, ignored: %s", ", ".join(report.unknown[:10]))
+
+    vae_net = _network("vae")
+    vae_info = infos["vae"]
+    vae = vae_net.build(vae_net.config_from_shapes(wt.logical_shapes(vae_info)), dev)
+    wt.load_module(vae, wt.iter_tensors(vae_info, dtype=dt, device=dev), source=str(vae_info.path))
+    vae.eval()
+
+    # umT5 runs once per new prompt; in low-memory mode it waits on the CPU between prompts.
+    text_dev = torch.device("cpu") if options.memory_mode == "low" else dev
+    text_dt = dt if text_dev.type == "cuda" else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    te_info = infos["text_encoder"]
+    text_encoder = _load_hf("text_encoder", te_info, text_dev, text_dt)
+    tokenizer = _tokenizer(te_info, options.files)
+
+    # wav2vec2 is small and its features feed every frame: fp32, as the official code runs it.
+    audio_encoder = _load_hf("audio_encoder", infos["audio_encoder"], dev, torch.float32)
+    clip = None
+    if "clip_vision" in infos:
+        clip = _load_hf("clip_vision", infos["clip_vision"], dev, dt)
+    else:
+        log.info("no clip_vision file: rendering without CLIP image features, as ComfyUI native does")
+
+    swap = patch_swapper(dit, patches, first, dev, dt) if len(patches) == 2 else None
+    return Models(
+        dit=dit, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, audio_encoder=audio_encoder, clip=clip,
+        device=dev, dtype=dt, identities={r: wt.file_identity(p) for r, p in iter_roles(found)
+                                          if r != "lora" or lora is not None},
+        text_device=text_dev, speakers_supported=(1, 2),
+        lora_strength=options.lora_strength if lora is not None else None, swap_patch=swap,
+    )
+
+
+def _tokenizer(info: wt.FileInfo, files: Mapping[str, str]) -> Any:
+    from engine.text_encoder import Tokenizer
+
+    blob = wt.extra_tensor(info, "spiece_model")
+    if blob is not None:
+        return Tokenizer.from_proto(bytes(blob.numpy().tobytes()))
+    path = files.get("tokenizer")
+    if path:
+        return Tokenizer.from_file(Path(path))
+    raise wt.WeightsError(
+        f"{info.path}: has no 'spiece_model' tokenizer tensor; set engine.files.tokenizer in config.yaml to the "
+        "spiece.model of google/umt5-xxl")

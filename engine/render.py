@@ -1,0 +1,359 @@
+"""The long-video render: the official InfiniteTalk streaming loop, with the networks resident.
+
+One ``Engine`` renders one request at a time (``render``). Data flows one way: inputs are decoded
+and normalised (media.py, frames.py), speech becomes wav2vec2 features (audio.py), prompts become
+umT5 embeddings through a cache (prompts.py), then the chunk loop (sampling.py) denoises 81-frame
+windows with the DiT and streams decoded frames into the mp4 writer, so memory does not grow with
+the speech length.
+
+Where we differ from the official ``InfiniteTalkPipeline.generate_infinitetalk`` (model.md 9, 13):
+- I2V: the conditioning latent ``y`` and the CLIP features come from the same reference image in
+  every chunk, so they are computed once per job (identical result, ~1 s less per chunk).
+- The single-speaker reference-attention map and the drop-audio pass at audio guidance 1 are not
+  computed (their results are never used).
+- Noise is drawn per chunk from a generator seeded by (seed, chunk); the official code's dead
+  ``randn_like`` calls are not replicated, so seeds are not bit-compatible with it.
+- Output length equals the speech length exactly (the official code cuts only when padding happened).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine import frames as fr
+from engine import media, sampling
+from engine.api import (
+    PRESETS,
+    DeviceFault,
+    InputError,
+    OutOfMemory,
+    Progress,
+    ProgressFn,
+    RenderError,
+    RenderRequest,
+    RenderResult,
+    RenderStopped,
+    StopFn,
+)
+from engine.audio import audio_features, frames_for_duration
+from engine.image_encoder import encode_image
+from engine.prompts import PromptCache
+from engine.text_encoder import encode_text
+
+FPS = 25
+SAMPLE_RATE = 16000
+OUTPUT_AUDIO_RATE = 48000  # the mp4 carries the speech at this rate (the model only needs 16 kHz)
+
+
+@dataclass
+class Models:
+    """The resident networks, as loaded by models_dir.load_models."""
+
+    dit: Any  # dit.WanInfiniteTalk
+    vae: Any  # vae.WanVAE
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    audio_encoder: torch.nn.Module
+    clip: torch.nn.Module | None
+    device: torch.device
+    dtype: torch.dtype
+    identities: dict[str, str] = field(default_factory=dict)
+    text_device: torch.device | None = None  # where umT5 lives between jobs (CPU in "low" memory mode)
+    speakers_supported: tuple[int, ...] = (1, 2)
+    lora_strength: float | None = None  # strength merged at load, None when no LoRA
+    swap_patch: object | None = None  # callable(speakers) switching single/multi adapter weights
+
+
+@contextmanager
+def _device_errors() -> Iterator[None]:
+    """Map torch's device failures onto the API's error classes (daemon.md 4.4)."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise OutOfMemory(f"out of device memory: {str(e).splitlines()[0]}") from e
+    except RuntimeError as e:
+        text = str(e)
+        sticky = ("illegal memory access", "device-side assert", "unspecified launch failure",
+                  "uncorrectable ECC", "CUDA error: misaligned address", "an illegal instruction")
+        if any(s in text for s in sticky):
+            raise DeviceFault(f"device fault, the process must restart: {text.splitlines()[0]}") from e
+        raise
+
+
+class Engine:
+    """Implements engine.api.Renderer on resident models."""
+
+    def __init__(self, models: Models, *, cache_dir: Path | None = None, version: str = "0"):
+        self.m = models
+        self.version = version
+        self.prompts = PromptCache(self._encode_prompts, models.identities.get("text_encoder", "?"), cache_dir)
+        self._clip_missing_logged = False
+
+    # ---------------------------------------------------------------- Renderer protocol
+    def identity(self) -> str:
+        parts = [f"infinitetalkd-engine={self.version}"]
+        parts += [f"{k}={v}" for k, v in sorted(self.m.identities.items())]
+        return ";".join(parts)
+
+    def warmup(self) -> None:
+        """One tiny DiT + VAE pass so kernels are selected before the first job."""
+        with torch.inference_mode(), _device_errors():
+            cfg = self.m.dit.cfg  # type: ignore[attr-defined]
+            F, h, w = 2, 4, 4
+            dev, dt = self.m.device, self.m.dtype
+            x = torch.zeros(1, cfg.out_dim, F, h, w, device=dev, dtype=torch.float32)
+            y = torch.zeros(1, cfg.in_dim - cfg.out_dim, F, h, w, device=dev, dtype=dt)
+            ctx = torch.zeros(1, 4, cfg.text_dim, device=dev, dtype=dt)
+            clip = torch.zeros(1, 1, cfg.clip_dim, device=dev, dtype=dt)
+            audio = torch.zeros(1, 1, 4 * (F - 1) + 1, cfg.audio_window, cfg.audio_feature_dim, device=dev, dtype=dt)
+            self.m.dit(x, torch.tensor([500.0], device=dev), ctx, clip, y, audio)
+
+    def render(self, request: RenderRequest, out_path: Path, progress: ProgressFn, should_stop: StopFn) -> RenderResult:
+        with torch.inference_mode(), _device_errors():
+            return self._render(request, out_path, progress, should_stop)
+
+    # ---------------------------------------------------------------- helpers
+    def _encode_prompts(self, texts: list[str]) -> list[torch.Tensor]:
+        te = self.m.text_encoder
+        home = self.m.text_device
+        if home is not None and home != self.m.device:
+            te.to(self.m.device)
+        try:
+            return encode_text(te, self.m.tokenizer, texts)
+        finally:
+            if home is not None and home != self.m.device:
+                te.to(home)
+
+    def _to_dev(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.m.device, self.m.dtype)
+
+    def _clip(self, ref: torch.Tensor) -> torch.Tensor | None:
+        """CLIP features of the reference frame ([1, 3, H, W] in [-1, 1]), or None without CLIP."""
+        if self.m.clip is None:
+            return None
+        return self._to_dev(encode_image(self.m.clip, ref.to(self.m.device, self.m.dtype)))
+
+    def _encode_video(self, frames: torch.Tensor) -> torch.Tensor:
+        """[3, T, H, W] in [-1, 1] -> normalised latent [16, F, h, w] (fp32)."""
+        vae = self.m.vae
+        vdt = next(vae.parameters()).dtype
+        return vae.encode(frames.unsqueeze(0).to(self.m.device, vdt)).float()[0]  # type: ignore[operator]
+
+    def _condition(self, ref: torch.Tensor, window: int) -> torch.Tensor:
+        """y = [mask (4) | VAE(reference + window-1 grey frames) (16)] -> [20, F, h, w] (model.md 4)."""
+        _, H, W = ref.shape
+        video = torch.zeros(3, window, H, W)
+        video[:, 0] = ref
+        lat = self._encode_video(video)
+        F, h, w = lat.shape[1:]
+        msk = torch.zeros(window, h, w)
+        msk[0] = 1
+        msk = torch.cat([msk[:1].repeat(4, 1, 1), msk[1:]])  # [window + 3, h, w]: frame 0 counts 4 times
+        msk = msk.view(F, 4, h, w).transpose(0, 1)  # [4, F, h, w]; only latent frame 0 is 1
+        return torch.cat([msk.to(lat), lat])
+
+    def _check_request(self, req: RenderRequest) -> None:
+        if req.speakers not in self.m.speakers_supported:
+            which = "multi" if req.speakers == 2 else "single"
+            raise InputError(f"a {req.speakers}-speaker job needs the InfiniteTalk {which} patch file in "
+                             "models/model_patches/; run 'infinitetalkd doctor' to see which files are present")
+        merged = self.m.lora_strength
+        wants_lora = PRESETS[req.preset].use_lora if req.preset in PRESETS else False
+        if merged is not None and not wants_lora:
+            raise InputError(f"setting 'preset': '{req.preset}' renders without the step-distill LoRA, but this "
+                             "engine merged it at start; use preset lightx2v or fast1, or run an engine with "
+                             "engine.preset: quality")
+        if merged is None and wants_lora:
+            raise InputError(f"setting 'preset': '{req.preset}' needs the step-distill LoRA, which this engine did "
+                             "not load; set engine.preset in config.yaml to the preset you render with")
+        if merged is not None and req.lora_strength is not None and abs(req.lora_strength - merged) > 1e-6:
+            raise InputError(f"setting 'lora_strength': the LoRA was merged at strength {merged:g} at start; "
+                             "change engine.lora_strength in config.yaml to render at another strength")
+
+    # ---------------------------------------------------------------- the job
+    def _render(self, req: RenderRequest, out_path: Path, progress: ProgressFn, should_stop: StopFn) -> RenderResult:
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[name] = timings.get(name, 0.0) + now - clock
+            clock = now
+
+        self._check_request(req)
+        if self.m.swap_patch is not None:
+            self.m.swap_patch(req.speakers)  # type: ignore[operator]
+        progress(Progress("prepare", 0, 0, 0, 0, 0.0))
+
+        # ---- reference picture (or source video) -> bucket size
+        reader: media.VideoReader | None = None
+        if req.video is not None:
+            reader = media.VideoReader(req.video, fps=FPS)
+            first = reader.frame(0)
+        else:
+            assert req.image is not None
+            first = media.load_image(req.image)
+        src_hw = first.shape[:2]
+        if req.size is not None:
+            H, W = req.size[1], req.size[0]
+        else:
+            H, W = fr.choose_bucket(src_hw[0], src_hw[1], req.resolution)
+        ref_img = fr.resize_cover_crop(first, (H, W))  # [H, W, 3] uint8, the colour reference
+        lat_hw = (H // 8, W // 8)
+
+        # ---- speech -> 16 kHz mono -> wav2vec2 features per speaker
+        waves = [media.load_audio(p, max_seconds=req.max_duration_s, sample_rate=SAMPLE_RATE) for p in req.audio]
+        for p, wv in zip(req.audio, waves, strict=True):
+            if media.is_silent(wv) and req.speakers == 1:
+                raise InputError(f"{p.name}: the speech track is silent; nothing to lip-sync")
+        if req.loudness_normalize:
+            waves = [media.loudness_normalize(w, SAMPLE_RATE) for w in waves]
+        if req.speakers == 2:
+            waves = list(sampling.combine_waveforms(waves[0], waves[1], req.audio_mode))
+        n_frames = frames_for_duration(max(len(w) for w in waves), SAMPLE_RATE, FPS)
+        if n_frames < 1:
+            raise InputError(f"{req.audio[0].name}: speech is shorter than one video frame (40 ms)")
+        if n_frames / FPS > req.max_duration_s:
+            raise InputError(
+                f"{req.audio[0].name}: speech lasts {n_frames / FPS:.1f} s, more than max_duration_s "
+                f"{req.max_duration_s:g} s; split it or raise the limit")
+        feats = []
+        for wv in waves:
+            wv = np.pad(wv, (0, max(0, max(len(x) for x in waves) - len(wv))))
+            f = audio_features(self.m.audio_encoder, wv, n_frames, fps=FPS)  # [N, L, Hd]
+            feats.append(f.float().cpu())
+        lap("audio_features")
+
+        # ---- prompts (cached)
+        g = sampling.Guidance(text=req.text_guidance, audio=req.audio_guidance, apg=req.apg)
+        pass_names = sampling.passes(g)
+        need_neg = any(p in ("drop_text", "uncond") for p in pass_names)
+        texts = [req.prompt] + ([req.negative_prompt] if need_neg else [])
+        embs = self.prompts.get(texts)
+        ctx_pos = self._to_dev(embs[0]).unsqueeze(0)
+        ctx_neg = self._to_dev(embs[1]).unsqueeze(0) if need_neg else None
+        lap("text")
+
+        # ---- two-speaker regions at latent resolution
+        masks_t: torch.Tensor | None = None
+        if req.speakers == 2:
+            mask_arrays = [media.load_mask(p) for p in req.masks] if req.masks else None
+            m = fr.person_masks(H, W, src_hw=src_hw, dst_hw=(H, W), latent_hw=lat_hw,
+                                boxes=list(req.boxes) or None, masks=mask_arrays, speakers=2)
+            masks_t = self._to_dev(torch.from_numpy(np.ascontiguousarray(m)).float()).unsqueeze(0)
+
+        # ---- chunk plan; I2V conditioning once per job
+        window, motion = req.frame_window, req.motion_frames
+        plan = sampling.plan_chunks(n_frames, window, motion)
+        ts = sampling.timesteps(req.steps, req.shift)
+        ref_t = fr.to_model(ref_img[None])[:, 0]  # [3, H, W]
+        y = clip_fea = None
+        if reader is None:
+            y = self._to_dev(self._condition(ref_t, window)).unsqueeze(0)
+            clip_fea = self._clip(ref_t.unsqueeze(0))
+            lap("condition")
+        if self.m.clip is None and not self._clip_missing_logged:
+            self._clip_missing_logged = True  # the engine logs through progress stages only; loader logged it
+        n_ctx = (motion - 1) // 4 + 1
+        out_audio = self._output_audio(req)
+
+        writer = media.VideoWriter(out_path, width=W, height=H, fps=FPS, crf=req.crf,
+                                   audio=out_audio, audio_rate=OUTPUT_AUDIO_RATE)
+        written = 0
+        context_frames: torch.Tensor | None = None  # [3, motion, H, W] in [-1, 1]
+        try:
+            for chunk in plan:
+                ci = chunk.index + 1
+                if reader is not None:  # dubbing: this chunk's reference is the source frame at its start
+                    src = reader.frame(min(chunk.start, reader.num_frames - 1))
+                    cur_ref = fr.to_model(fr.resize_cover_crop(src, (H, W))[None])[:, 0]
+                    y = self._to_dev(self._condition(cur_ref, window)).unsqueeze(0)
+                    clip_fea = self._clip(cur_ref.unsqueeze(0))
+                    lap("condition")
+                assert y is not None
+                # clean context latents: the reference (chunk 0) or the previous chunk's last frames
+                ctx_video = ref_t[:, None] if context_frames is None else context_frames
+                ctx_lat = self._encode_video(ctx_video)[:, : (1 if context_frames is None else n_ctx)]
+                k = ctx_lat.shape[1]
+                audio = torch.stack([sampling.slice_audio(f, chunk) for f in feats])  # [P, window, 5, L*Hd]
+                audio = self._to_dev(audio).unsqueeze(0)
+                null_audio = torch.zeros_like(audio[:, -1:])
+                lap("encode")
+
+                z = sampling.noise((self.m.dit.cfg.out_dim, y.shape[2], *lat_hw), req.seed,  # type: ignore[attr-defined]
+                                   chunk.index, self.m.device)
+                ctx_lat = ctx_lat.to(z)
+                apg_state = sampling.APGState() if req.apg else None
+                for i in range(req.steps):
+                    if should_stop():
+                        raise RenderStopped()
+                    z[:, :k] = ctx_lat
+                    t = torch.tensor([ts[i]], device=self.m.device)
+                    preds = {}
+                    for name in pass_names:
+                        c = ctx_pos if name in ("cond", "drop_audio") else ctx_neg
+                        a = audio if name in ("cond", "drop_text") else null_audio
+                        mk = masks_t if a.shape[1] == 2 else None
+                        preds[name] = self.m.dit(z[None], t, c, clip_fea, y, a, mk)[0].float()
+                    v = sampling.combine(g, preds, apg_state)
+                    z = sampling.euler_step(z, v, ts[i], ts[i + 1])
+                    z[:, :k] = ctx_lat
+                    progress(Progress("denoise", ci, len(plan), i + 1, req.steps,
+                                      (chunk.index + (i + 1) / (req.steps + 1)) / len(plan)))
+                lap("denoise")
+
+                # decode, colour-match, stream out; keep the last `motion` frames as the next context
+                decoded = []
+                vae_dt = next(self.m.vae.parameters()).dtype
+                for piece in self.m.vae.decode_iter(z[None].to(vae_dt)):  # type: ignore[operator]
+                    decoded.append(fr.from_model(piece[0].float().cpu()))
+                frames_u8 = np.concatenate(decoded)  # [window, H, W, 3]
+                if req.color_correction > 0:
+                    frames_u8 = fr.match_colors(frames_u8, ref_img, req.color_correction)
+                new = frames_u8[chunk.keep_from:]
+                new = new[: max(0, n_frames - written)]
+                writer.write(new)
+                written += len(new)
+                context_frames = fr.to_model(frames_u8[-motion:])
+                lap("decode")
+                progress(Progress("decode", ci, len(plan), req.steps, req.steps, (chunk.index + 1) / len(plan)))
+                if written >= n_frames:
+                    break
+            progress(Progress("mux", len(plan), len(plan), 0, 0, 1.0))
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        lap("mux")
+        if written != n_frames:
+            raise RenderError(f"internal: wrote {written} frames for {n_frames} audio frames")
+        return RenderResult(frames=written, fps=FPS, width=W, height=H, duration_s=written / FPS,
+                            chunks=len(plan), seed=req.seed, timings={k: round(v, 3) for k, v in timings.items()},
+                            model_files=dict(self.m.identities))
+
+    def _output_audio(self, req: RenderRequest) -> np.ndarray:
+        """The speech as it goes into the mp4: the original tracks at 48 kHz (mixed for two speakers)."""
+        tracks = [media.load_audio(p, max_seconds=req.max_duration_s, sample_rate=OUTPUT_AUDIO_RATE)
+                  for p in req.audio]
+        if len(tracks) == 1:
+            return tracks[0]
+        a, b = sampling.combine_waveforms(tracks[0], tracks[1], req.audio_mode)
+        return media.mix_tracks(a, b)
+
+
+def expected_chunks(seconds: float, window: int = 81, motion: int = 9) -> int:
+    """Chunks for a speech of this length (for logs and STATUS lines)."""
+    n = max(1, round(seconds * FPS))
+    return 1 if n <= window else 1 + math.ceil((n - window) / (window - motion))

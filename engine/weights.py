@@ -1,0 +1,892 @@
+"""The one place that reads safetensors files: headers, prefixes, fp8 dequantisation, strict loads, LoRA merges.
+
+Every network file (dit, vae, audio, text/image encoder) exposes ``config_from_shapes(shapes)``,
+``build(cfg, device)`` and optionally ``normalize_keys(d)``; this module never imports them — callers pass
+them in (:func:`load_network`). The flow for one network:
+
+1. :func:`read_header` reads only the 8-byte length and the JSON header (plus the few-byte ``.comfy_quant``
+   JSON blobs, if any) and decides the key prefix, the quantisation format and the main dtype.
+2. :func:`logical_shapes` gives the key -> shape map the network expects: prefix stripped, quantisation
+   companions (scales, markers) and embedded blobs (``spiece_model``) removed.
+3. The network is built on the meta device from those shapes; :func:`iter_tensors` then streams one tensor
+   at a time through ``safetensors.safe_open`` (memory-mapped), dequantising fp8 on the target device;
+   :func:`merge_lora` merges LoRA deltas into the stream; :func:`load_module` checks the collected state
+   against the network key by key and assigns it. There is never a host copy of a whole file.
+
+Formats follow the reference notes (formats.md sections 2-4, 10), learned from ComfyUI's
+``comfy/utils.py`` (``convert_old_quants``), ``comfy/model_detection.py`` and ``comfy/lora.py`` and from
+kijai's ComfyUI-WanVideoWrapper; no code is copied from them.
+
+fp8 handling, by format (``FileInfo.quant``):
+
+- ``scaled_fp8`` (legacy ComfyUI / kijai ``_KJ``): ``<layer>.weight`` F8_E4M3 plus a per-tensor F32
+  ``<layer>.scale_weight`` (or ``.weight_scale``) of shape ``[]``; the real weight is ``W.float() * scale``.
+  A ``scaled_fp8`` marker tensor with 2 elements means "full-precision matmul only".
+- ``comfy_quant`` (newer ComfyUI): per-layer JSON in a U8 ``<layer>.comfy_quant`` tensor or in
+  ``__metadata__["_quantization_metadata"]``; fp8 formats use ``<layer>.weight_scale``. Other formats
+  (nvfp4, mxfp8, int8, ...) are refused with an error naming the layer.
+- ``fp8_unscaled``: F8 weights with no scales at all (scale 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from engine.api import RenderError
+
+__all__ = [
+    "WeightsError",
+    "TensorInfo",
+    "FileInfo",
+    "read_header",
+    "detect_prefix",
+    "logical_shapes",
+    "iter_tensors",
+    "extra_tensor",
+    "load_module",
+    "load_network",
+    "LoraReport",
+    "LoraPlan",
+    "lora_deltas",
+    "merge_lora",
+    "write_scaled_fp8",
+    "file_identity",
+    "DEFAULT_PREFIXES",
+]
+
+T = TypeVar("T")
+DTypeSpec = torch.dtype | Callable[[str], torch.dtype]
+
+# The safetensors reference implementation refuses headers above 100 MB; the DiT header (1 303 tensors plus
+# scales) is ~200 kB, so anything larger is not a safetensors file (a pickle's first 8 bytes, say).
+MAX_HEADER_BYTES = 100_000_000
+
+# header dtype string -> (torch dtype, bytes per element)
+_DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "BOOL": (torch.bool, 1),
+    "U8": (torch.uint8, 1),
+    "I8": (torch.int8, 1),
+    "I16": (torch.int16, 2),
+    "U16": (torch.uint16, 2),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I32": (torch.int32, 4),
+    "U32": (torch.uint32, 4),
+    "F32": (torch.float32, 4),
+    "I64": (torch.int64, 8),
+    "U64": (torch.uint64, 8),
+    "F64": (torch.float64, 8),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+}
+_FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
+# comfy_quant formats this loader can dequantise (per-tensor scale); everything else is refused.
+_FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn value
+
+# Most specific first: "model.diffusion_model." must win over "model.". ComfyUI also knows "model.model."
+# and "net." (model_detection.unet_prefix_from_state_dict); "wav2vec2." is how HF pre-training checkpoints
+# prefix the encoder. "vision_model." / "encoder." are part of the HF names themselves, never stripped.
+DEFAULT_PREFIXES: tuple[str, ...] = (
+    "model.diffusion_model.",
+    "model.model.",
+    "diffusion_model.",
+    "net.",
+    "model.",
+    "wav2vec2.",
+)
+# detect_prefix: the share of (non-extra) keys that must carry a candidate prefix for it to be stripped.
+PREFIX_SHARE = 0.9
+
+# Top-level tensors that are not network weights (formats.md 3.1, 8.3).
+_MARKER = "scaled_fp8"
+_EXTRAS = (_MARKER, "spiece_model")
+# Per-layer quantisation companions, both spellings (formats.md 3.4 rule 3); nvfp4's second scale too.
+_WEIGHT_SCALES = (".scale_weight", ".weight_scale")
+_COMPANIONS = (*_WEIGHT_SCALES, ".scale_input", ".input_scale", ".comfy_quant", ".weight_scale_2")
+
+
+class WeightsError(RenderError):
+    """A model file cannot be used: missing, corrupt, wrong format, or its keys do not fit the network.
+
+    The message names the file and says what to do. (A :class:`~engine.api.RenderError`: the render fails
+    for a reason that is not the job's input.)
+    """
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One header entry: the safetensors dtype string (``"F8_E4M3"``, ``"BF16"``, ...), shape, byte count."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """What :func:`read_header` learned about one file without reading its tensor data.
+
+    ``tensors`` uses the raw keys as stored. ``keys`` maps each logical key (prefix stripped, companions
+    removed) to its raw key; ``scales`` maps a logical weight key to the raw key of its per-tensor scale;
+    ``layer_quant`` maps a logical layer name (``blocks.0.ffn.0``) to its comfy_quant JSON config.
+    """
+
+    path: Path
+    size: int
+    metadata: dict[str, str]
+    tensors: dict[str, TensorInfo]
+    prefix: str
+    quant: str  # "none" | "scaled_fp8" | "comfy_quant" | "fp8_unscaled"
+    fp8_gemm_allowed: bool
+    main_dtype: str
+    keys: dict[str, str] = field(default_factory=dict)
+    scales: dict[str, str] = field(default_factory=dict)
+    layer_quant: dict[str, dict[str, Any]] = field(default_factory=dict)
+    data_start: int = 0  # byte offset of the data section: 8 + header length
+
+
+# --------------------------------------------------------------------------------------------------------
+# header
+
+
+def _read_header_bytes(path: Path) -> tuple[bytes, int]:
+    """Return (raw JSON header bytes, file size) after the checks every reader needs."""
+    path = Path(path)
+    if not path.exists():  # also catches dangling symlinks
+        raise WeightsError(f"{path}: file not found. Check the file name and the ComfyUI models folder.")
+    if not path.resolve().is_file():
+        raise WeightsError(f"{path}: not a regular file. Point the setting at a .safetensors file.")
+    size = path.stat().st_size
+    if size == 0:
+        raise WeightsError(f"{path}: file is empty (0 bytes). Delete it and download it again.")
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise WeightsError(f"{path}: only {size} bytes, too short for a safetensors file. Download it again.")
+        (n,) = struct.unpack("<Q", head)
+        if n < 2 or n > MAX_HEADER_BYTES or n > size - 8:
+            raise WeightsError(
+                f"{path}: not a safetensors file (header length {n} for a file of {size} bytes). "
+                "Only .safetensors/.sft files are loaded; convert pickles (.pth/.ckpt/.bin) offline."
+            )
+        raw = fh.read(n)
+    if len(raw) != n:
+        raise WeightsError(f"{path}: file changed while reading its header. Try again.")
+    return raw, size
+
+
+def read_header(path: Path) -> FileInfo:
+    """Read and validate the header of one safetensors file; detect prefix, quantisation and main dtype.
+
+    Reads the 8-byte length, the JSON header and, for comfy_quant files, the small U8 JSON tensors
+    (``<layer>.comfy_quant``, a few dozen bytes each). Raises :class:`WeightsError` naming the file for a
+    missing or non-regular file, an empty file, an absurd header length, invalid JSON, malformed entries,
+    and a truncated file (data offsets past the end of the file).
+    """
+    path = Path(path)
+    raw, size = _read_header_bytes(path)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: header is not valid JSON ({e}); not a safetensors file or corrupt.") from e
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: header is not a JSON object; not a safetensors file.")
+    data_start = 8 + len(raw)
+    data_len = size - data_start
+
+    meta_raw = header.pop("__metadata__", None) or {}
+    if not isinstance(meta_raw, dict) or not all(isinstance(v, str) for v in meta_raw.values()):
+        raise WeightsError(f"{path}: __metadata__ must map strings to strings; the file is malformed.")
+    metadata: dict[str, str] = dict(meta_raw)
+
+    tensors: dict[str, TensorInfo] = {}
+    for key, entry in header.items():
+        tensors[key] = _parse_entry(path, key, entry, data_len)
+
+    prefix = detect_prefix(tensors)
+    keys: dict[str, str] = {}  # logical -> raw
+    companions: dict[str, str] = {}  # logical companion/extra name -> raw
+    for rawk in tensors:
+        logical = rawk[len(prefix) :] if prefix and rawk.startswith(prefix) else rawk
+        if logical in _EXTRAS or logical.endswith(_COMPANIONS):
+            companions[logical] = rawk
+            continue
+        if logical in keys:
+            raise WeightsError(
+                f"{path}: keys {keys[logical]!r} and {rawk!r} both map to {logical!r} after stripping the "
+                f"prefix {prefix!r}; the file mixes prefixed and bare copies of one weight."
+            )
+        keys[logical] = rawk
+
+    scales: dict[str, str] = {}
+    for logical, rawk in companions.items():
+        for suffix in _WEIGHT_SCALES:
+            if logical.endswith(suffix):
+                weight = logical[: -len(suffix)] + ".weight"
+                if weight in scales:
+                    raise WeightsError(f"{path}: {weight!r} has both a .scale_weight and a .weight_scale.")
+                scales[weight] = rawk
+
+    layer_quant = _layer_quant_configs(path, metadata, tensors, companions, prefix, data_start)
+    fp8_weights = [k for k, r in keys.items() if tensors[r].dtype in _FP8_DTYPES]
+    marker = companions.get(_MARKER)
+    if "_quantization_metadata" in metadata or any(k.endswith(".comfy_quant") for k in companions):
+        quant = "comfy_quant"
+        gemm = bool(layer_quant) and all(
+            c.get("format") in _FP8_FORMATS and not c.get("full_precision_matrix_mult") for c in layer_quant.values()
+        )
+    elif marker is not None or scales:
+        quant = "scaled_fp8"
+        # ComfyUI: marker.nelement() == 2 -> full-precision matmul; any other count allows fp8 GEMMs. Scales
+        # without any marker (kijai's wrapper accepts those) -> be conservative: dequantise.
+        gemm = marker is not None and math.prod(tensors[marker].shape) != 2
+    elif fp8_weights:
+        quant, gemm = "fp8_unscaled", False
+    else:
+        quant, gemm = "none", False
+
+    return FileInfo(
+        path=path,
+        size=size,
+        metadata=metadata,
+        tensors=tensors,
+        prefix=prefix,
+        quant=quant,
+        fp8_gemm_allowed=gemm,
+        main_dtype=_main_dtype(keys, tensors),
+        keys=keys,
+        scales=scales,
+        layer_quant=layer_quant,
+        data_start=data_start,
+    )
+
+
+def _parse_entry(path: Path, key: str, entry: Any, data_len: int) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise WeightsError(f"{path}: header entry {key!r} is not an object; the file is malformed.")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    ok = (
+        isinstance(dtype, str)
+        and isinstance(shape, list)
+        and all(isinstance(d, int) and d >= 0 for d in shape)
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    )
+    if not ok:
+        raise WeightsError(f"{path}: header entry {key!r} is malformed ({entry!r}).")
+    begin, end = offsets
+    if end > data_len:
+        raise WeightsError(
+            f"{path}: truncated: tensor {key!r} ends at data byte {end} but the file holds only {data_len} data "
+            "bytes. The download or copy was cut short; download the file again."
+        )
+    nbytes = end - begin
+    if dtype in _DTYPES and nbytes != math.prod(shape) * _DTYPES[dtype][1]:
+        raise WeightsError(
+            f"{path}: tensor {key!r} ({dtype} {shape}) should take {math.prod(shape) * _DTYPES[dtype][1]} "
+            f"bytes but its offsets span {nbytes}; the file is corrupt."
+        )
+    return TensorInfo(dtype=dtype, shape=tuple(shape), nbytes=nbytes)
+
+
+def _layer_quant_configs(
+    path: Path,
+    metadata: Mapping[str, str],
+    tensors: Mapping[str, TensorInfo],
+    companions: Mapping[str, str],
+    prefix: str,
+    data_start: int,
+) -> dict[str, dict[str, Any]]:
+    """Per-layer comfy_quant JSON, keyed by logical layer name. File-level metadata wins (as in ComfyUI)."""
+
+    def strip(layer: str) -> str:
+        return layer[len(prefix) :] if prefix and layer.startswith(prefix) else layer
+
+    out: dict[str, dict[str, Any]] = {}
+    if "_quantization_metadata" in metadata:
+        try:
+            layers = json.loads(metadata["_quantization_metadata"])["layers"]
+            # Layer names are raw (prefixed) in ComfyUI's own files; accept bare names as well.
+            for layer, conf in layers.items():
+                out[strip(layer)] = {"format": conf} if isinstance(conf, str) else dict(conf)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
+            raise WeightsError(f"{path}: __metadata__['_quantization_metadata'] is malformed ({e}).") from e
+        return out
+    blobs = [(lg, rk) for lg, rk in companions.items() if lg.endswith(".comfy_quant")]
+    if not blobs:
+        return out
+    with path.open("rb") as fh:
+        for logical, rawk in blobs:
+            info = tensors[rawk]
+            if info.dtype != "U8" or info.nbytes > 65536:
+                raise WeightsError(f"{path}: {rawk!r} should be a small U8 JSON blob, found {info.dtype} {info.shape}.")
+            # TensorInfo keeps no offsets; recompute the blob's position from the header is not needed: read
+            # through safetensors would map the file, so seek directly using the entry's offsets instead.
+            fh.seek(data_start + _offsets(path, rawk)[0])
+            try:
+                conf = json.loads(fh.read(info.nbytes).decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise WeightsError(f"{path}: {rawk!r} does not hold valid JSON ({e}).") from e
+            if not isinstance(conf, dict):
+                raise WeightsError(f"{path}: {rawk!r} should hold a JSON object, found {conf!r}.")
+            out[logical[: -len(".comfy_quant")]] = conf
+    return out
+
+
+def _offsets(path: Path, key: str) -> tuple[int, int]:
+    """Data offsets of one entry (re-read from the header; used only for the tiny comfy_quant blobs)."""
+    raw, _ = _read_header_bytes(path)
+    begin, end = json.loads(raw)[key]["data_offsets"]
+    return int(begin), int(end)
+
+
+def _main_dtype(keys: Mapping[str, str], tensors: Mapping[str, TensorInfo]) -> str:
+    """Most common dtype by bytes among ``*weight`` tensors (all tensors if there are none)."""
+    raws = [r for k, r in keys.items() if k.endswith("weight")] or list(keys.values())
+    by_bytes: dict[str, int] = {}
+    for r in raws:
+        by_bytes[tensors[r].dtype] = by_bytes.get(tensors[r].dtype, 0) + tensors[r].nbytes
+    if not by_bytes:
+        return ""
+    return max(sorted(by_bytes), key=lambda d: by_bytes[d])
+
+
+def detect_prefix(keys: Iterable[str], candidates: Sequence[str] = DEFAULT_PREFIXES) -> str:
+    """Return the key prefix to strip, or ``""``.
+
+    Rule: the first candidate (most specific first) that begins at least 90 % (``PREFIX_SHARE``) of the keys,
+    not counting the top-level extras ``scaled_fp8`` / ``spiece_model`` (with or without the prefix). This is
+    stricter than ComfyUI's "more than 5 keys" rule, so a bare Wan file that happens to hold a few
+    ``model.*`` keys keeps its names; the 10 % slack admits e.g. a ``wav2vec2.`` file that also carries
+    unprefixed pre-training heads (``quantizer.*``, ``project_q``), which then keep their raw names.
+    """
+    considered = [k for k in keys if k != "__metadata__" and not any(k == e or k.endswith("." + e) for e in _EXTRAS)]
+    if not considered:
+        return ""
+    for cand in candidates:
+        hits = sum(1 for k in considered if k.startswith(cand))
+        if hits and hits >= PREFIX_SHARE * len(considered):
+            return cand
+    return ""
+
+
+def logical_shapes(info: FileInfo) -> dict[str, tuple[int, ...]]:
+    """Key -> shape as the network expects it: prefix stripped, quantisation companions and blobs removed.
+
+    Quantised weights report their logical shape (fp8 storage keeps the shape; only the dtype differs).
+    """
+    return {logical: info.tensors[rawk].shape for logical, rawk in info.keys.items()}
+
+
+# --------------------------------------------------------------------------------------------------------
+# reading tensors
+
+
+def _dtype_for(dtype: DTypeSpec, key: str) -> torch.dtype:
+    return dtype(key) if callable(dtype) else dtype
+
+
+def _check_unchanged(info: FileInfo) -> None:
+    try:
+        size = info.path.stat().st_size
+    except OSError as e:
+        raise WeightsError(f"{info.path}: cannot be read any more ({e}).") from e
+    if size != info.size:
+        raise WeightsError(f"{info.path}: file size changed from {info.size} to {size} since its header was read.")
+
+
+def _materialise(f: Any, info: FileInfo, key: str, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """Read one logical tensor through an open ``safe_open`` handle, dequantise, cast, move to ``device``."""
+    rawk = info.keys[key]
+    t = f.get_tensor(rawk)
+    layer = key[: -len(".weight")] if key.endswith(".weight") else key
+    conf = info.layer_quant.get(layer)
+    scale_key = info.scales.get(key)
+    if conf is not None and conf.get("format") not in _FP8_FORMATS:
+        raise WeightsError(
+            f"{info.path}: layer {layer!r} uses quantisation format {conf.get('format')!r}, which this engine "
+            f"cannot dequantise (supported: {', '.join(_FP8_FORMATS)}). Use a bf16/fp16 or fp8-scaled file."
+        )
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) or scale_key is not None:
+        # Move the 1-byte payload first, dequantise on the device: W = W_fp8.float() * scale, in fp32.
+        w = t.to(device).float()
+        if scale_key is not None:
+            s = f.get_tensor(scale_key).to(device=device, dtype=torch.float32)
+            if s.numel() == 1:
+                w = w * s.reshape(())
+            elif w.ndim >= 1 and s.numel() == w.shape[0]:  # per-output-channel scale (not seen in Wan files)
+                w = w * s.reshape(-1, *([1] * (w.ndim - 1)))
+            else:
+                raise WeightsError(
+                    f"{info.path}: scale {scale_key!r} has shape {tuple(s.shape)}, which does not fit weight {rawk!r} "
+                    f"{tuple(w.shape)} (expected one value per tensor)."
+                )
+        return w.to(dtype)
+    t = t.to(device)
+    return t.to(dtype) if t.is_floating_point() else t
+
+
+def iter_tensors(
+    info: FileInfo,
+    *,
+    dtype: DTypeSpec,
+    device: torch.device | str,
+    keys: Iterable[str] | None = None,
+) -> Iterator[tuple[str, Tensor]]:
+    """Yield ``(logical key, tensor)`` one at a time, dequantised, cast to ``dtype``, on ``device``.
+
+    Lazy: the file is opened with ``safetensors.safe_open`` (memory-mapped) when the first item is requested
+    and each tensor is read only when yielded, so at most one tensor (plus its fp32 dequantisation temporary)
+    is in flight. ``dtype`` may be a callable ``key -> dtype`` (fp32 islands, LoRA targets). Integer tensors
+    keep their dtype. ``keys`` restricts and orders the output (logical names); an unknown key raises.
+    """
+    wanted = list(info.keys) if keys is None else list(keys)
+    unknown = [k for k in wanted if k not in info.keys]
+    if unknown:
+        raise WeightsError(f"{info.path}: no tensor named {', '.join(map(repr, unknown[:5]))} in this file.")
+    return _iter_tensors(info, wanted, dtype, device)
+
+
+def _iter_tensors(
+    info: FileInfo, wanted: list[str], dtype: DTypeSpec, device: torch.device | str
+) -> Iterator[tuple[str, Tensor]]:
+    _check_unchanged(info)
+    with safe_open(str(info.path), framework="pt", device="cpu") as f:
+        for key in wanted:
+            yield key, _materialise(f, info, key, _dtype_for(dtype, key), device)
+
+
+def extra_tensor(info: FileInfo, name: str) -> Tensor | None:
+    """Read a non-network tensor such as the umT5 ``spiece_model`` U8 blob (raw dtype, CPU); None if absent."""
+    rawk = next((r for r in (name, info.prefix + name) if r in info.tensors), None)
+    if rawk is None:
+        return None
+    _check_unchanged(info)
+    with safe_open(str(info.path), framework="pt", device="cpu") as f:
+        return f.get_tensor(rawk)
+
+
+# --------------------------------------------------------------------------------------------------------
+# strict loading
+
+
+def _fmt_keys(items: Sequence[str], n: int = 5) -> str:
+    more = f", ... ({len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def load_module(
+    module: nn.Module,
+    tensors: Iterable[tuple[str, Tensor]],
+    *,
+    source: str,
+    allow_missing: Iterable[str] = (),
+) -> None:
+    """Load ``tensors`` into ``module`` strictly (keys and shapes), assigning them (meta-built modules).
+
+    Every missing, unexpected or mis-shaped key is an error naming ``source`` and the first five offending
+    keys of each kind with their shapes. ``allow_missing`` holds exact keys or ``fnmatch`` patterns that may
+    be absent (their module values must then already be real). After loading no parameter or buffer may be
+    left on the meta device.
+    """
+    state = dict(tensors)
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    allowed = list(allow_missing)
+
+    def is_allowed(k: str) -> bool:
+        return any(k == p or fnmatchcase(k, p) for p in allowed)
+
+    missing = [k for k in expected if k not in state and not is_allowed(k)]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [k for k in state if k in expected and tuple(state[k].shape) != expected[k]]
+    if missing or unexpected or misshaped:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing: " + _fmt_keys([f"{k} {list(expected[k])}" for k in missing]))
+        if unexpected:
+            parts.append(
+                f"{len(unexpected)} unexpected: " + _fmt_keys([f"{k} {list(state[k].shape)}" for k in unexpected])
+            )
+        if misshaped:
+            parts.append(
+                f"{len(misshaped)} mis-shaped: "
+                + _fmt_keys([f"{k} file {list(state[k].shape)} vs network {list(expected[k])}" for k in misshaped])
+            )
+        raise WeightsError(
+            f"{source}: weights do not fit the network ({'; '.join(parts)}). Check that the file is the right "
+            "model for this role (and variant/size) and is not a different release or a LoRA."
+        )
+    strict = not any(k not in state for k in expected)
+    module.load_state_dict(state, strict=strict, assign=True)
+    on_meta = [n for n, p in module.named_parameters() if p.is_meta]
+    on_meta += [n for n, b in module.named_buffers() if b.is_meta]
+    if on_meta:
+        raise WeightsError(
+            f"{source}: after loading, {len(on_meta)} parameters/buffers are still on the meta device: "
+            f"{_fmt_keys(on_meta)}. They are neither in the file nor initialised by the network."
+        )
+
+
+def load_network(
+    files: FileInfo | Sequence[FileInfo],
+    *,
+    config_from_shapes: Callable[[dict[str, tuple[int, ...]]], Any],
+    build: Callable[[Any, torch.device], nn.Module],
+    normalize_keys: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    dtype: DTypeSpec,
+    device: torch.device | str,
+    loras: Sequence[tuple[FileInfo, float]] = (),
+    allow_missing: Iterable[str] = (),
+) -> tuple[nn.Module, Any, list[LoraReport]]:
+    """Detect the config from header shapes, build on meta, stream (+ LoRA merge), load strictly.
+
+    ``files`` may be several files whose keys together form one network (the Wan DiT plus the InfiniteTalk
+    adapter); a key present in two files is an error. LoRAs target the logical keys *before*
+    ``normalize_keys`` and are merged in fp32 (their targets are read as fp32 and cast to ``dtype`` after the
+    merge). Returns ``(module, cfg, lora reports)``.
+    """
+    infos = [files] if isinstance(files, FileInfo) else list(files)
+    shapes: dict[str, tuple[int, ...]] = {}
+    owner: dict[str, Path] = {}
+    for info in infos:
+        for k, s in logical_shapes(info).items():
+            if k in shapes:
+                raise WeightsError(f"{info.path}: key {k!r} is also in {owner[k]}; these files overlap.")
+            shapes[k], owner[k] = s, info.path
+    cfg = config_from_shapes(normalize_keys(dict(shapes)) if normalize_keys else dict(shapes))
+    module = build(cfg, torch.device("meta"))
+
+    targets: set[str] = set()
+    plans = []
+    for lora, _ in loras:
+        plan = lora_deltas(lora, shapes)
+        plans.append(plan)
+        targets |= set(plan.deltas)
+
+    def read_dtype(k: str) -> torch.dtype:
+        return torch.float32 if k in targets else _dtype_for(dtype, k)
+
+    stream: Iterable[tuple[str, Tensor]] = (
+        item for info in infos for item in iter_tensors(info, dtype=read_dtype, device=device)
+    )
+    reports = []
+    for (lora, strength), plan in zip(loras, plans):
+        stream, report = merge_lora(stream, lora, strength, shapes, out_dtype=dtype, plan=plan)
+        reports.append(report)
+    state = dict(stream)
+    if normalize_keys:
+        state = normalize_keys(state)
+    load_module(module, state.items(), source=" + ".join(str(i.path) for i in infos), allow_missing=allow_missing)
+    return module, cfg, reports
+
+
+# --------------------------------------------------------------------------------------------------------
+# LoRA
+
+# suffix -> role. kijai/lightx2v use lora_down/lora_up; peft uses lora_A/lora_B (optionally ".default").
+_LORA_SUFFIXES: tuple[tuple[str, str], ...] = (
+    (".lora_down.weight", "down"),
+    (".lora_up.weight", "up"),
+    (".lora_A.default.weight", "down"),
+    (".lora_B.default.weight", "up"),
+    (".lora_A.weight", "down"),
+    (".lora_B.weight", "up"),
+    (".lora_A", "down"),
+    (".lora_B", "up"),
+    (".alpha", "alpha"),
+    (".diff_b", "diff_b"),
+    (".diff", "diff"),
+)
+_LORA_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+_LORA_UNET = "lora_unet_"
+
+
+@dataclass(frozen=True)
+class LoraReport:
+    """``applied``: target tensors that receive a delta; ``skipped_inert``: known no-effect keys (lightx2v's
+    ``diff_m``, which ComfyUI does not load either); ``unknown``: LoRA keys this loader does not understand —
+    the engine logs them by name (they are not merged)."""
+
+    applied: int
+    skipped_inert: list[str]
+    unknown: list[str]
+
+
+@dataclass(frozen=True)
+class LoraDelta:
+    """The LoRA tensors (raw keys in the LoRA file) that change one target tensor."""
+
+    pairs: tuple[tuple[str, str, str | None], ...] = ()  # (up, down, alpha or None)
+    diffs: tuple[str, ...] = ()  # full deltas (.diff / .diff_b), target-shaped
+
+
+@dataclass(frozen=True)
+class LoraPlan:
+    """Which target keys a LoRA file changes, and how; built from the header only."""
+
+    deltas: dict[str, LoraDelta]
+    report: LoraReport
+
+
+def lora_deltas(lora: FileInfo, target_keys: Collection[str] | Mapping[str, tuple[int, ...]]) -> LoraPlan:
+    """Parse a LoRA file's keys into a per-target plan (reads the header only).
+
+    Accepted names: ``[model.]diffusion_model.<module>`` or bare ``<module>`` with ``.lora_down.weight`` /
+    ``.lora_up.weight`` (+ ``.alpha``), ``.lora_A[.default].weight`` / ``.lora_B[.default].weight``,
+    ``.diff`` (full delta of ``<module>.weight``, or of ``<module>`` itself for a bare parameter such as
+    ``modulation``) and ``.diff_b`` (delta of ``<module>.bias``); and kohya's ``lora_unet_<module with
+    underscores>``, mapped back to dotted names through ``target_keys``. ``diff_m`` is known-inert.
+    A target missing from ``target_keys``, an ambiguous underscore name, an incomplete up/down pair or (when
+    ``target_keys`` maps keys to shapes) a shape mismatch raises :class:`WeightsError` naming the LoRA file.
+    """
+    path = lora.path
+    shapes = dict(target_keys) if isinstance(target_keys, Mapping) else None
+    targets = set(target_keys)
+    # underscore module name -> dotted module names (for lora_unet_), built from the targets
+    under: dict[str, set[str]] = {}
+    for t in targets:
+        for mod in (t, t.rsplit(".", 1)[0] if t.endswith((".weight", ".bias")) else t):
+            under.setdefault(mod.replace(".", "_"), set()).add(mod)
+
+    groups: dict[str, dict[str, str]] = {}  # module -> role -> raw key
+    inert: list[str] = []
+    unknown: list[str] = []
+    errors: list[str] = []
+    for rawk in lora.tensors:
+        name = rawk
+        for p in _LORA_PREFIXES:
+            if name.startswith(p):
+                name = name[len(p) :]
+                break
+        if name == "diff_m" or name.endswith(".diff_m"):
+            inert.append(rawk)
+            continue
+        role = next(((r, s) for s, r in _LORA_SUFFIXES if name.endswith(s)), None)
+        if role is None:
+            unknown.append(rawk)
+            continue
+        module = name[: -len(role[1])]
+        if module.startswith(_LORA_UNET):
+            found = under.get(module[len(_LORA_UNET) :], set())
+            if len(found) != 1:
+                why = "matches no target" if not found else f"is ambiguous ({', '.join(sorted(found))})"
+                errors.append(f"{rawk} {why}")
+                continue
+            module = next(iter(found))
+        groups.setdefault(module, {})[role[0]] = rawk
+
+    deltas: dict[str, LoraDelta] = {}
+
+    def add(target: str, rawk: str, pair: tuple[str, str, str | None] | None = None) -> None:
+        d = deltas.get(target, LoraDelta())
+        deltas[target] = (
+            LoraDelta(d.pairs + (pair,), d.diffs) if pair else LoraDelta(d.pairs, d.diffs + (rawk,))
+        )
+
+    def check_shape(rawk: str, target: str, got: tuple[int, ...]) -> None:
+        if shapes is not None and math.prod(got) != math.prod(shapes[target]):
+            errors.append(f"{rawk} gives a delta of shape {list(got)} for {target} {list(shapes[target])}")
+
+    for module, roles in groups.items():
+        if "up" in roles or "down" in roles:
+            if "up" not in roles or "down" not in roles:
+                errors.append(f"{module}: has only {'lora_up' if 'up' in roles else 'lora_down'} of a pair")
+            elif (target := module + ".weight") not in targets:
+                errors.append(f"{roles['up']} targets {target}, which the network does not have")
+            else:
+                up, down = lora.tensors[roles["up"]].shape, lora.tensors[roles["down"]].shape
+                if len(up) < 2 or len(down) < 2 or up[1] != down[0]:
+                    errors.append(f"{roles['up']} {list(up)} and {roles['down']} {list(down)} do not pair")
+                else:
+                    check_shape(roles["up"], target, (up[0], math.prod(down[1:])))
+                    if shapes is not None and shapes[target][0] != up[0]:
+                        errors.append(f"{roles['up']} has {up[0]} rows but {target} has {shapes[target][0]}")
+                    add(target, roles["up"], (roles["up"], roles["down"], roles.get("alpha")))
+        elif "alpha" in roles:
+            unknown.append(roles["alpha"])  # an alpha without a pair changes nothing
+        if "diff" in roles:
+            cands = [module + ".weight", module]
+            target = next((c for c in cands if c in targets), "")
+            if not target:
+                errors.append(f"{roles['diff']} targets {module}.weight, which the network does not have")
+            else:
+                check_shape(roles["diff"], target, lora.tensors[roles["diff"]].shape)
+                add(target, roles["diff"])
+        if "diff_b" in roles:
+            if (target := module + ".bias") not in targets:
+                errors.append(f"{roles['diff_b']} targets {target}, which the network does not have")
+            else:
+                check_shape(roles["diff_b"], target, lora.tensors[roles["diff_b"]].shape)
+                add(target, roles["diff_b"])
+    if errors:
+        raise WeightsError(
+            f"{path}: LoRA does not fit this network ({len(errors)} problems: {_fmt_keys(errors)}). "
+            "Check that the LoRA was trained for this model (Wan 2.1 I2V 14B)."
+        )
+    return LoraPlan(deltas, LoraReport(applied=len(deltas), skipped_inert=inert, unknown=unknown))
+
+
+def merge_lora(
+    tensors: Iterable[tuple[str, Tensor]],
+    lora: FileInfo,
+    strength: float,
+    target_keys: Collection[str] | Mapping[str, tuple[int, ...]],
+    *,
+    out_dtype: DTypeSpec | None = None,
+    plan: LoraPlan | None = None,
+) -> tuple[Iterator[tuple[str, Tensor]], LoraReport]:
+    """Merge a LoRA into a ``(key, tensor)`` stream; returns the new stream and the report (known up front).
+
+    For each target: ``W' = W + s * (alpha / r if alpha else 1) * (up @ down)`` (flattened to W's shape),
+    ``W' = W + s * diff``, ``b' = b + s * diff_b``, computed in fp32 on W's device and cast to ``out_dtype``
+    (default: W's dtype) — pass dequantised weights (iter_tensors does that), ideally already fp32. The
+    LoRA's tensors for a key are read only when that key streams by. A planned target that never streams
+    by is an error at the end of the stream. ``plan`` reuses a :func:`lora_deltas` result.
+    """
+    plan = plan if plan is not None else lora_deltas(lora, target_keys)
+    return _merge(tensors, lora, strength, plan, out_dtype), plan.report
+
+
+def _merge(
+    tensors: Iterable[tuple[str, Tensor]],
+    lora: FileInfo,
+    strength: float,
+    plan: LoraPlan,
+    out_dtype: DTypeSpec | None,
+) -> Iterator[tuple[str, Tensor]]:
+    seen: set[str] = set()
+    handle: Any = None
+    try:
+        for key, t in tensors:
+            delta = plan.deltas.get(key)
+            if delta is None:
+                yield key, t
+                continue
+            if handle is None:
+                _check_unchanged(lora)
+                handle = safe_open(str(lora.path), framework="pt", device="cpu")
+            seen.add(key)
+            w = t.float()
+            for up_k, down_k, alpha_k in delta.pairs:
+                up = handle.get_tensor(up_k).to(device=w.device, dtype=torch.float32).flatten(1)
+                down = handle.get_tensor(down_k).to(device=w.device, dtype=torch.float32).flatten(1)
+                scale = 1.0
+                if alpha_k is not None:  # alpha / rank, rank = rows of down (ComfyUI convention)
+                    scale = float(handle.get_tensor(alpha_k).float().reshape(-1)[0]) / down.shape[0]
+                upd = (up @ down).reshape(w.shape) if (up @ down).numel() == w.numel() else None
+                if upd is None:
+                    raise WeightsError(f"{lora.path}: {up_k} @ {down_k} does not fit {key} {list(w.shape)}.")
+                w = w + (strength * scale) * upd
+            for diff_k in delta.diffs:
+                d = handle.get_tensor(diff_k).to(device=w.device, dtype=torch.float32)
+                if d.numel() != w.numel():
+                    raise WeightsError(f"{lora.path}: {diff_k} {list(d.shape)} does not fit {key} {list(w.shape)}.")
+                w = w + strength * d.reshape(w.shape)
+            target = t.dtype if out_dtype is None else _dtype_for(out_dtype, key)
+            yield key, w.to(target)
+        missing = sorted(set(plan.deltas) - seen)
+        if missing:
+            raise WeightsError(
+                f"{lora.path}: LoRA targets never appeared in the weight stream: {_fmt_keys(missing)}."
+            )
+    finally:
+        handle = None  # safe_open handles close when released
+
+
+# --------------------------------------------------------------------------------------------------------
+# writing (tiny-model generator, benchmarks, tests)
+
+
+def write_scaled_fp8(
+    path: Path,
+    tensors: Mapping[str, Tensor],
+    *,
+    fp8_keys: Callable[[str], bool] | Collection[str],
+    prefix: str = "",
+    marker_elems: int | None = 0,
+    metadata: Mapping[str, str] | None = None,
+    scale_suffix: str = "scale_weight",
+) -> None:
+    """Write the legacy ComfyUI scaled-fp8 format (formats.md 3.1).
+
+    Chosen ``*.weight`` tensors become F8_E4M3 ``W / scale`` (scale = absmax / 448, 1 for an all-zero
+    tensor) with a per-tensor F32 ``<layer>.<scale_suffix>`` of shape ``[]`` (``"scale_weight"``, or
+    ``"weight_scale"`` as kijai's files may spell it); the others are written as given. A ``scaled_fp8``
+    marker of ``marker_elems`` fp8 elements is added (2 = "full-precision matmul only"; None = no marker).
+    Every key gets ``prefix``. Written to a temporary name and renamed, so readers never see half a file.
+    """
+    if scale_suffix not in ("scale_weight", "weight_scale"):
+        raise ValueError(f"scale_suffix must be 'scale_weight' or 'weight_scale', not {scale_suffix!r}")
+    chosen = fp8_keys if callable(fp8_keys) else set(fp8_keys).__contains__
+    if not callable(fp8_keys):
+        absent = sorted(set(fp8_keys) - set(tensors))
+        if absent:
+            raise ValueError(f"fp8_keys not among the tensors: {absent[:5]}")
+    out: dict[str, Tensor] = {}
+    for key, t in tensors.items():
+        t = t.detach().cpu()
+        if chosen(key):
+            if not key.endswith(".weight") or not t.is_floating_point():
+                raise ValueError(f"only floating-point '*.weight' tensors can be stored as fp8, not {key!r}")
+            w = t.float()
+            absmax = float(w.abs().max()) if w.numel() else 0.0
+            scale = absmax / E4M3_MAX if absmax > 0 else 1.0
+            out[prefix + key] = (w / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+            out[prefix + key[: -len("weight")] + scale_suffix] = torch.tensor(scale, dtype=torch.float32)
+        else:
+            out[prefix + key] = t.clone().contiguous()
+    if marker_elems is not None:
+        out[prefix + _MARKER] = torch.zeros(marker_elems, dtype=torch.float8_e4m3fn)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file(out, str(tmp), metadata=dict(metadata) if metadata else None)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# identity
+
+_SAMPLE_BYTES = 65536
+
+
+def file_identity(path: Path) -> str:
+    """A cheap, stable identity of a weights file: ``"<name>:<size>:<sha256 prefix>"``.
+
+    The sha256 covers the header bytes (all keys, dtypes, shapes, offsets, metadata) plus the first and last
+    64 KiB of the tensor data — a few hundred kB read, never the whole multi-GB file. It stays the same when
+    the file is copied or touched (no mtime), and changes when it is renamed, re-quantised, re-saved with
+    different tensors, or retrained with the same layout (the sampled data bytes differ). Two files that
+    differ only in data bytes outside the samples would collide; use it as a cache key and provenance
+    record, not as a tamper check.
+    """
+    path = Path(path)
+    raw, size = _read_header_bytes(path)
+    digest = hashlib.sha256()
+    digest.update(struct.pack("<Q", len(raw)) + raw)
+    data_start = 8 + len(raw)
+    with path.open("rb") as fh:
+        fh.seek(data_start)
+        digest.update(fh.read(_SAMPLE_BYTES))
+        fh.seek(max(data_start, size - _SAMPLE_BYTES))
+        digest.update(fh.read(_SAMPLE_BYTES))
+    return f"{path.name}:{size}:{digest.hexdigest()[:32]}"
