@@ -26,9 +26,15 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # typing only: this module imports nothing but torch at run time
+    import numpy as np
+
+_Wave = TypeVar("_Wave", Tensor, "np.ndarray")  # a mono waveform, torch or numpy
 
 __all__ = [
     "timesteps",
@@ -331,30 +337,43 @@ def combine_two_speakers(emb1: Tensor, emb2: Tensor, mode: str) -> tuple[Tensor,
     raise ValueError(f"mode must be 'para' or 'add', got {mode!r}")
 
 
-def combine_waveforms(w1: Tensor | None, w2: Tensor | None, mode: str) -> tuple[Tensor, Tensor]:
+def combine_waveforms(w1: _Wave | None, w2: _Wave | None, mode: str) -> tuple[_Wave, _Wave]:
     """Combine two mono waveforms [samples] the official way (``audio_prepare_multi``).
 
     A missing track (``None``) becomes silence as long as the other. ``para``: both play together
     (official requires equal lengths; we pad the shorter with trailing silence). ``add``: person 1
     then person 2, each padded with silence to the total length:
-    ``[w1; 0*len(w2)]`` and ``[0*len(w1); w2]``. Each result is then loudness-normalised
-    separately upstream and encoded by wav2vec2 on its own, so silence is *encoded*; the mux
-    track is ``w1' + w2'``. (Official quirk kept: ``add`` with a missing track doubles the length.)
+    ``[w1; 0*len(w2)]`` and ``[0*len(w1); w2]``. As upstream, call it on tracks that are already
+    loudness-normalised one by one; then encode each result with wav2vec2 on its own, so the
+    silence is *encoded*. The mux track is ``w1' + w2'``. (Official quirk kept: ``add`` with a
+    missing track doubles the length, the first half silent.)
+
+    Accepts torch tensors or numpy arrays (the engine's audio is numpy) and returns the same kind;
+    numpy is handled through ``torch.as_tensor`` so this module does not import it.
     """
-    if w1 is None:
-        if w2 is None:
-            raise ValueError("at least one waveform is needed")
-        w1 = w2.new_zeros(w2.shape)
-    elif w2 is None:
-        w2 = w1.new_zeros(w1.shape)
-    if w1.ndim != 1 or w2.ndim != 1:
-        raise ValueError(f"waveforms must be 1-D mono, got {tuple(w1.shape)} and {tuple(w2.shape)}")
+    if w1 is not None and w2 is not None:
+        t1, t2 = torch.as_tensor(w1), torch.as_tensor(w2)
+    elif w1 is not None:
+        t1 = torch.as_tensor(w1)
+        t2 = t1.new_zeros(t1.shape)
+    elif w2 is not None:
+        t2 = torch.as_tensor(w2)
+        t1 = t2.new_zeros(t2.shape)
+    else:
+        raise ValueError("at least one waveform is needed")
+    as_numpy = not isinstance(w1 if w1 is not None else w2, Tensor)
+    if t1.ndim != 1 or t2.ndim != 1:
+        raise ValueError(f"waveforms must be 1-D mono, got {tuple(t1.shape)} and {tuple(t2.shape)}")
     if mode == "para":
-        n = max(w1.shape[0], w2.shape[0])
-        return _pad_end(w1, n), _pad_end(w2, n)
-    if mode == "add":
-        return torch.cat([w1, w2.new_zeros(w2.shape)]), torch.cat([w1.new_zeros(w1.shape), w2])
-    raise ValueError(f"mode must be 'para' or 'add', got {mode!r}")
+        n = max(t1.shape[0], t2.shape[0])
+        out1, out2 = _pad_end(t1, n), _pad_end(t2, n)
+    elif mode == "add":
+        out1, out2 = torch.cat([t1, t2.new_zeros(t2.shape)]), torch.cat([t1.new_zeros(t1.shape), t2])
+    else:
+        raise ValueError(f"mode must be 'para' or 'add', got {mode!r}")
+    if as_numpy:
+        return out1.numpy(), out2.numpy()  # type: ignore[return-value]
+    return out1, out2  # type: ignore[return-value]
 
 
 def _pad_end(x: Tensor, n: int) -> Tensor:

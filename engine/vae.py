@@ -51,6 +51,7 @@ __all__ = [
     "config_from_shapes",
     "CausalCache",
     "WanVAE",
+    "build",
 ]
 
 
@@ -74,11 +75,11 @@ class VAEConfig:
 
     @property
     def temporal_factor(self) -> int:
-        return 2 ** sum(self.temperal_downsample)
+        return 1 << sum(self.temperal_downsample)
 
     @property
     def spatial_factor(self) -> int:
-        return 2 ** (len(self.dim_mult) - 1)
+        return 1 << (len(self.dim_mult) - 1)
 
 
 # Per-channel statistics of mu over Wan's training data (upstream WanVAE wrapper, ComfyUI Wan21).
@@ -135,7 +136,7 @@ class CausalCache:
 def _per_frame(layer: nn.Module, x: Tensor) -> Tensor:
     """Apply a 2D layer to every frame: [B, C, T, H, W] -> [B, C', T, H', W']."""
     b, c, t, h, w = x.shape
-    y = layer(x.transpose(1, 2).reshape(b * t, c, h, w))  # [(B T), C', H', W']
+    y: Tensor = layer(x.transpose(1, 2).reshape(b * t, c, h, w))  # [(B T), C', H', W']
     return y.reshape(b, t, *y.shape[1:]).transpose(1, 2)
 
 
@@ -186,9 +187,10 @@ class RMS_norm(nn.Module):  # noqa: N801 (upstream class name)
 
     def forward(self, x: Tensor) -> Tensor:
         # fp32 norm without an fp32 copy of x: precise in bf16, no overflow in fp16.
-        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32)
-        factor = (self.scale / norm.clamp_min(1e-12)).to(x.dtype)  # F.normalize's eps
-        return x * factor * self.gamma.to(x.dtype)
+        norm: Tensor = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32)
+        factor = (norm.clamp_min(1e-12).reciprocal() * self.scale).to(x.dtype)  # F.normalize's eps
+        out: Tensor = x * factor * self.gamma.to(x.dtype)
+        return out
 
 
 class ResidualBlock(nn.Module):
@@ -214,9 +216,10 @@ class ResidualBlock(nn.Module):
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
         """x: [B, Cin, T, H, W] -> [B, Cout, T, H, W]."""
         r = self.residual
-        h = r[2](r[1](r[0](x)), cache)
+        h: Tensor = r[2](r[1](r[0](x)), cache)
         h = r[6](r[5](r[4](r[3](h))), cache)
-        return h + self.shortcut(x)
+        shortcut: Tensor = self.shortcut(x)
+        return h + shortcut
 
 
 class AttentionBlock(nn.Module):
@@ -231,12 +234,12 @@ class AttentionBlock(nn.Module):
     def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
         """x: [B, C, T, H, W] -> same shape. Per frame, so it needs nothing from the cache."""
         b, c, t, h, w = x.shape
-        y = self.norm(x.transpose(1, 2).reshape(b * t, c, h, w))  # [(B T), C, H, W]
+        y: Tensor = self.norm(x.transpose(1, 2).reshape(b * t, c, h, w))  # [(B T), C, H, W]
         # to_qkv's 3C output channels are q | k | v, each C wide (upstream's chunk(3) order).
         qkv = self.to_qkv(y).reshape(b * t, 3, c, h * w).permute(0, 3, 1, 2).contiguous()  # [(B T), HW, 3, C]
         q, k, v = qkv.chunk(3, dim=2)  # each [(B T), HW, 1, C]: one head of width C
         y = attention(q, k, v).reshape(b * t, h * w, c).transpose(1, 2).reshape(b * t, c, h, w)
-        y = self.proj(y)
+        y = self.proj(y)  # [(B T), C, H, W]
         return x + y.reshape(b, t, c, h, w).transpose(1, 2)
 
 
@@ -262,7 +265,8 @@ class Downsample(nn.Module):
         cache.keep(self, x[:, :, -1:])
         if prev is not None:  # continuing the stream: T is even
             assert x.shape[2] % 2 == 0, "temporal downsample expects an even chunk after frame 0"
-            return self.time_conv(torch.cat([prev, x], dim=2))
+            out: Tensor = self.time_conv(torch.cat([prev, x], dim=2))
+            return out
         assert x.shape[2] % 2 == 1, "temporal downsample expects 1 + 2m frames at the stream start"
         if x.shape[2] == 1:
             return x
@@ -289,7 +293,7 @@ class Upsample(nn.Module):
         """[B, C, T, H, W] -> [B, C, 2T, H, W]: frame 2i from channels [0, C), 2i+1 from [C, 2C)."""
         assert self.time_conv is not None
         b, c, t, h, w = x.shape
-        y = self.time_conv(x, cache).reshape(b, 2, c, t, h, w)
+        y: Tensor = self.time_conv(x, cache).reshape(b, 2, c, t, h, w)
         return y.permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
 
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
@@ -309,7 +313,8 @@ class Upsample(nn.Module):
 
 def _head(head: nn.Sequential, x: Tensor, cache: CausalCache) -> Tensor:
     """RMS_norm (head.0) -> SiLU (head.1) -> causal conv 3^3 (head.2)."""
-    return head[2](head[1](head[0](x)), cache)
+    out: Tensor = head[2](head[1](head[0](x)), cache)
+    return out
 
 
 class Encoder3d(nn.Module):
@@ -457,6 +462,20 @@ class WanVAE(nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         """Decode a whole latent: [B, 16, F, h, w] -> fp32 video [B, 3, 1 + 4(F - 1), 8h, 8w] in [-1, 1]."""
         return torch.cat(list(self.decode_iter(z)), dim=2)
+
+
+def build(cfg: VAEConfig, device: torch.device | str) -> WanVAE:
+    """The VAE with every parameter on the meta device, for a strict ``assign=True`` load.
+
+    The module has no buffers (the latent mean/std are constants applied on the inputs' device), so
+    ``device`` has nothing to hold; it is accepted for the common ``build(cfg, device)`` contract of
+    the network files.
+    """
+    with torch.device("meta"):
+        model = WanVAE(cfg)
+    if any(True for _ in model.buffers()):
+        raise RuntimeError(f"VAE: unexpected buffers; build() must create them on {device}")
+    return model.eval().requires_grad_(False)
 
 
 # --------------------------------------------------------------------------- config detection

@@ -36,10 +36,11 @@ import math
 import os
 import struct
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -48,51 +49,25 @@ from torch import Tensor, nn
 
 from engine.api import RenderError
 
+# fmt: off
 __all__ = [
-    "WeightsError",
-    "TensorInfo",
-    "FileInfo",
-    "read_header",
-    "detect_prefix",
-    "logical_shapes",
-    "iter_tensors",
-    "extra_tensor",
-    "load_module",
-    "load_network",
-    "LoraReport",
-    "LoraPlan",
-    "lora_deltas",
-    "merge_lora",
-    "write_scaled_fp8",
-    "file_identity",
-    "DEFAULT_PREFIXES",
+    "WeightsError", "TensorInfo", "FileInfo", "read_header", "detect_prefix", "logical_shapes", "iter_tensors",
+    "extra_tensor", "load_module", "load_network", "LoraReport", "LoraDelta", "LoraPlan", "lora_deltas",
+    "merge_lora", "write_scaled_fp8", "file_identity", "DEFAULT_PREFIXES",
 ]
+# fmt: on
 
-T = TypeVar("T")
 DTypeSpec = torch.dtype | Callable[[str], torch.dtype]
 
 # The safetensors reference implementation refuses headers above 100 MB; the DiT header (1 303 tensors plus
 # scales) is ~200 kB, so anything larger is not a safetensors file (a pickle's first 8 bytes, say).
 MAX_HEADER_BYTES = 100_000_000
 
-# header dtype string -> (torch dtype, bytes per element)
-_DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "BOOL": (torch.bool, 1),
-    "U8": (torch.uint8, 1),
-    "I8": (torch.int8, 1),
-    "I16": (torch.int16, 2),
-    "U16": (torch.uint16, 2),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "I32": (torch.int32, 4),
-    "U32": (torch.uint32, 4),
-    "F32": (torch.float32, 4),
-    "I64": (torch.int64, 8),
-    "U64": (torch.uint64, 8),
-    "F64": (torch.float64, 8),
-    "F8_E4M3": (torch.float8_e4m3fn, 1),
-    "F8_E5M2": (torch.float8_e5m2, 1),
-}
+# header dtype string -> bytes per element (sub-byte and exotic dtypes are not size-checked)
+# fmt: off
+_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+# fmt: on
 _FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 # comfy_quant formats this loader can dequantise (per-tensor scale); everything else is refused.
 _FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")
@@ -242,7 +217,7 @@ def read_header(path: Path) -> FileInfo:
                     raise WeightsError(f"{path}: {weight!r} has both a .scale_weight and a .weight_scale.")
                 scales[weight] = rawk
 
-    layer_quant = _layer_quant_configs(path, metadata, tensors, companions, prefix, data_start)
+    layer_quant = _layer_quant_configs(path, metadata, header, companions, prefix, data_start)
     fp8_weights = [k for k, r in keys.items() if tensors[r].dtype in _FP8_DTYPES]
     marker = companions.get(_MARKER)
     if "_quantization_metadata" in metadata or any(k.endswith(".comfy_quant") for k in companions):
@@ -279,37 +254,37 @@ def read_header(path: Path) -> FileInfo:
 def _parse_entry(path: Path, key: str, entry: Any, data_len: int) -> TensorInfo:
     if not isinstance(entry, dict):
         raise WeightsError(f"{path}: header entry {key!r} is not an object; the file is malformed.")
-    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    ok = (
-        isinstance(dtype, str)
-        and isinstance(shape, list)
-        and all(isinstance(d, int) and d >= 0 for d in shape)
-        and isinstance(offsets, list)
-        and len(offsets) == 2
-        and all(isinstance(o, int) for o in offsets)
-        and 0 <= offsets[0] <= offsets[1]
-    )
-    if not ok:
+    dtype, shape_raw, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    shape = tuple(shape_raw) if isinstance(shape_raw, list) else None
+    span = tuple(offsets) if isinstance(offsets, list) and len(offsets) == 2 else None
+    if (
+        not isinstance(dtype, str)
+        or shape is None
+        or not all(type(d) is int and d >= 0 for d in shape)
+        or span is None
+        or not all(type(o) is int for o in span)
+        or not 0 <= span[0] <= span[1]
+    ):
         raise WeightsError(f"{path}: header entry {key!r} is malformed ({entry!r}).")
-    begin, end = offsets
+    begin, end = span
     if end > data_len:
         raise WeightsError(
             f"{path}: truncated: tensor {key!r} ends at data byte {end} but the file holds only {data_len} data "
             "bytes. The download or copy was cut short; download the file again."
         )
     nbytes = end - begin
-    if dtype in _DTYPES and nbytes != math.prod(shape) * _DTYPES[dtype][1]:
+    if dtype in _ITEMSIZE and nbytes != math.prod(shape) * _ITEMSIZE[dtype]:
         raise WeightsError(
-            f"{path}: tensor {key!r} ({dtype} {shape}) should take {math.prod(shape) * _DTYPES[dtype][1]} "
+            f"{path}: tensor {key!r} ({dtype} {list(shape)}) should take {math.prod(shape) * _ITEMSIZE[dtype]} "
             f"bytes but its offsets span {nbytes}; the file is corrupt."
         )
-    return TensorInfo(dtype=dtype, shape=tuple(shape), nbytes=nbytes)
+    return TensorInfo(dtype=dtype, shape=shape, nbytes=nbytes)
 
 
 def _layer_quant_configs(
     path: Path,
     metadata: Mapping[str, str],
-    tensors: Mapping[str, TensorInfo],
+    header: Mapping[str, Any],
     companions: Mapping[str, str],
     prefix: str,
     data_start: int,
@@ -334,27 +309,19 @@ def _layer_quant_configs(
         return out
     with path.open("rb") as fh:
         for logical, rawk in blobs:
-            info = tensors[rawk]
-            if info.dtype != "U8" or info.nbytes > 65536:
-                raise WeightsError(f"{path}: {rawk!r} should be a small U8 JSON blob, found {info.dtype} {info.shape}.")
-            # TensorInfo keeps no offsets; recompute the blob's position from the header is not needed: read
-            # through safetensors would map the file, so seek directly using the entry's offsets instead.
-            fh.seek(data_start + _offsets(path, rawk)[0])
+            entry = header[rawk]  # validated by _parse_entry
+            begin, end = entry["data_offsets"]
+            if entry["dtype"] != "U8" or end - begin > 65536:
+                raise WeightsError(f"{path}: {rawk!r} should be a small U8 JSON blob, found {entry['dtype']}.")
+            fh.seek(data_start + begin)
             try:
-                conf = json.loads(fh.read(info.nbytes).decode("utf-8"))
+                conf = json.loads(fh.read(end - begin).decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise WeightsError(f"{path}: {rawk!r} does not hold valid JSON ({e}).") from e
             if not isinstance(conf, dict):
                 raise WeightsError(f"{path}: {rawk!r} should hold a JSON object, found {conf!r}.")
             out[logical[: -len(".comfy_quant")]] = conf
     return out
-
-
-def _offsets(path: Path, key: str) -> tuple[int, int]:
-    """Data offsets of one entry (re-read from the header; used only for the tiny comfy_quant blobs)."""
-    raw, _ = _read_header_bytes(path)
-    begin, end = json.loads(raw)[key]["data_offsets"]
-    return int(begin), int(end)
 
 
 def _main_dtype(keys: Mapping[str, str], tensors: Mapping[str, TensorInfo]) -> str:
@@ -415,7 +382,7 @@ def _check_unchanged(info: FileInfo) -> None:
 def _materialise(f: Any, info: FileInfo, key: str, dtype: torch.dtype, device: torch.device | str) -> Tensor:
     """Read one logical tensor through an open ``safe_open`` handle, dequantise, cast, move to ``device``."""
     rawk = info.keys[key]
-    t = f.get_tensor(rawk)
+    t: Tensor = f.get_tensor(rawk)
     layer = key[: -len(".weight")] if key.endswith(".weight") else key
     conf = info.layer_quant.get(layer)
     scale_key = info.scales.get(key)
@@ -480,7 +447,8 @@ def extra_tensor(info: FileInfo, name: str) -> Tensor | None:
         return None
     _check_unchanged(info)
     with safe_open(str(info.path), framework="pt", device="cpu") as f:
-        return f.get_tensor(rawk)
+        blob: Tensor = f.get_tensor(rawk)
+    return blob
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -601,19 +569,14 @@ def load_network(
 # LoRA
 
 # suffix -> role. kijai/lightx2v use lora_down/lora_up; peft uses lora_A/lora_B (optionally ".default").
+# fmt: off
 _LORA_SUFFIXES: tuple[tuple[str, str], ...] = (
-    (".lora_down.weight", "down"),
-    (".lora_up.weight", "up"),
-    (".lora_A.default.weight", "down"),
-    (".lora_B.default.weight", "up"),
-    (".lora_A.weight", "down"),
-    (".lora_B.weight", "up"),
-    (".lora_A", "down"),
-    (".lora_B", "up"),
-    (".alpha", "alpha"),
-    (".diff_b", "diff_b"),
-    (".diff", "diff"),
+    (".lora_down.weight", "down"), (".lora_up.weight", "up"),
+    (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),
+    (".lora_A.weight", "down"), (".lora_B.weight", "up"), (".lora_A", "down"), (".lora_B", "up"),
+    (".alpha", "alpha"), (".diff_b", "diff_b"), (".diff", "diff"),
 )
+# fmt: on
 _LORA_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 _LORA_UNET = "lora_unet_"
 
@@ -678,11 +641,12 @@ def lora_deltas(lora: FileInfo, target_keys: Collection[str] | Mapping[str, tupl
         if name == "diff_m" or name.endswith(".diff_m"):
             inert.append(rawk)
             continue
-        role = next(((r, s) for s, r in _LORA_SUFFIXES if name.endswith(s)), None)
-        if role is None:
+        match = next(((role, suffix) for suffix, role in _LORA_SUFFIXES if name.endswith(suffix)), None)
+        if match is None:
             unknown.append(rawk)
             continue
-        module = name[: -len(role[1])]
+        role, suffix = match
+        module = name[: -len(suffix)]
         if module.startswith(_LORA_UNET):
             found = under.get(module[len(_LORA_UNET) :], set())
             if len(found) != 1:
@@ -690,15 +654,13 @@ def lora_deltas(lora: FileInfo, target_keys: Collection[str] | Mapping[str, tupl
                 errors.append(f"{rawk} {why}")
                 continue
             module = next(iter(found))
-        groups.setdefault(module, {})[role[0]] = rawk
+        groups.setdefault(module, {})[role] = rawk
 
     deltas: dict[str, LoraDelta] = {}
 
     def add(target: str, rawk: str, pair: tuple[str, str, str | None] | None = None) -> None:
         d = deltas.get(target, LoraDelta())
-        deltas[target] = (
-            LoraDelta(d.pairs + (pair,), d.diffs) if pair else LoraDelta(d.pairs, d.diffs + (rawk,))
-        )
+        deltas[target] = LoraDelta(d.pairs + (pair,), d.diffs) if pair else LoraDelta(d.pairs, d.diffs + (rawk,))
 
     def check_shape(rawk: str, target: str, got: tuple[int, ...]) -> None:
         if shapes is not None and math.prod(got) != math.prod(shapes[target]):
@@ -772,8 +734,8 @@ def _merge(
     out_dtype: DTypeSpec | None,
 ) -> Iterator[tuple[str, Tensor]]:
     seen: set[str] = set()
-    handle: Any = None
-    try:
+    with ExitStack() as stack:
+        handle: Any = None  # the LoRA file is opened when its first target streams by
         for key, t in tensors:
             delta = plan.deltas.get(key)
             if delta is None:
@@ -781,33 +743,28 @@ def _merge(
                 continue
             if handle is None:
                 _check_unchanged(lora)
-                handle = safe_open(str(lora.path), framework="pt", device="cpu")
+                handle = stack.enter_context(safe_open(str(lora.path), framework="pt", device="cpu"))
             seen.add(key)
             w = t.float()
             for up_k, down_k, alpha_k in delta.pairs:
-                up = handle.get_tensor(up_k).to(device=w.device, dtype=torch.float32).flatten(1)
-                down = handle.get_tensor(down_k).to(device=w.device, dtype=torch.float32).flatten(1)
+                up = handle.get_tensor(up_k).to(device=w.device, dtype=torch.float32).flatten(1)  # [out, r]
+                down = handle.get_tensor(down_k).to(device=w.device, dtype=torch.float32).flatten(1)  # [r, in...]
                 scale = 1.0
-                if alpha_k is not None:  # alpha / rank, rank = rows of down (ComfyUI convention)
+                if alpha_k is not None:  # alpha / rank, rank = rows of down (ComfyUI's convention)
                     scale = float(handle.get_tensor(alpha_k).float().reshape(-1)[0]) / down.shape[0]
-                upd = (up @ down).reshape(w.shape) if (up @ down).numel() == w.numel() else None
-                if upd is None:
+                upd = up @ down  # [out, prod(in...)]
+                if upd.numel() != w.numel():
                     raise WeightsError(f"{lora.path}: {up_k} @ {down_k} does not fit {key} {list(w.shape)}.")
-                w = w + (strength * scale) * upd
+                w = w + (strength * scale) * upd.reshape(w.shape)
             for diff_k in delta.diffs:
                 d = handle.get_tensor(diff_k).to(device=w.device, dtype=torch.float32)
                 if d.numel() != w.numel():
                     raise WeightsError(f"{lora.path}: {diff_k} {list(d.shape)} does not fit {key} {list(w.shape)}.")
                 w = w + strength * d.reshape(w.shape)
-            target = t.dtype if out_dtype is None else _dtype_for(out_dtype, key)
-            yield key, w.to(target)
-        missing = sorted(set(plan.deltas) - seen)
-        if missing:
-            raise WeightsError(
-                f"{lora.path}: LoRA targets never appeared in the weight stream: {_fmt_keys(missing)}."
-            )
-    finally:
-        handle = None  # safe_open handles close when released
+            yield key, w.to(t.dtype if out_dtype is None else _dtype_for(out_dtype, key))
+    missing = sorted(set(plan.deltas) - seen)
+    if missing:
+        raise WeightsError(f"{lora.path}: LoRA targets never appeared in the weight stream: {_fmt_keys(missing)}.")
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -1,0 +1,481 @@
+"""``infinitetalkd``: one console script with subcommands.
+
+    infinitetalkd run [--config FILE]                  the daemon (systemd runs this)
+    infinitetalkd status [--config FILE] [--json]      queue, running job with progress, failures
+    infinitetalkd retry JOB | cancel JOB               JOB is a job id or a stem
+    infinitetalkd doctor [--config FILE] [--models-dir DIR]
+    infinitetalkd tiny-models DIR [--seed N]           write a tiny random models folder (tests, demo)
+    infinitetalkd render IMAGE AUDIO [AUDIO2] -o OUT.mp4 [...]   one render, no daemon, no database
+
+Exit codes: 0 ok; 1 failure; 2 bad input (render); 78 configuration error (EX_CONFIG, which the
+systemd unit lists in RestartPreventExitStatus); 75 device fault (the daemon wants a restart).
+
+This is the only daemon module that imports the engine beyond ``engine.api``, and only inside
+functions (through :func:`_engine`), so ``status`` or ``cancel`` never pay for torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import FrameType
+from typing import Any, cast
+
+from daemon.config import EX_CONFIG, Config, ConfigError, load_config
+from daemon.jobs import Job, JobStatus
+from daemon.store import Store, StoreError
+from engine.api import (
+    PRESETS,
+    EngineOptions,
+    InputError,
+    Progress,
+    Renderer,
+    RenderError,
+    RenderStopped,
+    parse_set_option,
+    request_from_settings,
+)
+
+__all__ = ["main"]
+
+DEFAULT_CONFIG = os.environ.get("INFINITETALKD_CONFIG", "config.yaml")
+EXIT_INPUT = 2
+
+
+class _Fail(Exception):
+    """Print the message and exit with the code."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# -- engine access (lazy; tests replace these two functions) --------------------------------
+
+
+def _engine(module: str) -> Any:
+    return importlib.import_module(module)
+
+
+def _load_engine(options: EngineOptions) -> Renderer:
+    return cast(Renderer, _engine("engine").load_engine(options))
+
+
+def _models_doctor(models_dir: Path, files: Mapping[str, str], need_lora: bool) -> tuple[bool, list[str]]:
+    ok, lines = _engine("engine.models_dir").doctor(models_dir, files, need_lora=need_lora)
+    return bool(ok), [str(x) for x in lines]
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def _config(path: str) -> Config:
+    try:
+        return load_config(Path(path))
+    except ConfigError as exc:
+        raise _Fail(str(exc), EX_CONFIG) from None
+
+
+def _store(cfg: Config, *, create: bool = False) -> Store:
+    db = cfg.paths.database
+    if not create and not db.exists():
+        raise _Fail(f"no job database at {db} yet (start the daemon once: infinitetalkd run)")
+    try:
+        return Store.open(db)
+    except StoreError as exc:
+        raise _Fail(str(exc), EX_CONFIG) from None
+
+
+def _find(store: Store, key: str) -> Job:
+    job = store.find(key)
+    if job is None:
+        raise _Fail(f"no job {key!r} (give a job id or a stem; see infinitetalkd status)")
+    return job
+
+
+def _fmt_time(ts: float | None) -> str:
+    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _models_check(cfg_models: Path, files: Mapping[str, str], preset: str) -> tuple[bool, list[str]]:
+    return _models_doctor(cfg_models, files, PRESETS[preset].use_lora)
+
+
+# -- subcommands ----------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _config(args.config)
+    ok, lines = _models_check(cfg.engine.models_dir, cfg.engine.files, cfg.engine.preset)
+    if not ok:
+        print(f"infinitetalkd: model files missing or wrong in {cfg.engine.models_dir} "
+              f"(engine.models_dir in {cfg.source}):", file=sys.stderr)
+        for line in lines:
+            print(f"  {line}", file=sys.stderr)
+        print("Put the files where the lines say (ComfyUI models/ layout), or set engine.files; "
+              "'infinitetalkd doctor' checks again.", file=sys.stderr)
+        return EX_CONFIG
+    from daemon.worker import run_daemon
+
+    return run_daemon(cfg, _load_engine)
+
+
+def _job_brief(j: Job) -> dict[str, Any]:
+    return {
+        "id": j.id, "stem": j.stem, "status": j.status.value, "attempts": j.attempts,
+        "max_attempts": j.max_attempts, "progress": round(j.progress, 4), "progress_text": j.progress_text,
+        "cancel_requested": j.cancel_requested, "error": j.error, "outputs": j.outputs,
+        "failed_dir": j.failed_dir, "created_at": j.created_at, "started_at": j.started_at,
+        "finished_at": j.finished_at,
+    }
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = _config(args.config)
+    store = _store(cfg)
+    try:
+        counts = store.counts()
+        running = store.list_jobs([JobStatus.RUNNING], limit=10)
+        queued = sorted(store.list_jobs([JobStatus.QUEUED], limit=20), key=lambda j: j.id)
+        recent = store.list_jobs([JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED], limit=10)
+        last = store.last_success()
+    finally:
+        store.close()
+    inbox: dict[str, Any] = {}
+    status_file = cfg.paths.state / "inbox.json"
+    if status_file.exists():
+        try:
+            inbox = json.loads(status_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            inbox = {}
+    if args.json:
+        doc = {"counts": counts, "running": [_job_brief(j) for j in running],
+               "queued": [_job_brief(j) for j in queued], "recent": [_job_brief(j) for j in recent],
+               "last_success": last, "inbox": inbox}
+        print(json.dumps(doc, indent=2))
+        return 0
+    print("jobs: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f"; last success {_fmt_time(last)}")
+    for j in running:
+        cancel = " (cancel requested)" if j.cancel_requested else ""
+        print(f"running  #{j.id} {j.stem}: {j.progress_text or 'starting'}{cancel}, "
+              f"attempt {j.attempts}/{j.max_attempts}, since {_fmt_time(j.started_at)}")
+    for j in queued:
+        cancel = " (cancel requested)" if j.cancel_requested else ""
+        print(f"queued   #{j.id} {j.stem}{cancel}, attempts used {j.attempts}/{j.max_attempts}")
+    for w in inbox.get("waiting", []):
+        print(f"waiting  {w.get('stem')}: {w.get('reason')}")
+    if inbox.get("inbox_missing"):
+        print(f"inbox    {inbox.get('inbox')} is MISSING (not mounted?)")
+    for j in recent:
+        detail = j.outputs.get("mp4", "") if j.status is JobStatus.DONE else (j.error or "")
+        print(f"{j.status.value:<8} #{j.id} {j.stem} {_fmt_time(j.finished_at)}  {detail}")
+    return 0
+
+
+def _restore_inputs(cfg: Config, job: Job) -> list[str]:
+    """Move a failed job's inputs from its failed/ folder back into the inbox."""
+    if not job.failed_dir:
+        return []
+    src = Path(job.failed_dir)
+    moved = []
+    for i in job.inputs:
+        name = str(i["name"])
+        p, dst = src / name, cfg.paths.inbox / name
+        if os.path.lexists(p):
+            if os.path.lexists(dst):
+                raise _Fail(f"{dst} exists; remove it or move it away, then retry again")
+            shutil.move(str(p), str(dst))
+            moved.append(name)
+    return moved
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    cfg = _config(args.config)
+    store = _store(cfg)
+    try:
+        job = _find(store, args.job)
+        if job.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
+            raise _Fail(f"job #{job.id} is {job.status.value}; only failed or cancelled jobs can be retried")
+        # Inputs first, then the row: the worker never claims a job whose files are still moving.
+        moved = _restore_inputs(cfg, job)
+        if job.rejected:
+            store.delete(job.id)  # refused at ingest: the scanner judges the files afresh
+            print(f"job #{job.id} ({job.stem}): moved {len(moved)} file(s) back to the inbox for a new scan")
+            return 0
+        if store.retry(job.id) is None:
+            raise _Fail(f"job #{job.id} changed meanwhile; see infinitetalkd status")
+        print(f"job #{job.id} ({job.stem}) queued again" + (f"; moved back {', '.join(moved)}" if moved else ""))
+        return 0
+    finally:
+        store.close()
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    cfg = _config(args.config)
+    store = _store(cfg)
+    try:
+        job = _find(store, args.job)
+        new = store.request_cancel(job.id)
+        if new is None:
+            raise _Fail(f"job #{job.id} is already {job.status.value}")
+        when = "stops at its next step" if new.status is JobStatus.RUNNING else "is cancelled by the daemon shortly"
+        print(f"job #{job.id} ({job.stem}): cancel requested; it {when}; its inputs go to {cfg.paths.failed}/")
+        return 0
+    finally:
+        store.close()
+
+
+def _writable(d: Path) -> str | None:
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=d, prefix=".doctor-"):
+            pass
+        return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    if args.config is None and args.models_dir is not None:
+        ok, lines = _models_check(Path(args.models_dir), {}, "lightx2v")
+        print("\n".join(lines))
+        return 0 if ok else 1
+    from daemon.watcher import filesystem_type, is_network_fs, watch_mode
+
+    cfg = _config(args.config or DEFAULT_CONFIG)
+    problems = 0
+
+    def line(ok: bool, what: str) -> None:
+        nonlocal problems
+        problems += 0 if ok else 1
+        print(f"{'ok ' if ok else 'BAD'}  {what}")
+
+    line(True, f"config {cfg.source}")
+    p = cfg.paths
+    for name, d in (("inbox", p.inbox), ("outbox", p.outbox), ("failed", p.failed), ("archive", p.archive),
+                    ("state", p.state)):
+        err = _writable(d)
+        line(err is None, f"{name:<8} {d} " + ("writable" if err is None else f"not writable: {err}"))
+    fs = filesystem_type(p.inbox)
+    mode = watch_mode(cfg.watch.mode, fs)
+    line(True, f"inbox filesystem {fs}: watcher {mode} (watch.mode = {cfg.watch.mode})"
+         + (f"; stable_window_s {cfg.watch.stable_window_s:g} must exceed the share's attribute cache"
+            if is_network_fs(fs) else ""))
+    sfs = filesystem_type(p.state)
+    line(not is_network_fs(sfs), f"state filesystem {sfs}" + (" is a network filesystem: SQLite needs a local disk"
+                                                               if is_network_fs(sfs) else ""))
+    try:
+        store = Store.open(p.database)
+        try:
+            line(True, f"database {p.database}: schema {store.schema_version()}, jobs {store.counts()}")
+        finally:
+            store.close()
+    except (StoreError, OSError) as exc:
+        line(False, f"database {p.database}: {exc}")
+    models_dir = Path(args.models_dir) if args.models_dir else cfg.engine.models_dir
+    ok, lines = _models_check(models_dir, cfg.engine.files, cfg.engine.preset)
+    line(ok, f"models {models_dir}")
+    for m in lines:
+        print(f"       {m}")
+    problems += _doctor_gpu(cfg.engine.device)
+    return 0 if problems == 0 else 1
+
+
+def _doctor_gpu(device: str) -> int:
+    nodes = [n for n in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/nvidia-uvm") if os.path.exists(n)]
+    print(f"info GPU device nodes: {', '.join(nodes) or 'none'}")
+    if device == "cpu":
+        print("ok   engine.device = cpu (no GPU needed)")
+        return 0
+    try:
+        torch = _engine("torch")
+    except ImportError:
+        print("BAD  torch is not installed")
+        return 1
+    if not torch.cuda.is_available():
+        ok = device == "auto"
+        print(f"{'ok ' if ok else 'BAD'}  CUDA not available to torch {torch.__version__}"
+              + ("; engine.device = auto falls back to the CPU (very slow)" if ok else ""))
+        return 0 if ok else 1
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        print(f"ok   cuda:{i} {props.name}, {props.total_memory / 2**30:.0f} GiB, torch {torch.__version__}")
+    return 0
+
+
+def cmd_tiny_models(args: argparse.Namespace) -> int:
+    out = Path(args.dir)
+    _engine("engine.tiny").write_tiny_models(out, seed=args.seed)
+    print(f"wrote a tiny random models folder to {out} (for tests and the demo; it renders noise)")
+    return 0
+
+
+class _Bar:
+    """Progress on stderr: one redrawn line on a terminal, plain lines otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self._last = ""
+
+    def __call__(self, p: Progress) -> None:
+        from daemon.worker import describe_progress
+
+        text = describe_progress(p)
+        if self.tty:
+            filled = int(p.fraction * 30)
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {text:<48}")
+            sys.stderr.flush()
+            return
+        key = f"{p.stage} {p.chunk} {int(p.fraction * 20)}"  # a line per stage/chunk change or 5 %
+        if key != self._last:
+            self._last = key
+            print(text, file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from daemon import inbox as ib
+    from daemon.log import setup_logging
+
+    cfg = _config(args.config) if args.config else None
+    image = Path(args.image).resolve()
+    base = Path(args.sidecar).resolve().parent if args.sidecar else Path.cwd()
+    settings: dict[str, object] = {}
+    try:
+        if args.sidecar:
+            settings.update(ib.load_sidecar(Path(args.sidecar), 1 << 20))
+        if args.audio2:
+            settings["audio2"] = args.audio2
+        for item in args.set or []:
+            key, value = parse_set_option(item)
+            settings[key] = value
+        is_video = image.suffix.lower().lstrip(".") in ib.VIDEO_EXTS
+        request = request_from_settings(
+            settings, audio=Path(args.audio).resolve(), image=None if is_video else image,
+            video=image if is_video else None, resolve=lambda _k, name: (base / name).resolve(),
+            defaults=cfg.render if cfg else None,
+        )
+        for p in (*request.audio, request.image or request.video, *request.masks):
+            if p is not None and not p.is_file():
+                raise InputError(f"{p}: no such file")
+    except InputError as exc:
+        print(f"infinitetalkd render: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_INPUT
+    if cfg is not None:
+        options = cfg.engine.options()
+        if args.models_dir:
+            options = dataclasses.replace(options, models_dir=Path(args.models_dir).resolve())
+    else:
+        options = EngineOptions(models_dir=Path(args.models_dir or "models").resolve())
+    ok, lines = _models_check(options.models_dir, options.files, options.preset)
+    if not ok:
+        print("infinitetalkd render: model files missing or wrong:\n  " + "\n  ".join(lines), file=sys.stderr)
+        return EX_CONFIG
+    setup_logging("warning", "console" if sys.stderr.isatty() else "json")
+    out = Path(args.output).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.partial.mp4")
+    stop = False
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        nonlocal stop
+        stop = True
+
+    old = signal.signal(signal.SIGINT, on_signal)
+    bar = _Bar()
+    try:
+        t0 = time.monotonic()
+        renderer = _load_engine(options)
+        print(f"engine loaded in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+        result = renderer.render(request, tmp, bar, lambda: stop)
+        bar.done()
+        os.replace(tmp, out)
+    except InputError as exc:
+        bar.done()
+        print(f"infinitetalkd render: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_INPUT
+    except RenderStopped:
+        bar.done()
+        print("infinitetalkd render: interrupted", file=sys.stderr)
+        return 130
+    except RenderError as exc:
+        bar.done()
+        print(f"infinitetalkd render: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, old)
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {out}: {result.width}x{result.height}, {result.frames} frames, {result.duration_s:.2f} s "
+          f"in {time.monotonic() - t0:.1f} s")
+    return 0
+
+
+# -- entry point ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="infinitetalkd", description="Watch-folder InfiniteTalk render daemon.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser, default: str | None = DEFAULT_CONFIG) -> None:
+        p.add_argument("--config", default=default, help=f"config file (default: {DEFAULT_CONFIG}; "
+                       "env INFINITETALKD_CONFIG)")
+
+    p = sub.add_parser("run", help="run the daemon")
+    with_config(p)
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("status", help="queue, running job and progress, recent results")
+    with_config(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+    for name, func, what in (("retry", cmd_retry, "queue a failed or cancelled job again"),
+                             ("cancel", cmd_cancel, "cancel a queued job, or stop a running one at its next step")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("job", help="job id or stem")
+        with_config(p)
+        p.set_defaults(func=func)
+    p = sub.add_parser("doctor", help="check config, folders, filesystems, database, models and GPU")
+    with_config(p, default=None)
+    p.add_argument("--models-dir", help="check this models folder (alone: only the model check)")
+    p.set_defaults(func=cmd_doctor)
+    p = sub.add_parser("tiny-models", help="write a tiny random models folder (tests, demo)")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tiny_models)
+    p = sub.add_parser("render", help="render one job without the daemon")
+    p.add_argument("image", help="portrait image, or a video to dub")
+    p.add_argument("audio", help="speech file")
+    p.add_argument("audio2", nargs="?", help="second speaker's speech file")
+    p.add_argument("-o", "--output", required=True, help="output .mp4")
+    p.add_argument("--models-dir", help="ComfyUI models folder (default: engine.models_dir, else ./models)")
+    p.add_argument("--config", default=None, help="take engine settings and render defaults from this config")
+    p.add_argument("--sidecar", help="a job YAML with settings; file names in it are relative to it")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a setting (repeatable)")
+    p.set_defaults(func=cmd_render)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except _Fail as exc:
+        print(f"infinitetalkd: {exc}", file=sys.stderr)
+        return exc.code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,535 @@
+"""The inbox contract, as pure functions: names, grouping, stability, checks, fingerprint, request.
+
+A job is ``<stem>.<image or video>`` + ``<stem>.<audio>`` (+ ``<stem>.yaml``, + ``<stem>.ready``).
+The inbox is hostile (daemon.md section 7): names in a sidecar must be bare file names in the
+inbox; symlinks and non-regular files are refused; YAML is parsed with a size cap and without
+aliases; images are opened with a format allow-list and a pixel cap; magic bytes must match the
+extension. Every refusal is an :class:`engine.api.InputError` with a one-line message.
+
+Nothing here touches the database or moves files; :mod:`daemon.watcher` does that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import warnings
+import wave
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from PIL import Image, UnidentifiedImageError
+
+from engine.api import InputError, RenderRequest, request_from_settings
+
+__all__ = [
+    "IMAGE_EXTS", "VIDEO_EXTS", "AUDIO_EXTS", "SIDECAR_EXTS", "MARKER_EXT",
+    "Entry", "Group", "Parts", "Limits", "Prepared", "StabilityTracker",
+    "is_ignored", "split_name", "list_inbox", "group_entries", "parts_of", "sidecar_refs",
+    "load_sidecar", "check_bare_name", "check_file", "check_image", "check_audio", "check_video",
+    "sha256_file", "prepare", "one_line",
+]
+
+IMAGE_EXTS = frozenset({"png", "jpg", "jpeg", "webp"})
+VIDEO_EXTS = frozenset({"mp4", "mov", "mkv", "webm"})
+AUDIO_EXTS = frozenset({"wav", "flac", "mp3", "m4a", "aac", "ogg", "opus"})
+SIDECAR_EXTS = frozenset({"yaml", "yml"})
+MARKER_EXT = "ready"
+_KNOWN_EXTS = IMAGE_EXTS | VIDEO_EXTS | AUDIO_EXTS | SIDECAR_EXTS | {MARKER_EXT}
+
+# Temporary names of browsers, download managers, editors, sync tools and NAS/OS metadata.
+_IGNORED_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".filepart", ".!qb",
+                     ".!ut", ".opdownload", ".swp", ".swx", ".lock", "~")
+_IGNORED_NAMES = frozenset({"desktop.ini", "thumbs.db", "icon\r"})
+_IGNORED_PARTS = ("-tdarrcachefile-", "~syncthing~", ".syncthing.")
+
+
+def one_line(text: str) -> str:
+    """Collapse whitespace so a reason fits on one log/error line."""
+    return " ".join(str(text).split())
+
+
+def is_ignored(name: str) -> bool:
+    """Names that are never (yet) part of a job: dot-files, partial downloads, sync temp names."""
+    low = name.lower()
+    return (
+        name.startswith((".", "~", "@", "#"))  # dot-files (rsync .name.XXXXXX), ~$office, @eaDir, #emacs#
+        or low.endswith(_IGNORED_SUFFIXES)
+        or low in _IGNORED_NAMES
+        or any(p in low for p in _IGNORED_PARTS)
+    )
+
+
+def split_name(name: str) -> tuple[str, str] | None:
+    """``"alice.PNG"`` -> ``("alice", "png")``; None for ignored names and unknown extensions."""
+    if is_ignored(name) or "." not in name:
+        return None
+    stem, ext = name.rsplit(".", 1)
+    ext = ext.lower()
+    if not stem or ext not in _KNOWN_EXTS:
+        return None
+    return stem, ext
+
+
+# --------------------------------------------------------------------------------------------
+# Listing and grouping
+# --------------------------------------------------------------------------------------------
+
+EntryKind = Literal["file", "symlink", "other"]
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    size: int
+    mtime_ns: int
+    kind: EntryKind
+
+
+def _entry(name: str, st: os.stat_result) -> Entry:
+    if stat.S_ISLNK(st.st_mode):
+        kind: EntryKind = "symlink"
+    elif stat.S_ISREG(st.st_mode):
+        kind = "file"
+    else:
+        kind = "other"
+    return Entry(name, st.st_size, st.st_mtime_ns, kind)
+
+
+def list_inbox(inbox: Path) -> list[Entry]:
+    """Top-level entries of the inbox (lstat: symlinks are reported as such). Folders are skipped."""
+    out = []
+    with os.scandir(inbox) as it:
+        for de in it:
+            try:
+                st = de.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(st.st_mode) or is_ignored(de.name):
+                continue
+            out.append(_entry(de.name, st))
+    return out
+
+
+def stat_entry(inbox: Path, name: str) -> Entry | None:
+    try:
+        return _entry(name, os.lstat(inbox / name))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+@dataclass
+class Group:
+    """The files of one stem, by extension."""
+
+    stem: str
+    entries: dict[str, Entry] = field(default_factory=dict)  # name -> entry
+    by_ext: dict[str, list[str]] = field(default_factory=dict)
+
+    def names(self, exts: Iterable[str]) -> list[str]:
+        return sorted(n for e in exts for n in self.by_ext.get(e, []))
+
+
+def group_entries(entries: Iterable[Entry]) -> dict[str, Group]:
+    groups: dict[str, Group] = {}
+    for e in entries:
+        split = split_name(e.name)
+        if split is None:
+            continue
+        stem, ext = split
+        g = groups.setdefault(stem, Group(stem))
+        g.entries[e.name] = e
+        g.by_ext.setdefault(ext, []).append(e.name)
+    return groups
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What a group holds. ``problem`` is a reason to refuse it; ``missing`` what it still lacks."""
+
+    image: str | None
+    video: str | None
+    audio: str | None
+    sidecar: str | None
+    marker: str | None
+    problem: str | None
+    missing: tuple[str, ...]
+
+
+def parts_of(g: Group) -> Parts:
+    images, videos = g.names(IMAGE_EXTS), g.names(VIDEO_EXTS)
+    audios, sidecars, markers = g.names(AUDIO_EXTS), g.names(SIDECAR_EXTS), g.names([MARKER_EXT])
+    problem = None
+    for what, names in (("portrait images", images), ("source videos", videos), ("speech files", audios),
+                        ("sidecars", sidecars)):
+        if len(names) > 1:
+            problem = f"stem '{g.stem}' has several {what} ({', '.join(names)}); keep one per job"
+    if images and videos and problem is None:
+        problem = f"stem '{g.stem}' has both an image and a video ({images[0]}, {videos[0]}); keep one"
+    missing = []
+    if not images and not videos:
+        missing.append("a portrait image (.png/.jpg/.webp) or source video (.mp4/.mov/.mkv/.webm)")
+    if not audios:
+        missing.append("a speech file (.wav/.flac/.mp3/.m4a/.aac/.ogg/.opus)")
+    return Parts(
+        image=images[0] if images else None,
+        video=videos[0] if videos else None,
+        audio=audios[0] if audios else None,
+        sidecar=sidecars[0] if sidecars else None,
+        marker=markers[0] if markers else None,
+        problem=problem,
+        missing=tuple(missing),
+    )
+
+
+class StabilityTracker:
+    """Remembers each group's signature and since when it has not changed.
+
+    A signature is the sorted (name, size, mtime_ns) of all its files; any change restarts the
+    clock. The window must exceed a network filesystem's attribute cache (NFS acregmax, CIFS actimeo).
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[tuple[Any, ...], float]] = {}
+
+    def observe(self, key: str, signature: tuple[Any, ...], now: float) -> float:
+        """Record the signature; returns how many seconds it has been unchanged."""
+        prev = self._seen.get(key)
+        if prev is None or prev[0] != signature:
+            self._seen[key] = (signature, now)
+            return 0.0
+        return now - prev[1]
+
+    def forget(self, key: str) -> None:
+        self._seen.pop(key, None)
+
+    def keep_only(self, keys: Iterable[str]) -> None:
+        keep = set(keys)
+        for k in list(self._seen):
+            if k not in keep:
+                del self._seen[k]
+
+
+# --------------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------------
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader that refuses aliases: a few hundred bytes of ``*a`` references can expand into
+    gigabytes when the document is walked or logged (the "billion laughs" of YAML)."""
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed", mark)
+        return super().compose_node(parent, index)
+
+
+def load_sidecar(path: Path, max_bytes: int) -> dict[str, object]:
+    """Parse a sidecar: at most ``max_bytes``, UTF-8, YAML without aliases, a mapping with text keys."""
+    name = path.name
+    st = check_file(path, max_bytes=max_bytes, allow_empty=True, what="sidecar")
+    del st
+    with open(path, "rb") as f:  # size already checked; symlinks refused by check_file
+        data = f.read(max_bytes + 1)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{name}: the sidecar is not UTF-8 text") from None
+    try:
+        doc = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise InputError(f"{name}: YAML error{where}: {one_line(exc.problem or exc.context or 'invalid')}") from None
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise InputError(f"{name}: YAML error: {one_line(str(exc)) or 'nested too deeply'}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise InputError(f"{name}: the sidecar must be a mapping of setting: value lines, not {type(doc).__name__}")
+    for key in doc:
+        if not isinstance(key, str):
+            raise InputError(f"{name}: setting names must be text (got {key!r})")
+    return doc
+
+
+def sidecar_refs(settings: Mapping[str, object]) -> list[tuple[str, str]]:
+    """The (key, file name) pairs a sidecar names: ``audio2`` and each of ``masks``."""
+    refs: list[tuple[str, str]] = []
+    a2 = settings.get("audio2")
+    if isinstance(a2, str):
+        refs.append(("audio2", a2))
+    masks = settings.get("masks")
+    if isinstance(masks, list):
+        refs.extend(("masks", m) for m in masks if isinstance(m, str))
+    return refs
+
+
+def check_bare_name(key: str, name: str) -> str:
+    """A file name given in a sidecar must name a file directly in the inbox."""
+    if (not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
+            or name.startswith(".") or len(name.encode("utf-8", "surrogateescape")) > 255):
+        raise InputError(f"setting '{key}': {name!r} must be a bare file name in the inbox "
+                         "(no folders, no '..', not absolute, not hidden)")
+    return name
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
+
+
+def check_file(path: Path, *, max_bytes: int, allow_empty: bool = False, what: str = "file") -> os.stat_result:
+    """lstat + open with O_NOFOLLOW: a readable, non-empty regular file, not a symlink, not too big."""
+    name = path.name
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise InputError(f"{name}: {what} not found in the inbox") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise InputError(f"{name} is a symbolic link; copy the file itself into the inbox")
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{name} is not a regular file")
+    if st.st_size == 0 and not allow_empty:
+        raise InputError(f"{name} is empty (0 bytes)")
+    if st.st_size > max_bytes:
+        raise InputError(f"{name} is {_size(st.st_size)}, more than the limit of {_size(max_bytes)}")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except PermissionError:
+        raise InputError(f"{name} cannot be read (permission denied)") from None
+    except OSError as exc:
+        raise InputError(f"{name} cannot be opened ({exc.strerror})") from None
+    try:
+        fst = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+        raise InputError(f"{name} was replaced while it was being checked")
+    return st
+
+
+def _head(path: Path, n: int = 64) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return os.read(fd, n)
+    finally:
+        os.close(fd)
+
+
+def _sniff(head: bytes) -> str:
+    """Container family from magic bytes."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE":
+        return "wav"
+    if head.startswith(b"fLaC"):
+        return "flac"
+    if head.startswith(b"OggS"):
+        return "ogg"
+    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip"):
+        return "isobmff"
+    if head.startswith(b"\x1a\x45\xdf\xa3"):
+        return "matroska"
+    if head.startswith(b"ID3") or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0):
+        return "mpeg-audio"  # MP3 frame sync; AAC ADTS shares it
+    if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        return "text"
+    return "unknown"
+
+
+_EXPECTED = {
+    "png": ("png", "jpeg", "webp"), "jpg": ("png", "jpeg", "webp"), "jpeg": ("png", "jpeg", "webp"),
+    "webp": ("png", "jpeg", "webp"),
+    "wav": ("wav",), "flac": ("flac",), "mp3": ("mpeg-audio",), "aac": ("mpeg-audio",), "m4a": ("isobmff",),
+    "ogg": ("ogg",), "opus": ("ogg",),
+    "mp4": ("isobmff",), "mov": ("isobmff",), "mkv": ("matroska",), "webm": ("matroska",),
+}
+
+
+def _check_magic(path: Path) -> str:
+    ext = path.suffix.lower().lstrip(".")
+    kind = _sniff(_head(path))
+    if kind not in _EXPECTED.get(ext, ()):
+        looks = "text" if kind == "text" else ("an unknown format" if kind == "unknown" else kind)
+        raise InputError(f"{path.name} is not a .{ext} file (its first bytes look like {looks})")
+    return kind
+
+
+_IMAGE_FORMATS = ["PNG", "JPEG", "WEBP"]
+
+
+def check_image(path: Path, max_pixels: int) -> tuple[int, int]:
+    """Magic bytes, Pillow with a format allow-list, a pixel cap before decoding, then a full decode."""
+    _check_magic(path)
+    name = path.name
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path, formats=_IMAGE_FORMATS) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise InputError(f"{name} is {w}x{h} = {w * h} pixels, more than "
+                                     f"jobs.max_image_pixels = {max_pixels}")
+                if getattr(im, "n_frames", 1) > 1:
+                    raise InputError(f"{name} is animated; give a single still image")
+                im.verify()
+            with Image.open(path, formats=_IMAGE_FORMATS) as im:
+                im.load()  # verify() does not decode pixel data; a truncated file fails only here
+    except InputError:
+        raise
+    except Image.DecompressionBombError:
+        raise InputError(f"{name} has too many pixels (decompression bomb)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InputError(f"{name} is not a readable PNG, JPEG or WebP image ({one_line(str(exc))})") from None
+    return w, h
+
+
+def check_audio(path: Path) -> float | None:
+    """Magic bytes; for WAV also the duration from the header (None when not cheaply known)."""
+    kind = _check_magic(path)
+    if kind != "wav" or _head(path, 4) == b"RF64":
+        return None  # other containers (and RF64): the renderer decodes and enforces max_duration_s
+    try:
+        with wave.open(str(path), "rb") as w:
+            rate = w.getframerate()
+            frames = w.getnframes()
+    except wave.Error as exc:
+        if "unknown format" in str(exc):
+            return None  # float/extensible WAV: Python's wave cannot read it, the renderer can
+        raise InputError(f"{path.name} is not a readable WAV file ({one_line(str(exc))})") from None
+    except EOFError:
+        raise InputError(f"{path.name} is not a readable WAV file (truncated header)") from None
+    if rate <= 0:
+        raise InputError(f"{path.name} is not a readable WAV file (sample rate {rate})")
+    return frames / rate
+
+
+def check_video(path: Path) -> None:
+    _check_magic(path)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Building the job
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_input_bytes: int
+    max_sidecar_bytes: int
+    max_image_pixels: int
+
+
+@dataclass(frozen=True)
+class Prepared:
+    stem: str
+    request: RenderRequest
+    inputs: list[dict[str, Any]]  # role, name, size, mtime_ns, sha256 for every file of the job
+    params: dict[str, Any]
+    fingerprint: str
+
+    @property
+    def names(self) -> list[str]:
+        return [str(i["name"]) for i in self.inputs]
+
+    @property
+    def signature(self) -> tuple[tuple[str, int, int], ...]:
+        return tuple(sorted((str(i["name"]), int(i["size"]), int(i["mtime_ns"])) for i in self.inputs))
+
+
+# Parameters that name files: the fingerprint covers those files by content and role instead.
+_PATH_PARAMS = ("audio", "image", "video", "masks")
+
+
+def fingerprint(inputs: list[dict[str, Any]], params: Mapping[str, Any], identity: str) -> str:
+    content = sorted((str(i["role"]), str(i["sha256"])) for i in inputs if i["role"] not in ("sidecar", "marker"))
+    doc = {
+        "inputs": content,
+        "params": {k: v for k, v in params.items() if k not in _PATH_PARAMS},
+        "engine": identity,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def prepare(inbox: Path, stem: str, parts: Parts, *, defaults: Mapping[str, object], identity: str,
+            limits: Limits) -> Prepared:
+    """Validate a complete group and build its request. Raises InputError with a one-line reason."""
+    if parts.problem:
+        raise InputError(parts.problem)
+    if parts.missing or parts.audio is None:
+        raise InputError(f"stem '{stem}' is missing {' and '.join(parts.missing)}")
+    files: list[tuple[str, Path, os.stat_result]] = []  # (role, path, stat)
+
+    def add(role: str, name: str, *, allow_empty: bool = False, max_bytes: int = limits.max_input_bytes) -> Path:
+        path = inbox / name
+        files.append((role, path, check_file(path, max_bytes=max_bytes, allow_empty=allow_empty)))
+        return path
+
+    settings: dict[str, object] = {}
+    if parts.sidecar:
+        sidecar = add("sidecar", parts.sidecar, allow_empty=True, max_bytes=limits.max_sidecar_bytes)
+        settings = load_sidecar(sidecar, limits.max_sidecar_bytes)
+    if parts.marker:
+        add("marker", parts.marker, allow_empty=True)
+    audio = add("audio", parts.audio)
+    durations = [(audio.name, check_audio(audio))]
+    image = video = None
+    if parts.image:
+        image = add("image", parts.image)
+        check_image(image, limits.max_image_pixels)
+    else:
+        assert parts.video is not None
+        video = add("video", parts.video)
+        check_video(video)
+
+    own = {p.name for _, p, _ in files}
+
+    def resolve(key: str, name: str) -> Path:
+        check_bare_name(key, name)
+        if name in own:
+            raise InputError(f"setting '{key}': {name!r} is already one of the job's own files")
+        # masks keep their order (mask i belongs to speaker i), so the role carries the index
+        role = "audio2" if key == "audio2" else f"mask{sum(r.startswith('mask') for r, _, _ in files) + 1}"
+        path = add(role, name)
+        own.add(name)
+        if path.resolve().parent != inbox.resolve():  # belt and braces: bare names cannot escape
+            raise InputError(f"setting '{key}': {name!r} is outside the inbox")
+        if key == "audio2":
+            durations.append((name, check_audio(path)))
+        else:
+            check_image(path, limits.max_image_pixels)
+        return path
+
+    request = request_from_settings(settings, audio=audio, image=image, video=video, resolve=resolve,
+                                    defaults=defaults)
+    for name, seconds in durations:
+        if seconds is not None and seconds > request.max_duration_s:
+            raise InputError(f"{name} is {seconds:.1f} s long, more than max_duration_s = {request.max_duration_s:g} s")
+
+    inputs = [
+        {"role": role, "name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
+        for role, path, st in files
+    ]
+    params = request.params()
+    return Prepared(stem=stem, request=request, inputs=inputs, params=params,
+                    fingerprint=fingerprint(inputs, params, identity))

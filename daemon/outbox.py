@@ -1,0 +1,184 @@
+"""Files out of the daemon: work-in-progress folders, atomic publishing, failed/ and archive/.
+
+Rules (daemon.md sections 3.4 and 7):
+- a render writes into ``outbox/.tmp/<job id>/`` (same filesystem as the outbox), every file is
+  fsynced, then renamed into the outbox: readers never see a partial file. The mp4 is renamed
+  last, so a consumer that waits for the mp4 finds its json and log already there;
+- nothing is silently overwritten: a name taken by a different result gets the job id appended
+  (``alice.17.mp4``); failed/ and archive/ folders get the same treatment;
+- error.txt is one line: the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "RESULT_EXTS",
+    "fresh_tmp_dir",
+    "clean_tmp",
+    "choose_base",
+    "find_published",
+    "write_json",
+    "publish",
+    "unique_dir",
+    "move_files",
+    "write_error",
+    "fsync_dir",
+]
+
+RESULT_EXTS = ("log", "json", "mp4")  # publishing order: the mp4 last
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some network filesystems refuse fsync on directories
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fresh_tmp_dir(tmp_root: Path, job_id: int) -> Path:
+    """An empty work folder for one attempt of one job (left-overs of an earlier attempt removed)."""
+    d = tmp_root / str(job_id)
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    return d
+
+
+def clean_tmp(tmp_root: Path) -> list[str]:
+    """Remove every work folder (at start no job is running). Returns what was removed."""
+    removed = []
+    if tmp_root.is_dir():
+        for child in sorted(tmp_root.iterdir()):
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+            removed.append(child.name)
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    return removed
+
+
+def _candidates(stem: str, job_id: int) -> Iterable[str]:
+    yield stem
+    yield f"{stem}.{job_id}"
+    n = 2
+    while True:
+        yield f"{stem}.{job_id}.{n}"
+        n += 1
+
+
+def _json_job_id(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("job_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def choose_base(outbox: Path, stem: str, job_id: int) -> str:
+    """The first base name whose mp4/json/log are all free (or are this job's own unfinished publish)."""
+    for base in _candidates(stem, job_id):
+        taken = [ext for ext in RESULT_EXTS if (outbox / f"{base}.{ext}").exists()]
+        if not taken:
+            return base
+        # A crash between the renames of an earlier attempt: json (and log) there, no mp4 yet.
+        if "mp4" not in taken and "json" in taken and _json_job_id(outbox / f"{base}.json") == job_id:
+            return base
+    raise AssertionError("unreachable")
+
+
+def find_published(outbox: Path, stem: str, job_id: int, fingerprint: str) -> dict[str, Any] | None:
+    """The result document of this job if an earlier attempt published it completely (then the
+    process died before the database said done). Looks at the names :func:`choose_base` gives."""
+    for i, base in enumerate(_candidates(stem, job_id)):
+        if i > 20:
+            break
+        j = outbox / f"{base}.json"
+        if not j.exists():
+            continue
+        try:
+            doc = json.loads(j.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if (isinstance(doc, dict) and doc.get("job_id") == job_id and doc.get("fingerprint") == fingerprint
+                and (outbox / f"{base}.mp4").exists()):
+            return doc
+    return None
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def publish(tmp_dir: Path, outbox: Path, base: str, files: dict[str, Path]) -> dict[str, str]:
+    """fsync and rename ``files`` ({ext: path in tmp_dir}) to ``outbox/<base>.<ext>``, mp4 last."""
+    out: dict[str, str] = {}
+    for ext in RESULT_EXTS:
+        src = files.get(ext)
+        if src is None:
+            continue
+        _fsync_file(src)
+        dst = outbox / f"{base}.{ext}"
+        os.replace(src, dst)  # same filesystem: atomic; choose_base made sure dst is ours to take
+        out[ext] = str(dst)
+    fsync_dir(outbox)
+    return out
+
+
+def unique_dir(parent: Path, stem: str, job_id: int) -> Path:
+    """Create ``parent/<stem>`` or, if taken, ``parent/<stem>.<job id>[.n]`` (mkdir is atomic)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for name in _candidates(stem, job_id):
+        d = parent / name
+        try:
+            d.mkdir()
+            return d
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
+def move_files(paths: Iterable[Path], dest: Path) -> list[str]:
+    """Move files (symlinks as links) into ``dest``; names that are gone are skipped."""
+    moved = []
+    for p in paths:
+        if not os.path.lexists(p):
+            continue
+        target = dest / p.name
+        if os.path.lexists(target):
+            raise FileExistsError(f"{target} exists")
+        shutil.move(str(p), str(target))  # a rename on one filesystem, copy + delete across
+        moved.append(p.name)
+    fsync_dir(dest)
+    return moved
+
+
+def write_error(dest: Path, reason: str) -> Path:
+    path = dest / "error.txt"
+    path.write_text(" ".join(reason.split()) + "\n", encoding="utf-8")
+    return path

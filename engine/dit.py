@@ -1,0 +1,688 @@
+"""Wan 2.1 I2V DiT with the InfiniteTalk audio adapter, in plain PyTorch.
+
+Math follows the official InfiniteTalk code (MeiGen-AI/InfiniteTalk ``wan/modules/multitalk_model.py``,
+``wan/modules/attention.py``, ``wan/utils/multitalk_utils.py``); see shared/reference/model.md
+sections 3 and 5. Module attribute names equal the released checkpoint keys (``blocks.N.self_attn.q``,
+``audio_proj.proj1_vf`` ...), so the merged base + adapter state dict loads strictly, no rename table.
+Build the 14B model under ``with torch.device("meta"):`` and load with ``assign=True``.
+
+Where this deviates from the official code (numerically equivalent or deliberate):
+
+- Batched: every input carries a batch axis B; the official code runs batch 1 per pass.
+- No sequence padding / ``seq_len``: tokens are exactly F'·h'·w'.
+- RoPE rotations run in fp32 (official: float64 complex); tables are computed in float64 and cached
+  per grid in a plain dict (no buffers, so they never enter the state dict nor get cast by ``.to()``).
+- The number of CLIP tokens is ``context_emb.shape[1] - text_len`` instead of a hard-coded 257.
+- The two-speaker reference-attention map is computed only when there are two speakers (official: in
+  every block, also for one speaker, then discarded), in fp32, chunked over queries, averaged over all
+  heads (official: two head groups averaged, identical for an even head count), and an empty class
+  mask contributes zero mass instead of dividing by zero (model.md 14a).
+- fp32 islands are written out with ``.float()`` instead of ``torch.cuda.amp.autocast(float32)``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine.attention import attention
+
+__all__ = [
+    "DiTConfig",
+    "RELEASED",
+    "TINY",
+    "config_from_shapes",
+    "WanInfiniteTalk",
+    "build",
+    "sinusoidal_embedding",
+    "rope_3d_tables",
+    "apply_rope",
+    "rope_1d",
+    "select_audio_windows",
+    "reference_attention_map",
+    "speaker_positions",
+    "token_masks",
+    "SPEAKER1_RANGE",
+    "SPEAKER2_RANGE",
+    "BACKGROUND_POSITION",
+]
+
+# L-RoPE routing constants (official SingleStreamMutiAttention: class_range=24, class_interval=4).
+SPEAKER1_RANGE = (0.0, 4.0)  # person 1's visual tokens get positions in [0, 4], its audio keys 2
+SPEAKER2_RANGE = (20.0, 24.0)  # person 2's visual tokens in [20, 24], its audio keys 22
+BACKGROUND_POSITION = 12.0  # class_range // 2
+# Query chunk size for the reference-attention map: keep one fp32 probability block under ~256 MiB.
+_REF_MAP_BUDGET_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    dim: int = 5120
+    ffn_dim: int = 13824
+    num_heads: int = 40
+    num_layers: int = 40
+    in_dim: int = 36  # 16 noisy latent + 4 mask + 16 reference latent
+    out_dim: int = 16
+    freq_dim: int = 256
+    text_dim: int = 4096  # umT5-XXL d_model
+    text_len: int = 512  # context is zero-padded to this many text tokens
+    clip_dim: int = 1280  # CLIP ViT-H hidden size
+    eps: float = 1e-6
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    # InfiniteTalk adapter (constructor defaults of the official WanModel, not in config.json)
+    audio_window: int = 5  # wav2vec2 frames per video frame (offsets -2..+2)
+    vae_scale: int = 4  # VAE time compression: video frames per latent frame
+    audio_feature_dim: int = 12 * 768  # wav2vec2 layers x hidden, flattened per frame
+    audio_intermediate_dim: int = 512
+    audio_output_dim: int = 768
+    audio_context_tokens: int = 32  # audio tokens per person per latent frame
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+
+RELEASED = DiTConfig()
+# head_dim stays 128 so the 3D RoPE split (22/21/21 pairs) is the real one. text_dim 64 = tiny umT5
+# d_model, clip_dim 80 = tiny CLIP hidden, audio_feature_dim = tiny wav2vec2 (2 layers x 32 hidden).
+TINY = DiTConfig(
+    dim=256,
+    ffn_dim=512,
+    num_heads=2,
+    num_layers=2,
+    text_dim=64,
+    clip_dim=80,
+    audio_feature_dim=2 * 32,
+    audio_intermediate_dim=32,
+    audio_output_dim=32,
+)
+
+
+def config_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> DiTConfig:
+    """Derive the config from the merged base + adapter state dict's shapes (prefix already stripped).
+
+    Follows ComfyUI's detection (formats.md section 4): num_heads = dim // 128, the audio feature size
+    from ``proj1`` given the default audio window, vae_scale from ``proj1_vf``. ``text_len``, ``eps`` and
+    ``audio_window`` cannot be seen in shapes and keep their defaults. Raises ValueError naming the first
+    missing key or an inconsistent shape.
+    """
+
+    def need(key: str) -> tuple[int, ...]:
+        if key not in shapes:
+            raise ValueError(f"DiT state dict lacks {key!r}; is this a Wan 2.1 I2V + InfiniteTalk model?")
+        return tuple(int(s) for s in shapes[key])
+
+    dim = need("head.modulation")[-1]
+    if dim % 128:
+        raise ValueError(f"head.modulation width {dim} is not a multiple of the head size 128")
+    patch_w = need("patch_embedding.weight")  # [dim, in_dim, pt, ph, pw]
+    patch = (patch_w[2], patch_w[3], patch_w[4])
+    layers = {int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if not layers:
+        raise ValueError("DiT state dict lacks 'blocks.0.*' keys")
+    if layers != set(range(len(layers))):
+        raise ValueError(f"DiT block indices are not contiguous from 0: {sorted(layers)}")
+
+    audio_window = DiTConfig.audio_window
+    proj1_in = need("audio_proj.proj1.weight")[1]
+    if proj1_in % audio_window:
+        raise ValueError(f"audio_proj.proj1 input {proj1_in} is not a multiple of the audio window {audio_window}")
+    feat = proj1_in // audio_window
+    vf_in = need("audio_proj.proj1_vf.weight")[1]
+    if vf_in % feat:
+        raise ValueError(f"audio_proj.proj1_vf input {vf_in} is not a multiple of the feature size {feat}")
+    out_a = need("audio_proj.norm.weight")[0]
+    proj3_out = need("audio_proj.proj3.weight")[0]
+    if proj3_out % out_a:
+        raise ValueError(f"audio_proj.proj3 output {proj3_out} is not a multiple of {out_a}")
+
+    return DiTConfig(
+        dim=dim,
+        ffn_dim=need("blocks.0.ffn.0.weight")[0],
+        num_heads=dim // 128,
+        num_layers=len(layers),
+        in_dim=patch_w[1],
+        out_dim=need("head.head.weight")[0] // math.prod(patch),
+        freq_dim=need("time_embedding.0.weight")[1],
+        text_dim=need("text_embedding.0.weight")[1],
+        clip_dim=need("img_emb.proj.1.weight")[1],
+        patch_size=patch,
+        audio_window=audio_window,
+        vae_scale=vf_in // feat - audio_window + 1,
+        audio_feature_dim=feat,
+        audio_intermediate_dim=need("audio_proj.proj1.weight")[0],
+        audio_output_dim=out_a,
+        audio_context_tokens=proj3_out // out_a,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure functions (positions, RoPE, audio windows, two-speaker routing)
+# ----------------------------------------------------------------------------------------------
+
+
+def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
+    """[B] timesteps -> [B, dim] float32, ordered [cos | sin], frequencies 10000^(-k/(dim/2)); float64 math."""
+    half = dim // 2
+    pos = t.to(torch.float64).reshape(-1)
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    arg = torch.outer(pos, freqs)
+    return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1).float()
+
+
+def _axis_pairs(head_dim: int) -> tuple[int, int, int]:
+    """Complex pairs per axis (t, h, w): 22/21/21 for head_dim 128 (official rope split)."""
+    c = head_dim // 2
+    return c - 2 * (c // 3), c // 3, c // 3
+
+
+def rope_3d_tables(
+    grid: tuple[int, int, int], head_dim: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
+    """cos, sin tables [F·H·W, head_dim/2] for the 3D RoPE of a (frames, rows, cols) token grid.
+
+    Token order is frame-major, then row, then column; positions start at 0 on every axis. Pair i of an
+    axis with n pairs rotates with ``pos / 10000^(2i / (2n))`` (time base 44, height/width base 42 for
+    head_dim 128). Angles are computed in float64 and returned in ``dtype``.
+    """
+    per_axis = []
+    for size, pairs in zip(grid, _axis_pairs(head_dim)):
+        inv = 1.0 / torch.pow(10000.0, torch.arange(pairs, dtype=torch.float64, device=device) * 2 / (2 * pairs))
+        per_axis.append(torch.outer(torch.arange(size, dtype=torch.float64, device=device), inv))  # [size, n]
+    f, h, w = grid
+    angles = torch.cat(
+        [
+            per_axis[0][:, None, None, :].expand(f, h, w, -1),
+            per_axis[1][None, :, None, :].expand(f, h, w, -1),
+            per_axis[2][None, None, :, :].expand(f, h, w, -1),
+        ],
+        dim=-1,
+    ).reshape(f * h * w, -1)
+    return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
+
+
+def _rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate adjacent channel pairs (2i, 2i+1) of x [..., D] by angles whose cos/sin broadcast to [..., D/2].
+
+    Computed in at least fp32 (float64 stays float64), returned in x's dtype.
+    """
+    cdt = torch.promote_types(x.dtype, torch.float32)
+    x0, x1 = x.to(cdt).unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos.to(cdt), sin.to(cdt)
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).to(x.dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """3D RoPE on x [B, L, H, D] with tables [L, D/2] from :func:`rope_3d_tables`."""
+    return _rotate_pairs(x, cos[:, None, :], sin[:, None, :])
+
+
+def rope_1d(x: Tensor, positions: Tensor) -> Tensor:
+    """1-D RoPE over all D channels (base 10000, adjacent pairs) on x [..., L, H, D].
+
+    positions: float, broadcastable to x.shape[:-2] (e.g. [B, L] or [L]). Official
+    ``RotaryPositionalEmbedding1D`` (L-RoPE of the two-speaker audio attention).
+    """
+    d = x.shape[-1]
+    cdt = torch.promote_types(x.dtype, torch.float32)
+    inv = 1.0 / torch.pow(10000.0, torch.arange(0, d, 2, device=x.device, dtype=cdt) / d)
+    angles = positions.to(device=x.device, dtype=cdt)[..., None] * inv  # [..., L, D/2]
+    return _rotate_pairs(x, torch.cos(angles)[..., None, :], torch.sin(angles)[..., None, :])
+
+
+def select_audio_windows(audio: Tensor, vae_scale: int) -> tuple[Tensor, Tensor]:
+    """Regroup per-video-frame audio windows to latent frames (model.md 5.2).
+
+    audio: [..., Fv, W, A] with Fv = vae_scale·(F-1) + 1 video frames, W window entries (offsets
+    -W//2..+W//2). Returns (first [..., W, A]: latent frame 0's whole window, rest [..., F-1, W+s-1, A]):
+    for every group of s video frames, the first frame's entries up to the centre, the middle frames'
+    centre entries and the last frame's entries from the centre on (8 entries for W=5, s=4).
+    """
+    fv, w = audio.shape[-3], audio.shape[-2]
+    if fv < 1 or (fv - 1) % vae_scale:
+        raise ValueError(f"audio has {fv} video frames; expected {vae_scale}*(F-1)+1 for F latent frames")
+    mid = w // 2
+    first = audio[..., 0, :, :]
+    groups = audio[..., 1:, :, :].unflatten(-3, (-1, vae_scale))  # [..., F-1, s, W, A]
+    rest = torch.cat(
+        [groups[..., 0, : mid + 1, :], groups[..., 1:-1, mid, :], groups[..., -1, mid:, :]],
+        dim=-2,
+    )
+    return first, rest
+
+
+def token_masks(ref_target_masks: Tensor, grid_hw: tuple[int, int]) -> Tensor:
+    """[B, C, h, w] latent-resolution class masks -> [B, C, h'·w'] float {0, 1} at token resolution (nearest)."""
+    m = F.interpolate(ref_target_masks.float(), size=grid_hw, mode="nearest")
+    return (m > 0).flatten(2).float()
+
+
+def reference_attention_map(q: Tensor, k_ref: Tensor, masks: Tensor) -> Tensor:
+    """Attention mass of every query on each class region of the reference frame.
+
+    q: [B, L, H, D] post-RoPE queries; k_ref: [B, Lr, H, D] post-RoPE keys of latent frame 0;
+    masks: [B, C, Lr] {0, 1}. Returns [B, C, L] float32: for each class the softmax(q·kᵀ/√D) mass on
+    the class's reference tokens divided by the class area, averaged over heads (official
+    ``get_attn_map_with_target``). An empty mask yields zeros (not NaN), so it never wins the argmax.
+    """
+    b, length, h, d = q.shape
+    lr = k_ref.shape[1]
+    masks = masks.float()
+    weights = masks / masks.sum(-1, keepdim=True).clamp(min=1.0)  # [B, C, Lr]
+    k_t = k_ref.float().permute(0, 2, 3, 1)  # [B, H, D, Lr]
+    out = torch.empty(b, masks.shape[1], length, dtype=torch.float32, device=q.device)
+    rows = max(1, _REF_MAP_BUDGET_BYTES // (4 * b * h * lr))
+    for s in range(0, length, rows):
+        qc = q[:, s : s + rows].float().transpose(1, 2) * d**-0.5  # [B, H, n, D]
+        probs = torch.softmax(qc @ k_t, dim=-1)  # [B, H, n, Lr]
+        mass = probs @ weights.transpose(1, 2)[:, None]  # [B, H, n, C]
+        out[:, :, s : s + rows] = mass.mean(1).transpose(1, 2)
+    return out
+
+
+def speaker_positions(ref_map: Tensor, eps: float = 1e-8) -> Tensor:
+    """L-RoPE position of every visual token from the [..., 3, L] reference map (person 1, 2, background).
+
+    Person 1's map is min-max scaled into SPEAKER1_RANGE, person 2's into SPEAKER2_RANGE (min/max over
+    all L tokens, ``eps`` added to the range as the official ``normalize_and_scale``); background is
+    BACKGROUND_POSITION. Each token takes the value of the class with the largest raw map value.
+    Returns [..., L] float32.
+    """
+    m = ref_map.float()
+
+    def scaled(row: Tensor, lo: float, hi: float) -> Tensor:
+        mn, mx = row.amin(-1, keepdim=True), row.amax(-1, keepdim=True)
+        return (row - mn) / (mx - mn + eps) * (hi - lo) + lo
+
+    p1 = scaled(m[..., 0, :], *SPEAKER1_RANGE)
+    p2 = scaled(m[..., 1, :], *SPEAKER2_RANGE)
+    bg = torch.full_like(p1, BACKGROUND_POSITION)
+    choice = m.argmax(dim=-2, keepdim=True)  # [..., 1, L]
+    return torch.stack([p1, p2, bg], dim=-2).gather(-2, choice).squeeze(-2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------------
+
+
+class WanLayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 (input and affine), result in the input's dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = False) -> None:
+        super().__init__(dim, eps=eps, elementwise_affine=elementwise_affine)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+class WanRMSNorm(nn.Module):
+    """RMSNorm over the full width: normalise in fp32, cast back to x's dtype, then scale by weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def _linear_fp32(layer: nn.Linear, x: Tensor) -> Tensor:
+    """An fp32 island: the Linear in fp32 whatever the module's dtype (free if the weights are fp32)."""
+    bias = None if layer.bias is None else layer.bias.float()
+    return F.linear(x.float(), layer.weight.float(), bias)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = WanRMSNorm(dim, eps)  # q/k norms span the full width, before the head split
+        self.norm_k = WanRMSNorm(dim, eps)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, ref_masks: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """x [B, L, dim] -> ([B, L, dim], reference map [B, 3, L] float32 when ref_masks [B, 3, h'w'] given)."""
+        b, length, _ = x.shape
+        q = apply_rope(self.norm_q(self.q(x)).view(b, length, self.num_heads, -1), cos, sin)
+        k = apply_rope(self.norm_k(self.k(x)).view(b, length, self.num_heads, -1), cos, sin)
+        v = self.v(x).view(b, length, self.num_heads, -1)
+        out = self.o(attention(q, k, v).reshape(b, length, -1))
+        ref_map = None
+        if ref_masks is not None:
+            # Keys of latent frame 0 (the reference frame) are the first h'·w' tokens.
+            with torch.no_grad():
+                ref_map = reference_attention_map(q, k[:, : ref_masks.shape[-1]], ref_masks)
+        return out, ref_map
+
+
+class CrossAttention(nn.Module):
+    """Text + CLIP-image cross-attention (WanI2VCrossAttention): two attentions, outputs summed, then ``o``."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = WanRMSNorm(dim, eps)
+        self.norm_k = WanRMSNorm(dim, eps)
+        self.k_img = nn.Linear(dim, dim)
+        self.v_img = nn.Linear(dim, dim)
+        self.norm_k_img = WanRMSNorm(dim, eps)
+
+    def forward(self, x: Tensor, context: Tensor, n_img: int) -> Tensor:
+        """x [B, L, dim]; context [B, n_img + text_len, dim] with the image tokens first."""
+        b, n = x.shape[0], self.num_heads
+        ctx_img, ctx_txt = context[:, :n_img], context[:, n_img:]
+        if n_img == 0:
+            # No CLIP file: the image branch attends to the text tokens, as ComfyUI native does when its
+            # template passes no clip_fea (comfy/ldm/wan/model.py slices the context with None).
+            ctx_img = ctx_txt
+        q = self.norm_q(self.q(x)).view(b, -1, n, x.shape[-1] // n)
+        k = self.norm_k(self.k(ctx_txt)).view(b, -1, n, q.shape[-1])
+        v = self.v(ctx_txt).view(b, -1, n, q.shape[-1])
+        k_img = self.norm_k_img(self.k_img(ctx_img)).view(b, -1, n, q.shape[-1])
+        v_img = self.v_img(ctx_img).view(b, -1, n, q.shape[-1])
+        # No text padding mask: padded rows are attended like real tokens (model.md 3.2, 14a).
+        out = attention(q, k, v).reshape(b, x.shape[1], -1) + attention(q, k_img, v_img).reshape(b, x.shape[1], -1)
+        return self.o(out)
+
+
+class AudioCrossAttention(nn.Module):
+    """Per-latent-frame attention of visual tokens on that frame's audio tokens (SingleStreamMutiAttention).
+
+    qk_norm is off in the released model, so there are no q/k norm weights.
+    """
+
+    def __init__(self, dim: int, audio_dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_linear = nn.Linear(dim, dim)
+        self.kv_linear = nn.Linear(audio_dim, 2 * dim)  # first dim outputs are K, the next dim are V
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, audio: Tensor, num_frames: int, positions: Tensor | None = None) -> Tensor:
+        """x [B, F·S, dim]; audio [B·F, Na, audio_dim] (per person 32 tokens, person-major).
+
+        positions: [B, F·S] L-RoPE positions of the visual tokens (two speakers) or None (one speaker).
+        With positions, the first Na/2 audio keys (person 1) get position 2 and the rest (person 2) 22.
+        """
+        b, length, dim = x.shape
+        n = self.num_heads
+        s = length // num_frames
+        q = self.q_linear(x).view(b, length, n, dim // n)
+        kv = self.kv_linear(audio).view(audio.shape[0], audio.shape[1], 2, n, dim // n)
+        k, v = kv.unbind(2)  # [B·F, Na, H, D]
+        if positions is not None:
+            q = rope_1d(q, positions)
+            # Audio keys sit at the centre of their speaker's range: person 1 (first half) 2, person 2 22.
+            key_pos = torch.full((audio.shape[1],), sum(SPEAKER2_RANGE) / 2, device=x.device)
+            key_pos[: audio.shape[1] // 2] = sum(SPEAKER1_RANGE) / 2
+            k = rope_1d(k, key_pos)
+        out = attention(q.reshape(b * num_frames, s, n, dim // n), k, v)  # batch row = (item, latent frame)
+        return self.proj(out.reshape(b, length, dim))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        dim = cfg.dim
+        self.norm1 = WanLayerNorm(dim, cfg.eps)
+        self.self_attn = SelfAttention(dim, cfg.num_heads, cfg.eps)
+        self.norm3 = WanLayerNorm(dim, cfg.eps, elementwise_affine=True)  # cross-attention input norm
+        self.cross_attn = CrossAttention(dim, cfg.num_heads, cfg.eps)
+        self.norm2 = WanLayerNorm(dim, cfg.eps)
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.audio_cross_attn = AudioCrossAttention(dim, cfg.audio_output_dim, cfg.num_heads)
+        self.norm_x = WanLayerNorm(dim, cfg.eps, elementwise_affine=True)  # eps 1e-6 (official; native uses 1e-5)
+
+    def forward(
+        self,
+        x: Tensor,
+        e0: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        context: Tensor,
+        n_img: int,
+        audio: Tensor,
+        num_frames: int,
+        ref_masks: Tensor | None,
+    ) -> Tensor:
+        """x [B, L, dim] (module dtype); e0 [B, 6, dim] fp32; audio [B·F, Na, audio_dim]."""
+        dtype = x.dtype
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, dim=1)
+
+        h = (self.norm1(x).float() * (1 + scale1) + shift1).to(dtype)
+        y, ref_map = self.self_attn(h, cos, sin, ref_masks)
+        x = (x.float() + y.float() * gate1).to(dtype)  # gated residual in fp32
+
+        x = x + self.cross_attn(self.norm3(x), context, n_img)  # no gate, no modulation
+
+        positions = None if ref_map is None else speaker_positions(ref_map)
+        x = x + self.audio_cross_attn(self.norm_x(x), audio, num_frames, positions)
+
+        y = self.ffn((self.norm2(x).float() * (1 + scale2) + shift2).to(dtype))
+        return (x.float() + y.float() * gate2).to(dtype)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.norm = WanLayerNorm(cfg.dim, cfg.eps)
+        self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: Tensor, e: Tensor) -> Tensor:
+        """x [B, L, dim], e [B, dim] fp32 (the time embedding, not e0) -> [B, L, prod(patch)·out_dim] fp32."""
+        shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
+        return _linear_fp32(self.head, self.norm(x).float() * (1 + scale) + shift)
+
+
+class ImageEmbedding(nn.Module):
+    """CLIP features -> context tokens (official MLPProj): LN -> Linear -> GELU -> Linear -> LN (eps 1e-5)."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(
+            WanLayerNorm(in_dim, 1e-5, elementwise_affine=True),
+            nn.Linear(in_dim, in_dim),
+            nn.GELU(),
+            nn.Linear(in_dim, out_dim),
+            WanLayerNorm(out_dim, 1e-5, elementwise_affine=True),
+        )
+
+    def forward(self, clip_fea: Tensor) -> Tensor:
+        return self.proj(clip_fea)
+
+
+class AudioProj(nn.Module):
+    """wav2vec2 windows -> audio context tokens (official AudioProjModel, model.md 5.2)."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        inter, out = cfg.audio_intermediate_dim, cfg.audio_output_dim
+        self.context_tokens = cfg.audio_context_tokens
+        self.proj1 = nn.Linear(cfg.audio_window * cfg.audio_feature_dim, inter)
+        self.proj1_vf = nn.Linear((cfg.audio_window + cfg.vae_scale - 1) * cfg.audio_feature_dim, inter)
+        self.proj2 = nn.Linear(inter, inter)
+        self.proj3 = nn.Linear(inter, cfg.audio_context_tokens * out)
+        self.norm = WanLayerNorm(out, 1e-5, elementwise_affine=True)  # official: fp32, default eps
+
+    def forward(self, first: Tensor, rest: Tensor) -> Tensor:
+        """first [N, W, A], rest [N, F-1, W+s-1, A] (from :func:`select_audio_windows`) -> [N, F, T, C]."""
+        h0 = torch.relu(self.proj1(first.flatten(-2)))[:, None]  # [N, 1, I]
+        h1 = torch.relu(self.proj1_vf(rest.flatten(-2)))  # [N, F-1, I]
+        h = torch.relu(self.proj2(torch.cat([h0, h1], dim=1)))
+        tokens = self.proj3(h).unflatten(-1, (self.context_tokens, -1))  # [N, F, T, C]
+        return self.norm(tokens)
+
+
+class WanInfiniteTalk(nn.Module):
+    """The Wan 2.1 I2V DiT with InfiniteTalk's audio adapter; one module, released key names."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
+        )
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
+        self.head = Head(cfg)
+        self.img_emb = ImageEmbedding(cfg.clip_dim, dim)
+        self.audio_proj = AudioProj(cfg)
+        # (grid, device) -> (cos, sin) RoPE tables; a plain attribute, so not in the state dict.
+        self._rope_cache: dict[tuple[tuple[int, int, int], str], tuple[Tensor, Tensor]] = {}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    def rope_tables(self, grid: tuple[int, int, int], device: torch.device) -> tuple[Tensor, Tensor]:
+        """Cached fp32 3D RoPE tables for a token grid (constant across steps and chunks)."""
+        key = (grid, str(device))
+        if key not in self._rope_cache:
+            if len(self._rope_cache) >= 8:
+                self._rope_cache.clear()
+            self._rope_cache[key] = rope_3d_tables(grid, self.cfg.head_dim, device)
+        return self._rope_cache[key]
+
+    def embed_time(self, t: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+        """t [B] or [1] in [0, 1000] -> (e [B, dim], e0 [B, 6, dim]), both fp32."""
+        t = t.reshape(-1)
+        if t.numel() == 1:
+            t = t.expand(batch)
+        s = sinusoidal_embedding(t, self.cfg.freq_dim)
+        e = _linear_fp32(self.time_embedding[2], F.silu(_linear_fp32(self.time_embedding[0], s)))
+        e0 = _linear_fp32(self.time_projection[1], F.silu(e)).unflatten(1, (6, self.cfg.dim))
+        return e, e0
+
+    def embed_context(self, context: Tensor, clip_fea: Tensor | None) -> Tensor:
+        """context [B, Lt, text_dim] (Lt <= text_len), clip_fea [B, Ni, clip_dim] -> [B, Ni + text_len, dim].
+
+        The text is zero-padded to text_len before the MLP and nothing masks the padding (official).
+        Rows of a batch with different real lengths are padded the same way, so callers may pre-pad.
+        Constant per chunk: compute once and pass as ``context_emb=`` to :meth:`forward`.
+        """
+        lt = context.shape[1]
+        if lt > self.cfg.text_len:
+            raise ValueError(f"text context has {lt} tokens; at most {self.cfg.text_len} are supported")
+        text = F.pad(context.to(self.dtype), (0, 0, 0, self.cfg.text_len - lt))
+        if clip_fea is None:  # no CLIP file: text tokens only (see WanI2VCrossAttention.forward)
+            return self.text_embedding(text)
+        return torch.cat([self.img_emb(clip_fea.to(self.dtype)), self.text_embedding(text)], dim=1)
+
+    def embed_audio(self, audio: Tensor) -> Tensor:
+        """audio [B, P, Fv, audio_window, audio_feature_dim] -> tokens [B, P, F, T, C] (F = (Fv-1)/vae_scale+1).
+
+        Constant per chunk: compute once and pass as ``audio_emb=`` to :meth:`forward`.
+        """
+        cfg = self.cfg
+        if audio.ndim != 5 or audio.shape[-2:] != (cfg.audio_window, cfg.audio_feature_dim):
+            raise ValueError(
+                f"audio must be [B, P, Fv, {cfg.audio_window}, {cfg.audio_feature_dim}], got {tuple(audio.shape)}"
+            )
+        first, rest = select_audio_windows(audio.to(self.dtype), cfg.vae_scale)
+        tokens = self.audio_proj(first.flatten(0, 1), rest.flatten(0, 1))
+        return tokens.unflatten(0, audio.shape[:2])
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        context: Tensor | None = None,
+        clip_fea: Tensor | None = None,
+        y: Tensor | None = None,
+        audio: Tensor | None = None,
+        ref_target_masks: Tensor | None = None,
+        *,
+        context_emb: Tensor | None = None,
+        audio_emb: Tensor | None = None,
+    ) -> Tensor:
+        """Predict the flow velocity.
+
+        x [B, 16, F, h, w] noisy latent; t [B] (or [1]) timesteps in [0, 1000]; context [B, Lt, text_dim] and
+        clip_fea [B, Ni, clip_dim], or context_emb from :meth:`embed_context`; y [B, 20, F, h, w] (4 mask + 16
+        reference-latent channels); audio [B, P, 4(F-1)+1, W, A] or audio_emb from :meth:`embed_audio`;
+        ref_target_masks [B or 1, 3, h, w] (person 1, person 2, background), required for P == 2.
+        Returns [B, out_dim, F, h, w] float32.
+        """
+        cfg = self.cfg
+        if y is None:
+            raise ValueError("y (mask + reference latent) is required")
+        if context_emb is None:
+            if context is None:
+                raise ValueError("pass context (and clip_fea), or context_emb")
+            context_emb = self.embed_context(context, clip_fea)
+        if audio_emb is None:
+            if audio is None:
+                raise ValueError("pass audio or audio_emb")
+            audio_emb = self.embed_audio(audio)
+
+        b, _, f, h, w = x.shape
+        pt, ph, pw = cfg.patch_size
+        grid = (f // pt, h // ph, w // pw)
+        num_people = audio_emb.shape[1]
+        if audio_emb.shape[0] != b or audio_emb.shape[2] != grid[0]:
+            raise ValueError(
+                f"audio tokens {tuple(audio_emb.shape)} do not match batch {b} and {grid[0]} latent frames"
+            )
+        if num_people not in (1, 2):
+            raise ValueError(f"1 or 2 speakers are supported, got {num_people}")
+        if context_emb.shape[0] not in (1, b):
+            raise ValueError(f"context batch {context_emb.shape[0]} does not match batch {b}")
+        context_emb = context_emb.to(self.dtype).expand(b, -1, -1)
+        n_img = context_emb.shape[1] - cfg.text_len
+
+        # Patchify [x (16) | y (20)] -> [B, L, dim], tokens frame-major, then row, then column.
+        tokens = self.patch_embedding(torch.cat([x, y], dim=1).to(self.dtype)).flatten(2).transpose(1, 2)
+        e, e0 = self.embed_time(t.to(x.device), b)
+        # [B, P, F, T, C] -> [B·F, P·T, C]: per latent frame, person 1's tokens then person 2's.
+        audio_tokens = audio_emb.to(self.dtype).transpose(1, 2).flatten(2, 3).flatten(0, 1)
+        ref_masks = None
+        if num_people == 2:
+            if ref_target_masks is None:
+                raise ValueError("two speakers need ref_target_masks [B, 3, h, w]")
+            ref_masks = token_masks(ref_target_masks.to(x.device), grid[1:]).expand(b, -1, -1)
+        cos, sin = self.rope_tables(grid, x.device)
+
+        for block in self.blocks:
+            tokens = block(tokens, e0, cos, sin, context_emb, n_img, audio_tokens, grid[0], ref_masks)
+
+        out = self.head(tokens, e)  # [B, L, pt·ph·pw·C] fp32, C fastest
+        out = out.view(b, *grid, pt, ph, pw, cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.reshape(b, cfg.out_dim, grid[0] * pt, grid[1] * ph, grid[2] * pw)
+
+
+def build(cfg: DiTConfig, device: torch.device | str) -> WanInfiniteTalk:
+    """The DiT with every parameter on the meta device, for a strict ``assign=True`` load.
+
+    The module has no buffers (RoPE tables are computed on the inputs' device), so ``device`` has nothing
+    to hold; it is accepted for the common ``build(cfg, device)`` contract of the network files.
+    """
+    with torch.device("meta"):
+        model = WanInfiniteTalk(cfg)
+    if any(True for _ in model.buffers()):
+        raise RuntimeError(f"DiT: unexpected buffers; build() must create them on {device}")
+    return model.eval().requires_grad_(False)

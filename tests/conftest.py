@@ -1,0 +1,68 @@
+"""Shared fixtures: a tiny models folder in the real layout, and sample media made on the fly."""
+
+from __future__ import annotations
+
+import math
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_portrait(path: Path, width: int = 96, height: int = 128, fmt: str | None = None) -> Path:
+    """A synthetic 'portrait': a skin-coloured ellipse with eyes and a mouth on a gradient."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height))
+    px = np.zeros((height, width, 3), np.uint8)
+    px[..., 0] = np.linspace(40, 90, height)[:, None]
+    px[..., 2] = np.linspace(120, 60, width)[None, :]
+    img = Image.fromarray(px)
+    d = ImageDraw.Draw(img)
+    cx, cy, rx, ry = width / 2, height / 2, width * 0.3, height * 0.33
+    d.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=(224, 180, 150))
+    for ex in (cx - rx / 2.5, cx + rx / 2.5):
+        d.ellipse([ex - 4, cy - ry / 3 - 3, ex + 4, cy - ry / 3 + 3], fill=(40, 30, 30))
+    d.ellipse([cx - rx / 3, cy + ry / 2.5 - 4, cx + rx / 3, cy + ry / 2.5 + 4], fill=(150, 60, 60))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format=fmt)
+    return path
+
+
+def speech_like(seconds: float, rate: int = 16000, seed: int = 0) -> np.ndarray:
+    """A voiced, syllable-modulated signal (not silent, not a pure tone), float32 in [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    n = int(round(seconds * rate))
+    t = np.arange(n) / rate
+    f0 = 140 + 20 * np.sin(2 * math.pi * 0.7 * t)
+    phase = 2 * math.pi * np.cumsum(f0) / rate
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 8))
+    syllables = 0.5 * (1 + np.sin(2 * math.pi * 4.0 * t)) ** 2
+    sig = 0.2 * voiced * syllables + 0.01 * rng.standard_normal(n)
+    return sig.astype(np.float32)
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int = 16000, channels: int = 1) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = np.clip(samples, -1, 1)
+    if channels == 2:
+        data = np.stack([data, data], axis=1).reshape(-1)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((data * 32767).astype("<i2").tobytes())
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete tiny models folder, written once per test session through the product's own command."""
+    from engine.tiny import write_tiny_models
+
+    out = tmp_path_factory.mktemp("models")
+    write_tiny_models(out, seed=0)
+    return out

@@ -1,0 +1,38 @@
+"""Test-only entry point: the real daemon main loop with the fake renderer injected.
+
+    python -m tests.daemon.fake_daemon CONFIG.yaml
+
+FAKE_STEPS, FAKE_STEP_S and FAKE_RECORD (a file that gets "start/done <stem> <pid>" lines) tune
+the fake engine. Used by the subprocess tests (kill -9, SIGTERM, sd_notify).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from daemon.config import EX_CONFIG, ConfigError, load_config
+from daemon.worker import run_daemon
+from engine.api import EngineOptions
+from tests.daemon.fake_renderer import FakeRenderer
+
+
+def main(argv: list[str]) -> int:
+    try:
+        config = load_config(Path(argv[0]))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EX_CONFIG
+    steps = int(os.environ.get("FAKE_STEPS", "4"))
+    step_s = float(os.environ.get("FAKE_STEP_S", "0.02"))
+    record = Path(os.environ["FAKE_RECORD"]) if os.environ.get("FAKE_RECORD") else None
+
+    def make(options: EngineOptions) -> FakeRenderer:
+        return FakeRenderer(options, steps=steps, step_s=step_s, record=record)
+
+    return run_daemon(config, make)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
