@@ -54,6 +54,20 @@ def inputs(cfg: dit.DiTConfig, h: int, w: int, frames: int, speakers: int, dtype
     )
 
 
+def backend_first(name: str):
+    """SDPA with one backend tried first and the others as fallbacks (the audio attention's 32 keys)."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if name == "auto":
+        return contextlib.nullcontext()
+    order = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    first = order.pop(name)
+    return sdpa_kernel([first, *order.values(), SDPBackend.MATH], set_priority=True)
+
+
 def time_forward(model: torch.nn.Module, kw: dict, warmup: int, repeat: int) -> tuple[float, float]:
     for _ in range(warmup):
         model(**kw)
@@ -78,6 +92,8 @@ def main() -> None:
     ap.add_argument("--speakers", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--attn", action="append", default=None,
+                    help="SDPA backend to put first: auto (torch's order), cudnn, flash, efficient; repeatable")
     args = ap.parse_args()
     dtype = torch.bfloat16
     t0 = time.perf_counter()
@@ -90,17 +106,20 @@ def main() -> None:
         for bucket in args.bucket or ["448x896"]:
             h, w = (int(v) for v in bucket.split("x"))
             kw = inputs(dit.RELEASED, h, w, args.frames, args.speakers, dtype)
-            sec, peak = time_forward(model, kw, args.warmup, args.repeat)
-            tokens = ((args.frames - 1) // 4 + 1) * (h // 16) * (w // 16)
-            row = dict(bucket=bucket, frames=args.frames, tokens=tokens, speakers=args.speakers,
-                       seconds_per_forward=round(sec, 3), peak_gib=round(peak, 2))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            for attn in args.attn or ["auto"]:
+                with backend_first(attn):
+                    sec, peak = time_forward(model, kw, args.warmup, args.repeat)
+                tokens = ((args.frames - 1) // 4 + 1) * (h // 16) * (w // 16)
+                row = dict(bucket=bucket, frames=args.frames, tokens=tokens, speakers=args.speakers, attn=attn,
+                           seconds_per_forward=round(sec, 3), peak_gib=round(peak, 2))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     print(json.dumps(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, python=platform.python_version(),
                           weights_gib=round(weights_gib, 2), build_s=round(build_s, 1))))
-    print("| bucket | frames | tokens | s / forward | peak GiB |")
+    print("| bucket | frames | tokens | attention | s / forward | peak GiB |")
     for r in rows:
-        print(f"| {r['bucket']} | {r['frames']} | {r['tokens']} | {r['seconds_per_forward']} | {r['peak_gib']} |")
+        print(f"| {r['bucket']} | {r['frames']} | {r['tokens']} | {r['attn']} | {r['seconds_per_forward']} "
+              f"| {r['peak_gib']} |")
 
 
 if __name__ == "__main__":

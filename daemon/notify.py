@@ -38,12 +38,16 @@ class Notifier:
         return bool(self._address)
 
     def send(self, *lines: str) -> bool:
-        """Send ``KEY=value`` lines as one datagram. Returns False when there is no socket."""
+        """Send ``KEY=value`` lines as one datagram. Returns False when there is no socket, or when
+        the message could not be sent: a notification must never block or break a render."""
         if not self._address:
             return False
         if self._sock is None:
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self._sock.sendto("\n".join(lines).encode("utf-8"), self._address)
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        try:
+            self._sock.sendto("\n".join(lines).encode("utf-8"), self._address)
+        except OSError:  # receiver queue full (EAGAIN) or the socket is gone (systemd restarting)
+            return False
         return True
 
     def ready(self, status: str = "") -> None:

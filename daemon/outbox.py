@@ -108,9 +108,10 @@ def choose_base(outbox: Path, stem: str, job_id: int) -> str:
     raise AssertionError("unreachable")
 
 
-def find_published(outbox: Path, stem: str, job_id: int, fingerprint: str) -> dict[str, Any] | None:
-    """The result document of this job if an earlier attempt published it completely (then the
-    process died before the database said done). Looks at the names :func:`choose_base` gives."""
+def find_published(outbox: Path, stem: str, job_id: int, run: str) -> dict[str, Any] | None:
+    """The result document of this run of the job if an earlier attempt published it completely
+    (and the process died before the database said done). ``run`` tells a re-render of the same job
+    (redo_finished: render) from a retry of this one. Looks at the names :func:`choose_base` gives."""
     for i, base in enumerate(_candidates(stem, job_id)):
         if i > 20:
             break
@@ -121,7 +122,7 @@ def find_published(outbox: Path, stem: str, job_id: int, fingerprint: str) -> di
             doc = json.loads(j.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if (isinstance(doc, dict) and doc.get("job_id") == job_id and doc.get("fingerprint") == fingerprint
+        if (isinstance(doc, dict) and doc.get("job_id") == job_id and doc.get("run") == run
                 and (outbox / f"{base}.mp4").exists()):
             return doc
     return None

@@ -14,6 +14,7 @@ set-up lives in :func:`_sqlite_engine`.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -68,7 +69,16 @@ def _sqlite_engine(path: Path, busy_timeout_ms: int) -> Engine:
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-        cur.execute("PRAGMA journal_mode = WAL")
+        # Switching to WAL needs a moment alone with the file and does not wait on busy_timeout:
+        # retry while another process (a CLI command, the daemon) creates or opens it too.
+        deadline = time.monotonic() + busy_timeout_ms / 1000
+        while cur.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            try:
+                cur.execute("PRAGMA journal_mode = WAL")
+            except sqlite3.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
         cur.execute("PRAGMA synchronous = NORMAL")  # durable at checkpoints; WAL keeps it consistent
         cur.close()
 

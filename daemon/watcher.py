@@ -102,6 +102,16 @@ def dispose_inputs(config: Config, stem: str, job_id: int, paths: list[Path]) ->
 
 
 @dataclass
+class _Known:
+    """A stem state already handled. ``job_id``: the queued/running job these files belong to or
+    duplicate; when that job finishes, the same files are judged again (skip, requeue, leave)."""
+
+    signature: tuple[Any, ...]
+    prepared: ib.Prepared
+    job_id: int | None
+
+
+@dataclass
 class _Wait:
     reason: str
     since: float
@@ -126,7 +136,7 @@ class Scanner:
         self._thread: threading.Thread | None = None
         self._observer: BaseObserver | None = None
         self.tracker = ib.StabilityTracker()
-        self.known: dict[str, tuple[Any, ...]] = {}  # stem -> signature already handled
+        self.known: dict[str, _Known] = {}  # stem -> the state already handled
         self.waiting: dict[str, _Wait] = {}
         self.inbox_missing = False
         self._inbox_ident: tuple[int, int] | None = None
@@ -293,8 +303,14 @@ class Scanner:
         signature = (tuple(sorted((e.name, e.size, e.mtime_ns, e.kind) for e in g.entries.values()))
                      + tuple(sorted((n, e.size, e.mtime_ns, e.kind) if e else (n, -1, -1, "missing")
                                     for n, e in ref_entries.items())))
-        if self.known.get(g.stem) == signature:
-            return  # this exact state was handled already (queued, skipped or left alone)
+        known = self.known.get(g.stem)
+        if known is not None and known.signature == signature:
+            # This exact state was handled already; look again only once the job it waited on ended.
+            if known.job_id is not None:
+                job = self.store.get(known.job_id)
+                if job is None or job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
+                    self._ingest(known.prepared, signature)
+            return
         stable_for = self.tracker.observe(g.stem, signature, now)
         marker = parts.marker is not None
         if cfg.jobs.ready_marker == "required" and not marker:
@@ -341,53 +357,53 @@ class Scanner:
         with self.files_lock:
             if not self._files_unchanged(prepared):
                 self.tracker.forget(stem)  # changed while hashing: start the stability clock again
+                self.known.pop(stem, None)
                 return
             existing = self.store.by_fingerprint(prepared.fingerprint)
             if existing is None:
                 job, created = self.store.add(fingerprint=prepared.fingerprint, stem=stem, inputs=prepared.inputs,
                                               params=prepared.params, identity=self.identity,
                                               max_attempts=cfg.jobs.max_attempts)
-                self.known[stem] = signature
+                self.known[stem] = _Known(signature, prepared, job.id)
                 if created:
                     log.info("job.queued", job_id=job.id, files=prepared.names)
                     self.wake_worker()
                 return
-            self.known[stem] = signature
-            self._existing(existing, prepared)
+            self.known[stem] = _Known(signature, prepared, self._existing(existing, prepared))
 
-    def _existing(self, job: Job, prepared: ib.Prepared) -> None:
-        """The same inputs + params (+ engine) as job ``job`` were found in the inbox."""
+    def _existing(self, job: Job, prepared: ib.Prepared) -> int | None:
+        """The same inputs + params (+ engine) as job ``job`` are in the inbox. Returns the id of
+        the job to wait on when it is (again) queued or running."""
         cfg = self.config
         stem = prepared.stem
         if job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
             if stem != job.stem:
                 log.info("job.duplicate", job_id=job.id, reason=f"same inputs as {job.status.value} job {job.id}")
-            return
+            return job.id
         recorded = tuple(sorted((str(i["name"]), int(i["size"]), int(i["mtime_ns"])) for i in job.inputs))
         if job.status is JobStatus.DONE:
             if cfg.jobs.redo_finished == "render":
-                self._requeue(job, prepared, "dropped again (jobs.redo_finished = render)")
-                return
+                return self._requeue(job, prepared, "dropped again (jobs.redo_finished = render)")
             where = dispose_inputs(cfg, stem, job.id, [cfg.paths.inbox / n for n in prepared.names])
             log.info("job.skipped", job_id=job.id, outputs=job.outputs.get("mp4"), inputs=where,
                      reason=f"already rendered as job {job.id} (jobs.redo_finished = skip)")
-            return
+            return None
         if recorded == prepared.signature:
             # The very files of a failed job that kept its inputs (disk full): wait for `retry`.
             log.warning("job.left_in_inbox", job_id=job.id, reason=job.error,
                         hint=f"run 'infinitetalkd retry {job.id}'")
-            return
-        self._requeue(job, prepared, f"dropped again after it was {job.status.value}")
+            return None
+        return self._requeue(job, prepared, f"dropped again after it was {job.status.value}")
 
-    def _requeue(self, job: Job, prepared: ib.Prepared, reason: str) -> None:
+    def _requeue(self, job: Job, prepared: ib.Prepared, reason: str) -> int | None:
         try:
             new = self.store.requeue_finished(job, stem=prepared.stem, inputs=prepared.inputs,
                                               max_attempts=self.config.jobs.max_attempts)
         except StaleJob:
-            self.known.pop(prepared.stem, None)
-            return
+            return None
         log.info("job.requeued", job_id=new.id, reason=reason)
         self.wake_worker()
+        return new.id
 
     def _reject(self, g: ib.Group, refs: dict[str, ib.Entry | None], reason: str,
                 signature: tuple[Any, ...]) -> None:
@@ -410,7 +426,6 @@ class Scanner:
                 ob.write_error(dest, reason)
             except OSError as exc:  # e.g. no write permission on the inbox: say so, do not loop
                 log.error("job.reject_move_failed", job_id=job.id, error=str(exc), reason=reason)
-                self.known[g.stem] = signature
                 return
             self.store.set_failed_dir(job.id, str(dest))
         self.tracker.forget(g.stem)

@@ -100,6 +100,11 @@ def _is_enospc(exc: BaseException) -> bool:
     return False
 
 
+def _run_key(job: Job) -> str:
+    """Names one queueing of a job (a re-render after redo_finished: render is a new run)."""
+    return f"{job.id}:{job.created_at!r}"
+
+
 def _iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
 
@@ -301,7 +306,7 @@ class Worker:
 
         try:
             prepared = self._reprepare(job)
-            published = ob.find_published(self.config.paths.outbox, job.stem, job.id, job.fingerprint)
+            published = ob.find_published(self.config.paths.outbox, job.stem, job.id, _run_key(job))
             if published is not None:
                 log.info("job.already_published", outputs=published.get("outputs"))
                 return _Outcome("done", doc=published, already_published=True)
@@ -356,6 +361,7 @@ class Worker:
             "job_id": job.id,
             "stem": job.stem,
             "fingerprint": job.fingerprint,
+            "run": _run_key(job),
             "attempt": job.attempts,
             "outputs": {ext: f"{base}.{ext}" for ext in ob.RESULT_EXTS},
             "params": prepared.params,

@@ -58,3 +58,14 @@ def test_watchdog_pings_are_rate_limited_to_half_the_period(tmp_path: Path) -> N
     other = Notifier({"NOTIFY_SOCKET": str(tmp_path / "n"), "WATCHDOG_USEC": "200000", "WATCHDOG_PID": "1"})
     assert other.watchdog_interval_s is None and not other.watchdog()  # meant for another process
     sock.close()
+
+
+def test_a_full_receiver_queue_never_blocks_the_daemon(tmp_path: Path) -> None:
+    sock = receiver(str(tmp_path / "n"))  # systemd stalled: nobody reads
+    n = Notifier({"NOTIFY_SOCKET": str(tmp_path / "n")})
+    t0 = time.monotonic()
+    results = [n.status(f"step {i}") for i in range(3000)] and [n.send("STATUS=x") for _ in range(3000)]
+    assert time.monotonic() - t0 < 2
+    assert not all(results)  # some were dropped instead of blocking
+    sock.close()
+    assert not n.send("READY=1")  # and a vanished socket is not an error either

@@ -84,13 +84,15 @@ def test_concurrent_processes_never_claim_the_same_job(tmp_path: Path, store: St
 
 
 def test_writer_waits_for_a_busy_database_instead_of_failing(tmp_path: Path, store: Store) -> None:
-    con = sqlite3.connect(tmp_path / "jobs.db", isolation_level=None)
+    con = sqlite3.connect(tmp_path / "jobs.db", isolation_level=None, check_same_thread=False)
     con.execute("BEGIN IMMEDIATE")  # another process holds the write lock
     con.execute("UPDATE schema_meta SET version = version")
-    threading.Timer(0.4, lambda: con.execute("COMMIT")).start()
+    timer = threading.Timer(0.4, lambda: con.execute("COMMIT"))
+    timer.start()
     t0 = time.monotonic()
     add(store, "fp-busy")
     assert time.monotonic() - t0 >= 0.3
+    timer.join()
     con.close()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,9 @@ SIZE = [64, 64]
 def engine(tiny_models: Path):
     from engine import load_engine
 
-    return load_engine(EngineOptions(models_dir=tiny_models, device="cpu", preset="lightx2v"))
+    # INFINITETALKD_TEST_DEVICE=cuda runs the same end-to-end tests on a GPU (bf16).
+    device = os.environ.get("INFINITETALKD_TEST_DEVICE", "cpu")
+    return load_engine(EngineOptions(models_dir=tiny_models, device=device, preset="lightx2v"))
 
 
 def _request(tmp: Path, seconds: float, **settings) -> RenderRequest:
@@ -67,7 +70,7 @@ def test_seed_determinism(engine, tmp_path: Path) -> None:
 def test_two_speakers(engine, tmp_path: Path, mode: str) -> None:
     img = make_portrait(tmp_path / "two.png", 128, 96)
     a = write_wav(tmp_path / "a.wav", speech_like(1.0, seed=1))
-    b = write_wav(tmp_path / "b.wav", speech_like(1.5, seed=2))
+    write_wav(tmp_path / "b.wav", speech_like(1.5, seed=2))
     req = request_from_settings({"size": SIZE, "audio2": "b.wav", "audio_mode": mode}, audio=a, image=img,
                                 resolve=lambda key, name: tmp_path / name)
     result = engine.render(req, tmp_path / "two.mp4", lambda p: None, lambda: False)

@@ -1,0 +1,150 @@
+"""The infinitetalkd command line: status, cancel, retry, doctor, run's model check, render."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from daemon import cli
+from daemon.jobs import JobStatus
+from engine.api import EngineOptions, Renderer
+from tests.daemon.conftest import Env, write_png, write_wav
+from tests.daemon.fake_renderer import FakeRenderer
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_config_errors_exit_78_naming_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "config.yaml"
+    bad.write_text("jobs:\n  max_attempts: lots\n")
+    for command in (["status"], ["run"], ["cancel", "1"], ["doctor"]):
+        code, _, err = run_cli(capsys, *command, "--config", str(bad))
+        assert code == 78 and "jobs.max_attempts: must be a whole number" in err
+
+
+def test_status_json_shows_progress(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    s = env.store
+    s.add(fingerprint="a", stem="alice", inputs=[], params={}, identity="x", max_attempts=3)
+    s.add(fingerprint="b", stem="bob", inputs=[], params={}, identity="x", max_attempts=3)
+    job = s.claim("h:1", 60)
+    assert job is not None
+    s.heartbeat(job, "h:1", 60, 0.5, "denoise chunk 1/2 step 2/4 (50%)")
+    code, out, _ = run_cli(capsys, "status", "--json", "--config", str(env.config_path))
+    doc = json.loads(out)
+    assert code == 0 and doc["counts"]["running"] == 1 and doc["counts"]["queued"] == 1
+    assert doc["running"][0]["stem"] == "alice" and doc["running"][0]["progress"] == 0.5
+    assert doc["running"][0]["progress_text"] == "denoise chunk 1/2 step 2/4 (50%)"
+    code, out, _ = run_cli(capsys, "status", "--config", str(env.config_path))
+    assert "running  #1 alice: denoise chunk 1/2 step 2/4 (50%)" in out and "queued   #2 bob" in out
+
+
+def test_status_without_database(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "config.yaml").write_text("")
+    code, _, err = run_cli(capsys, "status", "--config", str(tmp_path / "config.yaml"))
+    assert code == 1 and "no job database" in err
+
+
+def test_cancel_and_retry(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    s = env.store
+    cfg = str(env.config_path)
+    s.add(fingerprint="a", stem="alice", inputs=[{"role": "audio", "name": "alice.wav"}], params={}, identity="x",
+          max_attempts=3)
+    code, out, _ = run_cli(capsys, "cancel", "alice", "--config", cfg)
+    assert code == 0 and "cancel requested" in out
+    assert s.find("alice").cancel_requested  # type: ignore[union-attr]
+    code, _, err = run_cli(capsys, "retry", "alice", "--config", cfg)
+    assert code == 1 and "only failed or cancelled jobs" in err
+    # a failed job whose inputs sit in failed/alice/: retry moves them back and queues the job
+    job = s.claim("h:1", 60)
+    assert job is None  # a job with a cancel request is never claimed
+    job = s.find("alice")
+    assert job is not None
+    folder = env.failed / "alice"
+    folder.mkdir(parents=True)
+    write_wav(folder / "alice.wav")
+    (folder / "error.txt").write_text("boom\n")
+    s.cancel_queued(job, error="cancelled", failed_dir=str(folder))
+    code, out, _ = run_cli(capsys, "retry", str(job.id), "--config", cfg)
+    assert code == 0 and "queued again" in out
+    assert (env.inbox / "alice.wav").exists() and not (folder / "alice.wav").exists()
+    assert s.get(job.id).status is JobStatus.QUEUED  # type: ignore[union-attr]
+    code, _, err = run_cli(capsys, "cancel", "nobody", "--config", cfg)
+    assert code == 1 and "no job 'nobody'" in err
+
+
+def test_retry_of_a_refused_drop_hands_it_back_to_the_scanner(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = env.failed / "bad"
+    folder.mkdir(parents=True)
+    write_png(folder / "bad.png")
+    job = env.store.add_rejected(stem="bad", inputs=[{"role": "input", "name": "bad.png"}], error="x")
+    env.store.set_failed_dir(job.id, str(folder))
+    code, out, _ = run_cli(capsys, "retry", "bad", "--config", str(env.config_path))
+    assert code == 0 and "new scan" in out
+    assert (env.inbox / "bad.png").exists() and env.store.get(job.id) is None
+
+
+def test_run_refuses_to_start_without_models(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("torch")
+    code, _, err = run_cli(capsys, "run", "--config", str(env.config_path))
+    assert code == 78
+    assert "model files missing" in err and "does not exist" in err
+    (env.root / "models").mkdir()
+    code, _, err = run_cli(capsys, "run", "--config", str(env.config_path))
+    assert code == 78 and "MISSING" in err and "diffusion_models/" in err  # the file and where it goes
+    code, out, _ = run_cli(capsys, "doctor", "--models-dir", str(env.root / "models"))
+    assert code == 1 and "MISSING" in out
+
+
+def test_doctor_reports_folders_filesystems_database(env: Env, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "_models_doctor", lambda d, f, need_lora: (True, [f"ok dit {d}/diffusion_models/x"]))
+    code, out, _ = run_cli(capsys, "doctor", "--config", str(env.config_path))
+    assert code == 0, out
+    assert "inbox filesystem" in out and "watcher poll (watch.mode = poll)" in out
+    assert "database" in out and "schema 1" in out
+    assert "engine.device = cpu" in out
+    env.config_path.write_text(env.config_path.read_text().replace(str(env.root / "state"), "/proc/nope"))
+    code, out, _ = run_cli(capsys, "doctor", "--config", str(env.config_path))
+    assert code == 1 and "BAD  state" in out
+
+
+@pytest.fixture
+def fake_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    def load(options: EngineOptions) -> Renderer:
+        r = FakeRenderer(options, steps=3, step_s=0.0)
+        r.warmup()
+        return r
+
+    monkeypatch.setattr(cli, "_load_engine", load)
+    monkeypatch.setattr(cli, "_models_doctor", lambda d, f, need_lora: (True, []))
+
+
+def test_render_one_job(tmp_path: Path, capsys: pytest.CaptureFixture[str], fake_engine: None) -> None:
+    img, wav = write_png(tmp_path / "me.png"), write_wav(tmp_path / "me.wav")
+    code, out, err = run_cli(capsys, "render", str(img), str(wav), "-o", str(tmp_path / "out" / "me.mp4"),
+                             "--set", "seed=7", "--set", "prompt=hello there")
+    assert code == 0, err
+    assert (tmp_path / "out" / "me.mp4").stat().st_size > 0 and "wrote" in out
+    assert "denoise" in err  # plain progress lines when stderr is not a terminal
+    assert not list((tmp_path / "out").glob(".*"))  # the partial file is gone
+
+
+def test_render_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 fake_engine: None) -> None:
+    img, wav = write_png(tmp_path / "me.png"), write_wav(tmp_path / "me.wav")
+    code, _, err = run_cli(capsys, "render", str(img), str(wav), "-o", str(tmp_path / "o.mp4"), "--set", "sed=1")
+    assert code == 2 and "unknown setting 'sed'" in err and err.count("\n") == 1
+    (tmp_path / "bad.png").write_text("not an image")
+    code, _, err = run_cli(capsys, "render", str(tmp_path / "bad.png"), str(wav), "-o", str(tmp_path / "o.mp4"))
+    assert code == 2 and "bad.png cannot be decoded" in err
+    sidecar = tmp_path / "job.yaml"
+    sidecar.write_text("audio2: other.wav\n")
+    code, _, err = run_cli(capsys, "render", str(img), str(wav), "-o", str(tmp_path / "o.mp4"), "--sidecar",
+                           str(sidecar))
+    assert code == 2 and "other.wav: no such file" in err
