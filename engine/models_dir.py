@@ -116,7 +116,7 @@ def _check_file(role: str, info: wt.FileInfo, others: Mapping[str, wt.FileInfo])
                 (wt.logical_shapes(others[r]) for r in ("patch_single", "patch_multi") if r in others), None)
             if base is None or patch is None:
                 # Without the partner file the config cannot be read from shapes alone; check the side we have.
-                own = [k for k in shapes if _is_adapter_key(k) != (role == "dit")]
+                own = [k for k in shapes if _is_adapter_key(k) == (role == "dit")]
                 return (f"{len(shapes)} tensors", [f"keys of the wrong kind, e.g. {own[0]}"] if own else [])
             expected = _expected_shapes(net, {**base, **patch})
             want = {k: v for k, v in expected.items() if _is_adapter_key(k) == (role != "dit")}
@@ -231,10 +231,15 @@ def load_dit(base: wt.FileInfo, patch: wt.FileInfo, *, device: torch.device, dty
     shapes = {**wt.logical_shapes(base), **wt.logical_shapes(patch)}
     cfg = net.config_from_shapes(shapes)
     dit = net.build(cfg, device)
-    stream: Iterable[tuple[str, torch.Tensor]] = wt.iter_tensors(base, dtype=dtype, device=device)
     report = None
-    if lora is not None:
-        stream, report = wt.merge_lora(stream, lora, lora_strength, set(dit.state_dict()))
+    if lora is None:
+        stream: Iterable[tuple[str, torch.Tensor]] = wt.iter_tensors(base, dtype=dtype, device=device)
+    else:
+        # LoRA targets are read in fp32 and rounded once, after the merge (formats.md 10.2).
+        plan = wt.lora_deltas(lora, {k: tuple(v.shape) for k, v in dit.state_dict().items()})
+        targets = set(plan.deltas)
+        stream = wt.iter_tensors(base, dtype=lambda k: torch.float32 if k in targets else dtype, device=device)
+        stream, report = wt.merge_lora(stream, lora, lora_strength, set(plan.deltas), out_dtype=dtype, plan=plan)
     wt.load_module(dit, chain(stream, wt.iter_tensors(patch, dtype=dtype, device=device)),
                    source=f"{base.path} + {patch.path}")
     return dit.eval(), report
