@@ -19,7 +19,6 @@ Deliberate deviations from upstream (each one says why where it is implemented):
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -295,72 +294,60 @@ def from_model(video: torch.Tensor) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def _lab_stats(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    flat = lab.reshape(-1, 3)
-    return flat.mean(axis=0), flat.std(axis=0)  # population std, as numpy's default
+def match_colors_model(video: torch.Tensor, reference: torch.Tensor, strength: float,
+                       frames_per_batch: int = 16) -> torch.Tensor:
+    """Match each frame's Lab mean/std to ``reference`` and blend by ``strength`` (0..1), on the tensor's device.
 
-
-def _match_01(frames01: np.ndarray, ref01: np.ndarray, strength: float) -> np.ndarray:
-    """Core of upstream's ``match_and_blend_colors`` on [0, 1] RGB float arrays.
-
-    Order of operations as upstream: clip inputs to [0, 1]; reference -> Lab once; per frame:
-    Lab, per channel ``(x - mean_src) * std_ref / std_src + mean_ref`` (a flat channel, std below
-    1e-6, is set to ``mean_ref``; upstream compares with exactly 0, so a flat grey frame whose
-    Lab std is 1e-14 from rounding gets divided by it there), back to RGB, clip to [0, 1],
-    blend ``(1 - s) * frame + s * corrected``.
+    ``video`` ``[3, N, H, W]`` and ``reference`` ``[3, H', W']`` (or ``[3, 1, H', W']``) in [-1, 1]; returns
+    ``video``'s dtype and device. The official ``match_and_blend_colors`` (wan/utils/multitalk_utils.py) does
+    this per frame with skimage on the CPU; the order of operations is the same: clip to [0, 1]; reference ->
+    Lab once; per frame: Lab, per channel ``(x - mean) * std_ref / std + mean_ref`` (population std; a flat
+    channel, std < 1e-6, takes ``mean_ref`` — upstream tests == 0, which divides by float noise), back to
+    RGB clipped to [0, 1], blend ``(1 - s) * frame + s * corrected``. Kornia's sRGB/Lab conversion (D65) agrees
+    with skimage's to ~1e-13 in float64; here it runs in float32 on the render device.
+    ``strength == 0`` returns ``video`` itself.
     """
-    from skimage import color  # imported here: skimage is slow to import and only this needs it
+    from kornia.color import lab_to_rgb, rgb_to_lab
 
-    ref_mean, ref_std = _lab_stats(color.rgb2lab(np.clip(ref01, 0.0, 1.0)))
-    out = np.empty(frames01.shape, dtype=np.float64)
-    for i, frame in enumerate(frames01):  # one frame at a time keeps float64 Lab copies small
-        src = np.clip(frame, 0.0, 1.0)
-        lab = color.rgb2lab(src)
-        mean, std = _lab_stats(lab)
-        for c in range(3):
-            if std[c] < 1e-6:  # flat channel; upstream tests == 0, but float noise leaves ~1e-14
-                lab[..., c] = ref_mean[c]
-            else:
-                lab[..., c] = (lab[..., c] - mean[c]) * (ref_std[c] / std[c]) + ref_mean[c]
-        with warnings.catch_warnings():
-            # lab2rgb reports out-of-gamut values it clips; clipping is the intended result here
-            warnings.simplefilter("ignore", UserWarning)
-            corrected = np.clip(color.lab2rgb(lab), 0.0, 1.0)
-        out[i] = (1 - strength) * src + strength * corrected
+    if strength == 0.0:
+        return video
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"colour-correction strength must be in [0, 1], got {strength}")
+    if reference.ndim == 4:
+        reference = reference[:, 0]
+    if video.ndim != 4 or video.shape[0] != 3 or reference.ndim != 3 or reference.shape[0] != 3:
+        raise ValueError(f"expected a [3, N, H, W] video and a [3, H, W] reference, got {tuple(video.shape)} "
+                         f"and {tuple(reference.shape)}")
+    ref = rgb_to_lab(((reference.float() + 1) / 2).clamp(0, 1)[None])  # [1, 3, H', W']
+    ref_mean = ref.mean(dim=(2, 3), keepdim=True)
+    ref_std = ref.std(dim=(2, 3), keepdim=True, unbiased=False)
+    out = torch.empty_like(video)
+    for i in range(0, video.shape[1], frames_per_batch):
+        x = ((video[:, i:i + frames_per_batch].float() + 1) / 2).clamp(0, 1).transpose(0, 1)  # [n, 3, H, W]
+        lab = rgb_to_lab(x)
+        mean = lab.mean(dim=(2, 3), keepdim=True)
+        std = lab.std(dim=(2, 3), keepdim=True, unbiased=False)
+        matched = torch.where(std < 1e-6, ref_mean, (lab - mean) * (ref_std / std.clamp_min(1e-6)) + ref_mean)
+        corrected = lab_to_rgb(matched, clip=True)
+        blended = (1 - strength) * x + strength * corrected
+        out[:, i:i + frames_per_batch] = (blended * 2 - 1).transpose(0, 1).to(video.dtype)
     return out
 
 
 def match_colors(frames: np.ndarray, reference: np.ndarray, strength: float) -> np.ndarray:
-    """Match each frame's Lab mean/std to ``reference`` and blend by ``strength`` (0..1).
-
-    ``frames`` ``[N, H, W, 3]`` and ``reference`` ``[H', W', 3]`` are either both uint8 (0..255;
-    the result is rounded back to uint8) or both float in the model range [-1, 1] (the result is
-    float32 in [-1, 1]), which is what upstream works on: the decoded chunk before quantisation.
-    ``strength == 0`` returns ``frames`` itself, unchanged (upstream does the same).
-    """
+    """:func:`match_colors_model` for arrays: ``[N, H, W, 3]`` frames and an ``[H', W', 3]`` reference, either
+    both uint8 (the result is rounded back to uint8) or both float in [-1, 1] (the result is float32)."""
     if strength == 0.0:
         return frames
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"colour-correction strength must be in [0, 1], got {strength}")
     if frames.ndim != 4 or frames.shape[-1] != 3 or reference.ndim != 3 or reference.shape[-1] != 3:
         raise ValueError(f"expected [N, H, W, 3] frames and an [H, W, 3] reference, got {frames.shape} "
                          f"and {reference.shape}")
-    if frames.dtype == np.uint8:
-        out = _match_01(frames / 255.0, reference / 255.0, strength)
-        return np.clip(np.round(out * 255.0), 0, 255).astype(np.uint8)
-    out = _match_01((frames.astype(np.float64) + 1.0) / 2.0, (reference.astype(np.float64) + 1.0) / 2.0, strength)
-    return (out * 2.0 - 1.0).astype(np.float32)
-
-
-def match_colors_model(video: torch.Tensor, reference: torch.Tensor, strength: float) -> torch.Tensor:
-    """:func:`match_colors` for model tensors: ``video`` ``[3, N, H, W]`` and ``reference``
-    ``[3, H, W]`` (or ``[3, 1, H, W]``) in [-1, 1]. Returns a tensor with ``video``'s dtype and
-    device; ``strength == 0`` returns ``video`` itself."""
-    if strength == 0.0:
-        return video
-    if reference.ndim == 4:
-        reference = reference[:, 0]
-    frames = video.detach().float().cpu().permute(1, 2, 3, 0).numpy()  # [N, H, W, 3]
-    ref = reference.detach().float().cpu().permute(1, 2, 0).numpy()  # [H, W, 3]
-    out = match_colors(frames, ref, strength)
-    return torch.from_numpy(out).permute(3, 0, 1, 2).contiguous().to(device=video.device, dtype=video.dtype)
+    u8 = frames.dtype == np.uint8
+    f = torch.from_numpy(np.array(frames, dtype=np.float32))
+    r = torch.from_numpy(np.array(reference, dtype=np.float32))
+    if u8:
+        f, r = f / 127.5 - 1, r / 127.5 - 1
+    out = match_colors_model(f.permute(3, 0, 1, 2), r.permute(2, 0, 1), strength).permute(1, 2, 3, 0)
+    if u8:
+        return ((out + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    return out.numpy().astype(np.float32)

@@ -314,19 +314,15 @@ class Engine:
                                       (chunk.index + (i + 1) / (req.steps + 1)) / len(plan)))
                 lap("denoise")
 
-                # decode, colour-match, stream out; keep the last `motion` frames as the next context
-                decoded = []
-                vae_dt = next(self.m.vae.parameters()).dtype
-                for piece in self.m.vae.decode_iter(z[None].to(vae_dt)):  # type: ignore[operator]
-                    decoded.append(fr.from_model(piece[0].float().cpu()))
-                frames_u8 = np.concatenate(decoded)  # [window, H, W, 3]
+                # decode, colour-match (on the device, before quantising, as upstream), stream out; the
+                # matched float frames' last `motion` frames are the next chunk's context
+                decoded = torch.cat(list(self.m.vae.decode_iter(z[None].to(self.m.vae.dtype))), dim=2)[0]
                 if req.color_correction > 0:
-                    frames_u8 = fr.match_colors(frames_u8, ref_img, req.color_correction)
-                new = frames_u8[chunk.keep_from:]
-                new = new[: max(0, n_frames - written)]
+                    decoded = fr.match_colors_model(decoded, ref_t.to(decoded.device), req.color_correction)
+                new = fr.from_model(decoded[:, chunk.keep_from:][:, : max(0, n_frames - written)])
                 writer.write(new)
                 written += len(new)
-                context_frames = fr.to_model(frames_u8[-motion:])
+                context_frames = decoded[:, -motion:].float().cpu()
                 lap("decode")
                 progress(Progress("decode", ci, len(plan), req.steps, req.steps, (chunk.index + 1) / len(plan)))
                 if written >= n_frames:

@@ -261,3 +261,22 @@ def test_match_colors_flat_channel_takes_reference_mean() -> None:
     out_lab = color.rgb2lab(out[0] / 255.0).reshape(-1, 3).mean(0)
     np.testing.assert_allclose(out_lab, ref_lab, atol=1.0)
     assert (out == out[0, 0, 0]).all()  # still flat
+
+
+def test_match_colors_agrees_with_the_official_skimage_formulation() -> None:
+    """Upstream's match_and_blend_colors, written here with skimage (test-only dependency), as the reference."""
+    from skimage import color
+
+    rng = np.random.default_rng(3)
+    ref = (rng.random((24, 24, 3)) * 0.6 + 0.2)
+    frames = np.clip(rng.random((3, 24, 24, 3)) * 0.5 + np.array([0.4, 0.2, 0.1]), 0, 1)
+    ref_lab = color.rgb2lab(ref).reshape(-1, 3)
+    expected = []
+    for f in frames:
+        lab = color.rgb2lab(f)
+        flat = lab.reshape(-1, 3)
+        lab = (lab - flat.mean(0)) * (ref_lab.std(0) / flat.std(0)) + ref_lab.mean(0)
+        corrected = np.clip(color.lab2rgb(lab), 0, 1)
+        expected.append(0.3 * f + 0.7 * corrected)
+    got = fr.match_colors((frames * 2 - 1).astype(np.float32), (ref * 2 - 1).astype(np.float32), 0.7)
+    assert np.abs((got + 1) / 2 - np.stack(expected)).max() < 2e-3

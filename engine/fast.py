@@ -1,0 +1,323 @@
+"""The GPU fast path for the DiT: fp8 GEMMs, compiled blocks, the best SDPA kernel (issue 5, first part).
+
+Three independent switches, each applied to a built and loaded :class:`engine.dit.WanInfiniteTalk`:
+
+- :func:`enable_fp8` swaps the big Linear layers inside ``dit.blocks`` for :class:`Fp8Linear`: the weight is
+  stored as ``float8_e4m3fn`` with one fp32 scale per output channel, the activation is quantised per row
+  (abs-max / 448, divide, cast) on every call, and the product is ``torch._scaled_mm`` with fp32
+  accumulation and a bf16 result. Per-row x per-channel scaling is the usual choice for fp8 inference
+  (performance.md section 8; LightX2V ``fp8-sgl``/``fp8-vllm``). The activation quantisation is written in
+  plain tensor ops so that ``torch.compile`` fuses it into the norm / modulation / GELU that produces the
+  activation; run eagerly it costs about as much as fp8 saves (performance.md 4.1).
+- :func:`compile_blocks` compiles every block with static shapes. All 40 blocks run the same code on
+  parameters of identical shapes, so one graph serves all of them; a new resolution bucket (token count)
+  compiles once more, and later steps, chunks and jobs of a seen bucket reuse the cached graphs.
+- :func:`preferred_attention` puts cuDNN SDPA first (593 vs 353 TF/s for the FA2-class kernel at 32K tokens,
+  performance.md 4.2 / 7), and routes the flash backend to FlashAttention-3 when ``flash_attn_interface``
+  is importable.
+
+Order of use: load (LoRAs merged into the dequantised weights first, formats.md 3.4), cast with ``.to()``,
+then :func:`enable_fp8`, then :func:`compile_blocks`, then run the forwards inside
+:func:`preferred_attention`. Nothing here changes global state except for the duration of that context.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from collections.abc import Iterable, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+__all__ = [
+    "FP8_DTYPE",
+    "FP8_MAX",
+    "FP8_TARGETS",
+    "Fp8Linear",
+    "compile_blocks",
+    "dequantize",
+    "enable_fp8",
+    "preferred_attention",
+    "quantize_rowwise",
+    "quantize_weight",
+    "scaled_mm_reference",
+    "supports_fp8",
+]
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
+# Floor on a row's abs-max, so an all-zero row gets a tiny positive scale (quantises to zeros, not NaN).
+_AMAX_FLOOR = 1e-12
+
+# Linear layers converted by :func:`enable_fp8`, relative to a block. All 15 Linears of a block: q/k/v/o of the
+# self-attention, q/k/v/o/k_img/v_img of the text+image cross-attention, the two FFN layers and the audio
+# cross-attention's q_linear/kv_linear/proj. That is 16.3 B of the 16.4 B block parameters, so the weights
+# drop from ~35 GiB to ~20 GiB. The embeddings, head, img_emb and audio_proj stay in 16 bits (they are small and
+# run on few tokens); this is also what the kijai fp8 file keeps in 16 bits (formats.md 3.1).
+FP8_TARGETS: tuple[str, ...] = (
+    "self_attn.q",
+    "self_attn.k",
+    "self_attn.v",
+    "self_attn.o",
+    "cross_attn.q",
+    "cross_attn.k",
+    "cross_attn.v",
+    "cross_attn.o",
+    "cross_attn.k_img",
+    "cross_attn.v_img",
+    "ffn.0",
+    "ffn.2",
+    "audio_cross_attn.q_linear",
+    "audio_cross_attn.kv_linear",
+    "audio_cross_attn.proj",
+)
+
+
+def supports_fp8(device: torch.device | str | int | None = None) -> bool:
+    """True where ``torch._scaled_mm`` runs fp8 e4m3 GEMMs on the GPU: a CUDA device of compute capability 8.9+
+    (Ada, Hopper, Blackwell). False on CPU, on ROCm (its fp8 dtype differs) and without CUDA."""
+    if not hasattr(torch, "_scaled_mm") or not torch.cuda.is_available() or torch.version.hip:
+        return False
+    dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device or "cuda")
+    if dev.type != "cuda":
+        return False
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index) >= (8, 9)
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantisation helpers (pure tensor ops: traceable and fusable by torch.compile)
+# ----------------------------------------------------------------------------------------------
+
+
+def quantize_rowwise(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row fp8 quantisation of x [..., K]: returns (q [..., K] float8_e4m3fn, scale [..., 1] float32).
+
+    scale = max|row| / 448, q = x / scale, so the largest entry of each row maps to +-448 and
+    ``q.float() * scale`` approximates x with a relative error of at most 2^-4 for normal fp8 values. The clamp
+    only guards rounding at the top of the range (casting past 448 would give NaN: e4m3fn has no infinity).
+    """
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=_AMAX_FLOOR) / FP8_MAX
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def quantize_weight(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-output-channel fp8 quantisation of a Linear weight [N, K]: (q [N, K] e4m3fn, scale [N] float32)."""
+    if w.ndim != 2:
+        raise ValueError(f"a Linear weight is 2-D [out, in], got shape {tuple(w.shape)}")
+    q, scale = quantize_rowwise(w)
+    return q, scale.squeeze(-1)
+
+
+def dequantize(q: Tensor, scale: Tensor) -> Tensor:
+    """q.float() * scale (scale broadcast over q's last axis: [..., 1] per row or a scalar) in float32."""
+    return q.float() * scale.float()
+
+
+def scaled_mm_reference(
+    x_q: Tensor, scale_x: Tensor, w_q: Tensor, scale_w: Tensor, bias: Tensor | None, out_dtype: torch.dtype
+) -> Tensor:
+    """What ``torch._scaled_mm(x_q, w_q.t(), scale_a=scale_x, scale_b=scale_w[None], bias, out_dtype)`` computes,
+    in float32 on any device: the exact fp8 products summed in fp32, then scaled per row and per column, plus
+    bias, rounded once to out_dtype. x_q [M, K], scale_x [M, 1], w_q [N, K], scale_w [N] (or a scalar).
+    """
+    acc = x_q.float() @ w_q.float().t()  # [M, N]; every fp8 x fp8 product is exact in fp32
+    out = acc * scale_x.float() * scale_w.float().reshape(1, -1)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The fp8 Linear
+# ----------------------------------------------------------------------------------------------
+
+
+class Fp8Linear(nn.Module):
+    """A Linear whose weight is float8_e4m3fn [out, in] with a float32 scale per output channel.
+
+    State dict: ``weight`` (fp8, the Linear's key and shape), ``bias`` (unchanged, 16-bit) and ``weight_scale``
+    [out] float32 (ComfyUI's newer spelling, formats.md 3.2; here one scale per row, not per tensor).
+    The true weight is ``weight.float() * weight_scale[:, None]``.
+
+    Forward: x [..., in] is quantised per row (:func:`quantize_rowwise`) and multiplied with ``torch._scaled_mm``
+    when x is a bf16 CUDA tensor (the device must satisfy :func:`supports_fp8`; elsewhere ``_scaled_mm`` raises).
+    Any other input (CPU, fp16, fp32) takes :func:`scaled_mm_reference`, the same arithmetic in fp32, so a CPU
+    run shows the numerics of the GPU kernel (slowly) instead of silently skipping the quantisation.
+    The result has x's dtype.
+    """
+
+    def __init__(self, weight: Tensor, weight_scale: Tensor, bias: Tensor | nn.Parameter | None) -> None:
+        super().__init__()
+        if weight.dtype != FP8_DTYPE or weight.ndim != 2:
+            raise ValueError(f"Fp8Linear needs a 2-D {FP8_DTYPE} weight, got {weight.dtype} {tuple(weight.shape)}")
+        out_features, in_features = weight.shape
+        if weight_scale.numel() not in (1, out_features):
+            raise ValueError(f"weight_scale has {weight_scale.numel()} entries; expected 1 or {out_features}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+        # A per-tensor scale (ComfyUI files) is broadcast to one per channel: same math, one kernel path.
+        scale = weight_scale.detach().float().reshape(-1).expand(out_features).contiguous()
+        self.register_buffer("weight_scale", scale.to(weight.device))
+        if bias is None:
+            self.bias: nn.Parameter | None = None
+        else:
+            self.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
+        """Quantise an nn.Linear's weight per output channel; the bias Parameter is kept as is."""
+        q, scale = quantize_weight(linear.weight.detach())
+        return cls(q, scale, linear.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x_q, scale_x = quantize_rowwise(x.reshape(-1, self.in_features))  # [M, K] fp8, [M, 1] fp32
+        if x.is_cuda and x.dtype == torch.bfloat16 and self.weight.dtype == FP8_DTYPE:
+            bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+            # mat2 = weight.t() is column-major, as _scaled_mm requires; rowwise scales: a [M, 1], b [1, N].
+            out = torch._scaled_mm(
+                x_q,
+                self.weight.t(),
+                scale_a=scale_x,
+                scale_b=self.weight_scale.float().reshape(1, -1),
+                bias=bias,
+                out_dtype=torch.bfloat16,
+            )
+        else:
+            out = scaled_mm_reference(x_q, scale_x, self.weight, self.weight_scale, self.bias, x.dtype)
+        return out.reshape(*lead, self.out_features)
+
+    def dequantized_weight(self) -> Tensor:
+        """The weight this layer represents, [out, in] float32."""
+        return dequantize(self.weight, self.weight_scale[:, None])
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _resolve(block: nn.Module, rel: str) -> tuple[nn.Module, str]:
+    parent_name, _, attr = rel.rpartition(".")
+    return (block.get_submodule(parent_name) if parent_name else block), attr
+
+
+def enable_fp8(
+    dit: nn.Module,
+    *,
+    weights_fp8: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+    targets: Iterable[str] = FP8_TARGETS,
+) -> int:
+    """Replace the Linear layers of ``dit.blocks`` named by ``targets`` (default :data:`FP8_TARGETS`) by
+    :class:`Fp8Linear` under the same attribute names; returns how many layers were converted.
+
+    Weights are quantised per output channel from the loaded (dequantised, LoRA-merged) weights. ``weights_fp8``
+    may instead supply a layer's stored fp8 weight and scale as read from a ComfyUI scaled-fp8 file, keyed by
+    the layer's name in the model (``"blocks.3.ffn.0"``): (weight [out, in] float8_e4m3fn, scale [] or [out]
+    float32). Use it only when no LoRA was merged (a merge changes the weight, formats.md 3.4). The file's
+    static ``scale_input`` is not used: activations are always scaled per row at run time.
+
+    The old bf16 weights are released (the bias Parameter is reused), so the converted layers take half the
+    memory. Layers that already are :class:`Fp8Linear` are skipped, so a second call returns 0. Call this after
+    any ``.to(dtype)`` of the model: a later cast would turn the fp8 weights into 16-bit ones (still correct
+    through the reference path, but no longer fp8). Raises ValueError for a ``weights_fp8`` name that is not
+    a converted layer or whose tensors do not fit it, TypeError if a target is not an nn.Linear.
+    """
+    targets = tuple(targets)
+    pending = dict(weights_fp8 or {})
+    converted = 0
+    for i, block in enumerate(dit.blocks):  # type: ignore[attr-defined, arg-type]
+        for rel in targets:
+            parent, attr = _resolve(block, rel)
+            layer = getattr(parent, attr)
+            name = f"blocks.{i}.{rel}"
+            if isinstance(layer, Fp8Linear):
+                continue
+            if not isinstance(layer, nn.Linear):
+                raise TypeError(f"{name} is a {type(layer).__name__}, not an nn.Linear")
+            if name in pending:
+                w_q, scale = pending.pop(name)
+                if w_q.dtype != FP8_DTYPE or tuple(w_q.shape) != tuple(layer.weight.shape):
+                    raise ValueError(
+                        f"weights_fp8[{name!r}] is {w_q.dtype} {tuple(w_q.shape)}; expected {FP8_DTYPE} "
+                        f"{tuple(layer.weight.shape)}"
+                    )
+                if scale.numel() not in (1, layer.out_features):
+                    raise ValueError(f"weights_fp8[{name!r}] scale has {scale.numel()} entries")
+                new = Fp8Linear(w_q.to(layer.weight.device), scale.to(layer.weight.device), layer.bias)
+            else:
+                new = Fp8Linear.from_linear(layer)
+            setattr(parent, attr, new)  # same attribute name (nn.Sequential "0"/"2" included)
+            converted += 1
+    if pending:
+        raise ValueError(f"weights_fp8 names no converted layer: {sorted(pending)[:5]}")
+    return converted
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile and attention
+# ----------------------------------------------------------------------------------------------
+
+
+def compile_blocks(dit: nn.Module, *, mode: str | None = None, backend: str = "inductor") -> None:
+    """Compile every block of ``dit.blocks`` in place (``nn.Module.compile``, ``dynamic=False``).
+
+    Static shapes: each resolution bucket (and batch size) gets its own graph, compiled on its first forward;
+    every later step, chunk and job of that bucket reuses it. The blocks are identical code on parameters of
+    identical shapes and Dynamo treats parameters as graph inputs, so the 40 blocks share one graph: the
+    compile cost is paid once per bucket, not per block (the bench checks this with Dynamo's counters and
+    ``error_on_recompile``). Compiling in place keeps the module tree and the state-dict keys unchanged.
+
+    Dynamo keeps at most ``torch._dynamo.config.recompile_limit`` (default 8) graphs per code object; a daemon
+    serving more distinct (bucket, batch) shapes than that must raise it, or the extra shapes run eagerly.
+    ``backend`` other than inductor is for tests (``"aot_eager"`` exercises the tracing without code generation).
+    """
+    for block in dit.blocks:  # type: ignore[attr-defined, union-attr]
+        block.compile(dynamic=False, mode=mode, backend=backend)
+
+
+def _fa3_available() -> bool:
+    """FlashAttention-3 can back torch's flash SDPA backend: Hopper GPU, ``flash_attn_interface`` importable,
+    and this torch knows the ``FA3`` implementation (``torch.nn.attention.list_flash_attention_impls``)."""
+    try:
+        from torch.nn.attention import list_flash_attention_impls
+    except ImportError:
+        return False
+    if "FA3" not in list_flash_attention_impls() or not torch.cuda.is_available():
+        return False
+    if torch.cuda.get_device_capability()[0] != 9:
+        return False
+    return importlib.util.find_spec("flash_attn_interface") is not None
+
+
+@contextlib.contextmanager
+def preferred_attention(*, fa3: bool | None = None) -> Iterator[None]:
+    """SDPA backends in order of speed for the DiT's shapes: cuDNN, flash, memory-efficient, math.
+
+    Every backend stays allowed (the 32-key audio attention or an fp32 run may need a fallback); only the
+    priority changes. With ``fa3`` (default: whenever available, see :func:`_fa3_available`) the flash backend
+    is routed to FlashAttention-3 and put first (648 TF/s published vs cuDNN's 593 measured at hd 128,
+    performance.md 7; not measured here). The FA3 routing is process-wide in torch, so it is undone on exit.
+    Under torch.compile the backend is chosen when a graph is traced: compile inside this context.
+    """
+    use_fa3 = _fa3_available() if fa3 is None else fa3
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with contextlib.ExitStack() as stack:
+        if use_fa3:
+            from torch.nn.attention import (
+                activate_flash_attention_impl,
+                current_flash_attention_impl,
+                restore_flash_attention_impl,
+            )
+
+            previous = current_flash_attention_impl()
+            activate_flash_attention_impl("FA3")
+            stack.callback(
+                lambda: activate_flash_attention_impl(previous) if previous else restore_flash_attention_impl()
+            )
+            order = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, *order[2:]]
+        stack.enter_context(sdpa_kernel(order, set_priority=True))
+        yield
