@@ -24,19 +24,24 @@ LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cro
 
 
 def _random_like(shapes: dict[str, tuple[int, ...]], gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Weights with sane scales: norms near 1, biases small, matrices ~ 1/sqrt(fan_in)."""
+    """Weights with sane scales: norms near 1, biases small, matrices ~ 1/sqrt(fan_in).
+
+    Drawn on the generator's device and returned in bf16 on the CPU when the generator is on a GPU
+    (the full-size benchmark folder), in fp32 otherwise.
+    """
     out = {}
+    dev = gen.device
     for key, shape in shapes.items():
         leaf = key.rsplit(".", 1)[-1]
         is_norm = any(s in key for s in ("norm", "gamma", "ln_", "layernorm")) or leaf in ("gamma", "weight_g")
         if is_norm and leaf in ("weight", "gamma", "weight_g"):
-            t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+            t = 1.0 + 0.1 * torch.randn(shape, generator=gen, device=dev)
         elif len(shape) <= 1:
-            t = 0.02 * torch.randn(shape, generator=gen)
+            t = 0.02 * torch.randn(shape, generator=gen, device=dev)
         else:
             fan_in = math.prod(shape[1:])
-            t = torch.randn(shape, generator=gen) / math.sqrt(max(1, fan_in))
-        out[key] = t.contiguous()
+            t = torch.randn(shape, generator=gen, device=dev) / math.sqrt(max(1, fan_in))
+        out[key] = t.contiguous() if dev.type == "cpu" else t.to(torch.bfloat16).cpu()
     return out
 
 
@@ -57,13 +62,24 @@ def _cast(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Te
 
 def write_tiny_models(out_dir: Path, seed: int = 0) -> None:
     """Write the tiny models folder into ``out_dir`` (created; existing files are replaced)."""
+    write_models(out_dir, seed=seed)
+
+
+def write_models(out_dir: Path, *, seed: int = 0, full_size: bool = False, device: str = "cpu") -> None:
+    """Write a random-weight models folder: tiny configs, or the released sizes (for GPU benchmarks of
+    cold start and whole renders; ~31 GB, draw the numbers on a GPU with ``device="cuda"``)."""
     from engine import audio, dit, image_encoder, text_encoder, vae
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     out_dir = Path(out_dir)
+    cfg_dit = dit.RELEASED if full_size else dit.TINY
+    cfg_vae = vae.RELEASED if full_size else vae.TINY
+    cfg_te = _released_encoder(text_encoder) if full_size else text_encoder.TINY_CONFIG
+    cfg_w2v = _released_encoder(audio) if full_size else audio.TINY_CONFIG
+    cfg_clip = _released_encoder(image_encoder) if full_size else image_encoder.TINY_CONFIG
 
     # DiT base in scaled fp8 (block Linears in fp8, as the KJ file's size implies), adapters in fp16.
-    full = _random_like(_shapes(dit.build(dit.TINY, "meta")), gen)
+    full = _random_like(_shapes(dit.build(cfg_dit, "meta")), gen)
     base = {k: v for k, v in full.items() if not _is_adapter_key(k)}
     fp8 = {k for k, v in base.items() if k.startswith("blocks.") and k.endswith(".weight") and v.ndim == 2}
     wt.write_scaled_fp8(_path(out_dir, "dit"), _cast(base, torch.bfloat16), fp8_keys=fp8)
@@ -74,32 +90,46 @@ def write_tiny_models(out_dir: Path, seed: int = 0) -> None:
 
     # The step-distill LoRA: lora_down/lora_up + alpha for every block Linear, a bias delta, in bf16.
     lora: dict[str, torch.Tensor] = {}
-    for i in range(dit.TINY.num_layers):
+    rank = 64 if full_size else LORA_RANK
+    for i in range(cfg_dit.num_layers):
         for target in LORA_TARGETS:
             w = base[f"blocks.{i}.{target}.weight"]
             stem = f"diffusion_model.blocks.{i}.{target}"
-            lora[f"{stem}.lora_down.weight"] = 0.1 * torch.randn(LORA_RANK, w.shape[1], generator=gen)
-            lora[f"{stem}.lora_up.weight"] = 0.1 * torch.randn(w.shape[0], LORA_RANK, generator=gen)
-            lora[f"{stem}.alpha"] = torch.tensor(float(LORA_RANK))
-        lora[f"diffusion_model.blocks.{i}.ffn.0.diff_b"] = 0.01 * torch.randn(dit.TINY.ffn_dim, generator=gen)
+            lora[f"{stem}.lora_down.weight"] = 0.1 * torch.randn(rank, w.shape[1], generator=gen, device=device).cpu()
+            lora[f"{stem}.lora_up.weight"] = 0.1 * torch.randn(w.shape[0], rank, generator=gen, device=device).cpu()
+            lora[f"{stem}.alpha"] = torch.tensor(float(rank))
+        lora[f"diffusion_model.blocks.{i}.ffn.0.diff_b"] = 0.01 * torch.randn(
+            cfg_dit.ffn_dim, generator=gen, device=device).cpu()
     save_file(_cast(lora, torch.bfloat16), str(_path(out_dir, "lora")))
 
-    save_file(_cast(_random_like(_shapes(vae.build(vae.TINY, "meta")), gen), torch.bfloat16),
+    save_file(_cast(_random_like(_shapes(vae.build(cfg_vae, "meta")), gen), torch.bfloat16),
               str(_path(out_dir, "vae")))
 
     # umT5 in scaled fp8 with its SentencePiece model inside, as the ComfyUI file carries it.
     proto = text_encoder.make_tiny_spiece(text_encoder.TINY_CONFIG.vocab_size)
-    te = _file_spelling(_random_like(_shapes(text_encoder.build(text_encoder.TINY_CONFIG, "cpu")), gen))
+    te = _file_spelling(_random_like(_shapes(text_encoder.build(cfg_te, "cpu")), gen))
     te_fp8 = {k for k, v in te.items() if k.startswith("encoder.block.") and v.ndim == 2
               and "relative_attention_bias" not in k}
     te = _cast(te, torch.bfloat16)
     te["spiece_model"] = torch.frombuffer(bytearray(proto), dtype=torch.uint8)
     wt.write_scaled_fp8(_path(out_dir, "text_encoder"), te, fp8_keys=te_fp8)
 
-    w2v = _random_like(_shapes(audio.build(audio.TINY_CONFIG, "cpu")), gen)
+    w2v = _random_like(_shapes(audio.build(cfg_w2v, "cpu")), gen)
     save_file(_cast(_file_spelling(w2v), torch.float16), str(_path(out_dir, "audio_encoder")))
-    clip = _random_like(_shapes(image_encoder.build(image_encoder.TINY_CONFIG, "cpu")), gen)
+    clip = _random_like(_shapes(image_encoder.build(cfg_clip, "cpu")), gen)
     save_file(_cast(_file_spelling(clip), torch.float16), str(_path(out_dir, "clip_vision")))
+
+
+def _released_encoder(net):  # type: ignore[no-untyped-def]
+    """The released config of a transformers-backed encoder, read back from its key manifest's shapes."""
+    manifest = {"engine.text_encoder": "umt5_xxl", "engine.audio": "wav2vec2",
+                "engine.image_encoder": "clip_vision_h"}[net.__name__]
+    path = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "manifests" / f"{manifest}.tsv"
+    shapes = {}
+    for line in path.read_text().splitlines():
+        key, shape = line.split("\t")
+        shapes[key] = tuple(int(v) for v in shape.split("x")) if shape not in ("", "-") else ()
+    return net.config_from_shapes(net.normalize_keys(shapes))
 
 
 def _file_spelling(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
