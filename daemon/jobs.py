@@ -112,8 +112,3 @@ class Job:
     def rejected(self) -> bool:
         """Refused at ingest (never rendered; no content fingerprint)."""
         return self.fingerprint.startswith("rejected:")
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        out["status"] = self.status.value
-        return out

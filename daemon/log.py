@@ -68,7 +68,7 @@ def setup_logging(level: str = "info", fmt: str = "auto") -> None:
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(_json_formatter() if fmt == "json" else _console_formatter(colors=True))
+    handler.setFormatter(_json_formatter() if fmt == "json" else _console_formatter(colors=sys.stdout.isatty()))
     root = logging.getLogger()
     for old in list(root.handlers):
         if getattr(old, "_infinitetalkd", False):
@@ -76,6 +76,17 @@ def setup_logging(level: str = "info", fmt: str = "auto") -> None:
     handler._infinitetalkd = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(_LEVELS.get(level, logging.INFO))
+    inotify_log = logging.getLogger("watchdog.observers.inotify")
+    if not any(isinstance(f, _StopNoise) for f in inotify_log.filters):
+        inotify_log.addFilter(_StopNoise())
+
+
+class _StopNoise(logging.Filter):
+    """watchdog 7 logs an *error* when its inotify thread is stopped while a read is pending (a
+    normal shutdown); drop exactly that line so journals do not show a false alarm at every stop."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "called when the thread is inactive" not in record.getMessage()
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -315,7 +315,7 @@ class Store:
                 update(_T).where(*self._fenced(job, worker_id))
                 .values(status=status.value, error=error, outputs=outputs or {}, timings=timings or {},
                         failed_dir=failed_dir, finished_at=now, updated_at=now, lease_until=None,
-                        progress=1.0 if status is JobStatus.DONE else job.progress)
+                        progress=1.0 if status is JobStatus.DONE else _T.c.progress, progress_text=status.value)
                 .returning(*_T.c)
             ).first()
         if row is None:

@@ -91,10 +91,12 @@ class _Hint(FileSystemEventHandler):
 
 def dispose_inputs(config: Config, stem: str, job_id: int, paths: list[Path]) -> str:
     """After success: move the inputs to archive/<stem>/ or delete them (jobs.after_success)."""
+    paths = [p for p in paths if os.path.lexists(p)]
+    if not paths:
+        return "already gone"
     if config.jobs.after_success == "delete":
         for p in paths:
-            if os.path.lexists(p):
-                p.unlink()
+            p.unlink()
         return "deleted"
     dest = ob.unique_dir(config.paths.archive, stem, job_id)
     ob.move_files(paths, dest)
@@ -125,12 +127,13 @@ class Scanner:
     """
 
     def __init__(self, config: Config, store: Store, identity: str, *, files_lock: threading.Lock,
-                 wake_worker: Callable[[], None]) -> None:
+                 wake_worker: Callable[[], None], on_reject: Callable[[], None] | None = None) -> None:
         self.config = config
         self.store = store
         self.identity = identity
         self.files_lock = files_lock
         self.wake_worker = wake_worker
+        self.on_reject = on_reject
         self.wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -138,6 +141,7 @@ class Scanner:
         self.tracker = ib.StabilityTracker()
         self.known: dict[str, _Known] = {}  # stem -> the state already handled
         self.waiting: dict[str, _Wait] = {}
+        self._refs_cache: dict[str, tuple[tuple[int, int], list[tuple[str, str]]]] = {}
         self.inbox_missing = False
         self._inbox_ident: tuple[int, int] | None = None
         self.fstype = "unknown"
@@ -263,6 +267,10 @@ class Scanner:
             self.inbox_missing = True
             return
         groups = ib.group_entries(entries)
+        # Files named in a sidecar (audio2, masks) belong to that sidecar's job; a stem made only
+        # of such files is not a job of its own (and must not be refused as incomplete).
+        referenced = self._referenced(groups)
+        groups = {s: g for s, g in groups.items() if not set(g.entries) <= referenced}
         self.tracker.keep_only(groups)
         for gone in set(self.known) - set(groups):
             del self.known[gone]
@@ -275,6 +283,26 @@ class Scanner:
             with structlog.contextvars.bound_contextvars(stem=stem):
                 self._consider(groups[stem], now)
         self._write_status()
+
+    def _sidecar_refs(self, g: ib.Group) -> list[tuple[str, str]]:
+        """The file names a group's sidecar names, cached on the sidecar's (size, mtime)."""
+        sidecar = ib.parts_of(g).sidecar
+        if sidecar is None or g.entries[sidecar].kind != "file":
+            return []
+        e = g.entries[sidecar]
+        cached = self._refs_cache.get(sidecar)
+        if cached is not None and cached[0] == (e.size, e.mtime_ns):
+            return cached[1]
+        refs: list[tuple[str, str]] = []
+        with contextlib.suppress(InputError):  # reported by prepare() once the files are stable
+            refs = ib.sidecar_refs(ib.load_sidecar(self.config.paths.inbox / sidecar, self.limits.max_sidecar_bytes))
+        self._refs_cache[sidecar] = ((e.size, e.mtime_ns), refs)
+        return refs
+
+    def _referenced(self, groups: dict[str, ib.Group]) -> set[str]:
+        names = {n for g in groups.values() for n in g.entries}
+        self._refs_cache = {k: v for k, v in self._refs_cache.items() if k in names}
+        return {name for g in groups.values() for _, name in self._sidecar_refs(g)}
 
     def _recheck_at(self, when: float) -> None:
         self._next_check = when if self._next_check is None else min(self._next_check, when)
@@ -289,10 +317,7 @@ class Scanner:
         cfg = self.config
         inbox = cfg.paths.inbox
         parts = ib.parts_of(g)
-        refs: list[tuple[str, str]] = []
-        if parts.sidecar and g.entries[parts.sidecar].kind == "file":
-            with contextlib.suppress(InputError):  # reported by prepare() once the files are stable
-                refs = ib.sidecar_refs(ib.load_sidecar(inbox / parts.sidecar, self.limits.max_sidecar_bytes))
+        refs = self._sidecar_refs(g)
         ref_entries: dict[str, ib.Entry | None] = {}
         for key, name in refs:
             try:
@@ -428,6 +453,8 @@ class Scanner:
                 log.error("job.reject_move_failed", job_id=job.id, error=str(exc), reason=reason)
                 return
             self.store.set_failed_dir(job.id, str(dest))
+        if self.on_reject is not None:
+            self.on_reject()
         self.tracker.forget(g.stem)
         self.waiting.pop(g.stem, None)
 

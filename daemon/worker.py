@@ -75,7 +75,7 @@ OutcomeKind = Literal["done", "failed", "disk_full", "cancelled", "superseded", 
 
 def describe_progress(p: Progress) -> str:
     parts = [p.stage]
-    if p.chunks:
+    if p.chunks and p.chunk:
         parts.append(f"chunk {p.chunk}/{p.chunks}")
     if p.steps:
         parts.append(f"step {p.step}/{p.steps}")
@@ -305,11 +305,12 @@ class Worker:
             return _Outcome(kind, reason=reason, failure=failure)
 
         try:
-            prepared = self._reprepare(job)
+            # An earlier attempt published this run and died before recording it: finish it off.
             published = ob.find_published(self.config.paths.outbox, job.stem, job.id, _run_key(job))
             if published is not None:
                 log.info("job.already_published", outputs=published.get("outputs"))
                 return _Outcome("done", doc=published, already_published=True)
+            prepared = self._reprepare(job)
             mp4 = tmp / f"{job.stem}.mp4"
             result = self.renderer.render(prepared.request, mp4, monitor.progress, monitor.should_stop)
             if not mp4.is_file() or mp4.stat().st_size == 0:
@@ -387,12 +388,13 @@ class Worker:
         if out.kind == "done":
             assert out.doc is not None
             try:
+                # Publish, move the inputs away, then record: "done" in the database means finished.
                 with self.files_lock:
                     if not out.already_published:
                         ob.publish(log_path.parent, cfg.paths.outbox, out.base, out.files)
+                    where = dispose_inputs(cfg, job.stem, job.id, self._input_paths(job))
                     self.store.finish(job, self.worker_id, JobStatus.DONE, outputs=dict(out.doc["outputs"]),
                                       timings=dict(out.doc["timings"]))
-                    where = dispose_inputs(cfg, job.stem, job.id, self._input_paths(job))
             except OSError as exc:
                 if not _is_enospc(exc):
                     raise
@@ -525,15 +527,24 @@ def run_daemon(config: Config, make_renderer: RendererFactory, *, notifier: Noti
 
         notifier.status("loading the engine")
         t0 = time.monotonic()
-        renderer = make_renderer(config.engine.options())
-        renderer.warmup()
-        identity = renderer.identity()
+        try:
+            renderer = make_renderer(config.engine.options())
+            renderer.warmup()
+            identity = renderer.identity()
+        except DeviceFault:
+            log.exception("engine.load_failed")
+            return EXIT_DEVICE_FAULT
+        except Exception:  # missing/corrupt model files, driver trouble: say so and let systemd decide
+            log.exception("engine.load_failed")
+            notifier.status("the engine failed to load; see the log")
+            return EXIT_FAILURE
         log.info("engine.ready", identity=identity, load_s=round(time.monotonic() - t0, 3))
         if stop.is_set():
             return EXIT_OK
 
         files_lock = threading.Lock()
-        scanner = Scanner(config, store, identity, files_lock=files_lock, wake_worker=wake.set)
+        scanner = Scanner(config, store, identity, files_lock=files_lock, wake_worker=wake.set,
+                          on_reject=metrics.failures.labels(kind="input").inc)
         scanner.scan_once()  # the start-up scan: the truth before any event
         scanner.start()
         if config.metrics.enabled:

@@ -150,7 +150,9 @@ class Fp8Linear(nn.Module):
     The result has x's dtype.
     """
 
-    def __init__(self, weight: Tensor, weight_scale: Tensor, bias: Tensor | nn.Parameter | None) -> None:
+    def __init__(
+        self, weight: Tensor, weight_scale: Tensor, bias: Tensor | nn.Parameter | None, *, fast_accum: bool = False
+    ) -> None:
         super().__init__()
         if weight.dtype != FP8_DTYPE or weight.ndim != 2:
             raise ValueError(f"Fp8Linear needs a 2-D {FP8_DTYPE} weight, got {weight.dtype} {tuple(weight.shape)}")
@@ -159,6 +161,9 @@ class Fp8Linear(nn.Module):
             raise ValueError(f"weight_scale has {weight_scale.numel()} entries; expected 1 or {out_features}")
         self.in_features = in_features
         self.out_features = out_features
+        # Hopper's fp8 "fast accumulation" (fewer promotions of the tensor-core accumulator to fp32): faster
+        # GEMMs (performance.md 4.1), slightly less accurate sums; only the CUDA kernel honours it.
+        self.fast_accum = fast_accum
         self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
         # A per-tensor scale (ComfyUI files) is broadcast to one per channel: same math, one kernel path.
         scale = weight_scale.detach().float().reshape(-1).expand(out_features).contiguous()
@@ -169,10 +174,10 @@ class Fp8Linear(nn.Module):
             self.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach(), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
+    def from_linear(cls, linear: nn.Linear, *, fast_accum: bool = False) -> Fp8Linear:
         """Quantise an nn.Linear's weight per output channel; the bias Parameter is kept as is."""
         q, scale = quantize_weight(linear.weight.detach())
-        return cls(q, scale, linear.bias)
+        return cls(q, scale, linear.bias, fast_accum=fast_accum)
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
@@ -187,6 +192,7 @@ class Fp8Linear(nn.Module):
                 scale_b=self.weight_scale.float().reshape(1, -1),
                 bias=bias,
                 out_dtype=torch.bfloat16,
+                use_fast_accum=self.fast_accum,
             )
         else:
             out = scaled_mm_reference(x_q, scale_x, self.weight, self.weight_scale, self.bias, x.dtype)
@@ -197,7 +203,10 @@ class Fp8Linear(nn.Module):
         return dequantize(self.weight, self.weight_scale[:, None])
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"fast_accum={self.fast_accum}"
+        )
 
 
 def _resolve(block: nn.Module, rel: str) -> tuple[nn.Module, str]:
@@ -210,6 +219,7 @@ def enable_fp8(
     *,
     weights_fp8: Mapping[str, tuple[Tensor, Tensor]] | None = None,
     targets: Iterable[str] = FP8_TARGETS,
+    fast_accum: bool = False,
 ) -> int:
     """Replace the Linear layers of ``dit.blocks`` named by ``targets`` (default :data:`FP8_TARGETS`) by
     :class:`Fp8Linear` under the same attribute names; returns how many layers were converted.
@@ -221,10 +231,11 @@ def enable_fp8(
     static ``scale_input`` is not used: activations are always scaled per row at run time.
 
     The old bf16 weights are released (the bias Parameter is reused), so the converted layers take half the
-    memory. Layers that already are :class:`Fp8Linear` are skipped, so a second call returns 0. Call this after
-    any ``.to(dtype)`` of the model: a later cast would turn the fp8 weights into 16-bit ones (still correct
-    through the reference path, but no longer fp8). Raises ValueError for a ``weights_fp8`` name that is not
-    a converted layer or whose tensors do not fit it, TypeError if a target is not an nn.Linear.
+    memory. ``fast_accum`` selects Hopper's faster, less exact fp8 accumulation (see :class:`Fp8Linear`; off by
+    default until shown close enough). Layers that already are :class:`Fp8Linear` are skipped, so a second call
+    returns 0. Call this after any ``.to(dtype)`` of the model: a later cast would turn the fp8 weights into 16-bit
+    ones (still correct through the reference path, but no longer fp8). Raises ValueError for a ``weights_fp8``
+    name that is not a converted layer or whose tensors do not fit it, TypeError if a target is not an nn.Linear.
     """
     targets = tuple(targets)
     pending = dict(weights_fp8 or {})
@@ -247,9 +258,11 @@ def enable_fp8(
                     )
                 if scale.numel() not in (1, layer.out_features):
                     raise ValueError(f"weights_fp8[{name!r}] scale has {scale.numel()} entries")
-                new = Fp8Linear(w_q.to(layer.weight.device), scale.to(layer.weight.device), layer.bias)
+                new = Fp8Linear(
+                    w_q.to(layer.weight.device), scale.to(layer.weight.device), layer.bias, fast_accum=fast_accum
+                )
             else:
-                new = Fp8Linear.from_linear(layer)
+                new = Fp8Linear.from_linear(layer, fast_accum=fast_accum)
             setattr(parent, attr, new)  # same attribute name (nn.Sequential "0"/"2" included)
             converted += 1
     if pending:

@@ -13,6 +13,7 @@ Fault injection through the prompt, for the worker's fault paths: ``FAIL:oom``, 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import time
 import wave
@@ -85,6 +86,8 @@ class FakeRenderer:
         assert self.warm, "warmup() must run before the first render"
         stem = request.audio[0].stem
         self._note(f"start {stem}")
+        # a stdlib record, as the real engine writes them: it must reach the job's log file too
+        logging.getLogger("infinitetalkd.engine").info("fake engine: rendering %s", stem)
         t0 = time.monotonic()
         progress(Progress("prepare", 0, 1, 0, 0, 0.0))
         if request.image is not None:

@@ -61,7 +61,7 @@ def test_slow_writes_wait_for_stability_then_one_job_renders(make_env: Callable[
     assert doc["versions"]["python"] and doc["params"]["preset"] == "lightx2v"
     assert doc["timings"]["render_s"] > 0
     log = (env.outbox / "alice.log").read_text()
-    assert "job.started" in log and "job.finished" in log
+    assert "job.started" in log and "job.finished" in log and "fake engine: rendering alice" in log
     assert all(f"job_id={job.id}" in line and "stem=alice" in line for line in log.splitlines() if line.strip())
     import av
     with av.open(str(env.outbox / "alice.mp4")) as c:
@@ -271,6 +271,7 @@ def test_metrics_endpoint(make_env: Callable[..., Env]) -> None:
 
     body = wait_for(scrape, what="the job counts in /metrics")
     assert 'infinitetalkd_jobs{status="failed"} 1.0' in body
+    assert 'infinitetalkd_failures_total{kind="input"} 1.0' in body
     assert "infinitetalkd_render_seconds_count 1.0" in body
     assert "infinitetalkd_last_success_timestamp_seconds" in body
     assert env.stop() == 0
@@ -284,3 +285,31 @@ def test_a_second_daemon_on_the_same_state_is_refused(env: Env) -> None:
     code = run_daemon(env.config, lambda o: FakeRenderer(o), install_signals=False, stop=threading.Event())
     assert code == 78
     assert env.stop() == 0
+
+
+def test_files_named_by_a_sidecar_belong_to_its_job(make_env: Callable[..., Env]) -> None:
+    env = make_env({"watch": {"incomplete_after_s": 0.5}})
+    env.start(steps=60, step_s=0.02)  # each render outlasts incomplete_after_s
+    env.drop("first")
+    write_wav(env.inbox / "second.wav", freq=330)
+    write_png(env.inbox / "duo_m1.png", color=(255, 255, 255))
+    write_png(env.inbox / "duo_m2.png", color=(0, 0, 0))
+    env.drop("duo", sidecar={"audio2": "second.wav", "masks": ["duo_m1.png", "duo_m2.png"]}, color=(9, 99, 9))
+    job = env.wait_status("duo", JobStatus.DONE, timeout=20)
+    assert env.stop() == 0
+    assert sorted(j.stem for j in env.jobs()) == ["duo", "first"]  # no job, no refusal for the named files
+    assert not env.failed.exists() or not list(env.failed.iterdir())
+    assert sorted(p.name for p in (env.archive / "duo").iterdir()) == [
+        "duo.png", "duo.wav", "duo.yaml", "duo_m1.png", "duo_m2.png", "second.wav"]
+    assert {i["role"] for i in job.inputs} == {"image", "audio", "audio2", "mask1", "mask2", "sidecar"}
+
+
+def test_after_success_delete(make_env: Callable[..., Env]) -> None:
+    env = make_env({"jobs": {"after_success": "delete"}})
+    env.start()
+    env.drop("alice")
+    env.wait_status("alice", JobStatus.DONE)
+    assert env.stop() == 0
+    assert list(env.inbox.iterdir()) == []
+    assert list(env.archive.iterdir()) == []  # deleted, not archived
+    assert env.outbox_files() == ["alice.json", "alice.log", "alice.mp4"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -111,10 +112,8 @@ def test_sigterm_requeues_exits_0_and_notifies_systemd(env: Env, procs: list[sub
 
     def listen() -> None:  # drain continuously, as systemd does
         while listening.is_set():
-            try:
+            with contextlib.suppress(TimeoutError):
                 messages.append(sock.recv(4096).decode())
-            except TimeoutError:
-                pass
 
     listener = threading.Thread(target=listen)
     listener.start()
