@@ -599,10 +599,8 @@ class VideoWriter:
         """Stop without finishing: close the container and remove the partial file."""
         if not self._closed:
             self._closed = True
-            try:
+            with contextlib.suppress(Exception):  # the file is being discarded anyway
                 self._container.close()
-            except Exception:  # noqa: BLE001 - the file is being discarded anyway
-                pass
         self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> VideoWriter:
