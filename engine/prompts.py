@@ -3,6 +3,7 @@
 Two levels: an in-memory dict for this process, and ``<cache_dir>/prompts/<sha256>.pt`` on disk,
 keyed by the text encoder's file identity and the exact prompt text. The encoder is called only on
 a miss, through a callable the engine supplies (it moves umT5 to the device for that call).
+Files are safetensors (no pickles are ever read back); a damaged file is re-encoded and replaced.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 EncodeFn = Callable[[list[str]], list[torch.Tensor]]
 
@@ -63,12 +65,13 @@ class PromptCache:
     def _load(self, key: str) -> torch.Tensor | None:
         if self._dir is None:
             return None
-        path = self._dir / f"{key}.pt"
+        path = self._dir / f"{key}.safetensors"
+        if not path.is_file():
+            return None
         try:
-            value = torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError, ValueError):
-            return None  # absent or damaged: re-encode (and overwrite)
-        return value if isinstance(value, torch.Tensor) else None
+            return load_file(str(path))["embedding"]
+        except Exception:  # noqa: BLE001 - any damage means "not cached": re-encode and overwrite
+            return None
 
     def _store(self, key: str, emb: torch.Tensor) -> None:
         if self._dir is None:
@@ -76,8 +79,8 @@ class PromptCache:
         try:
             self._dir.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self._dir, suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                torch.save(emb.clone(), f)
-            os.replace(tmp, self._dir / f"{key}.pt")
+            os.close(fd)
+            save_file({"embedding": emb.contiguous()}, tmp)
+            os.replace(tmp, self._dir / f"{key}.safetensors")
         except OSError:
             pass  # a read-only or full cache dir only costs speed, never a job

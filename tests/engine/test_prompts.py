@@ -39,7 +39,7 @@ def test_memory_then_disk_then_encoder(tmp_path: Path) -> None:
 def test_damaged_cache_file_is_re_encoded(tmp_path: Path) -> None:
     enc = Counting()
     PromptCache(enc, "id", tmp_path).get(["x"])
-    for f in (tmp_path / "prompts").glob("*.pt"):
+    for f in (tmp_path / "prompts").glob("*.safetensors"):
         f.write_bytes(b"not a tensor")
     (x,) = PromptCache(enc, "id", tmp_path).get(["x"])
     assert x.shape == (1, 4) and len(enc.calls) == 2
