@@ -13,6 +13,11 @@ same inputs and inside ``engine.fast.preferred_attention()``:
   (d) optional, while --budget-s lasts: the other buckets with compiled fp8 (and switching back and forth
       between buckets without recompiling), then compiled fp8 with fast accumulation.
 
+--fp32-truth adds a whole-forward fp32 reference (blocks cast to fp32 one at a time, then back: bf16 -> fp32 ->
+bf16 is exact), so every configuration's error is also given against the exact-arithmetic answer, next to eager
+bf16's own. --fp8-subsets adds block-0 errors for subsets of the converted layers and a compiled forward with only
+the large-M layers in fp8 (the K/V projections of the 512 text / 257 image / 32 audio context tokens in bf16).
+
 Closeness to (a): relative L2 ||out - ref|| / ||ref|| and cosine similarity of the fp32 velocity output; per block:
 the same metrics on the block's update (output - input) against the fp32 block. Tolerances are in TOL below.
 Random weights: real checkpoints have outlier channels that make fp8 error larger (or smaller) than here.
@@ -53,6 +58,23 @@ from engine import dit, fast  # noqa: E402
 TOL = {
     "compiled_bf16": {"rel_l2": 1e-2, "cos": 0.99995},
     "fp8": {"rel_l2": 3e-2, "cos": 0.9995},
+}
+# Written after the first run (2026-11-25), where compiled bf16 missed the 1e-2 above (1.6e-2) although its block-0
+# update was *closer* to fp32 than eager's: the tolerance ignored that bf16 noise accumulates over 40 blocks, so
+# eager itself is that far from the exact answer. Criterion anchored on the fp32 forward instead: an option that
+# only reorders bf16 arithmetic must be no further from fp32 than eager bf16 is (ratio <= 1.25). fp8 gets no pass
+# threshold here: its ratio is reported; whether it is acceptable needs real weights and a render A/B.
+TOL_VS_FP32 = {"compiled_bf16_ratio_to_eager": 1.25}
+
+# Layers whose inputs are the few context tokens (512 text, 257 image, 32 audio per frame): no speed from fp8.
+LARGE_M = fast.FP8_LARGE_M_TARGETS
+SMALL_M = tuple(t for t in fast.FP8_TARGETS if t not in LARGE_M)
+SUBSETS = {
+    "all 15 (default)": fast.FP8_TARGETS,
+    "large-M only (10)": LARGE_M,
+    "context/audio K,V only (5)": SMALL_M,
+    "ffn only (2)": ("ffn.0", "ffn.2"),
+    "self-attn q,k,v,o only (4)": ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o"),
 }
 
 
@@ -145,6 +167,33 @@ def closeness(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     }
 
 
+def fp32_forward(model: dit.WanInfiniteTalk, kw: dict) -> torch.Tensor:
+    """The forward in fp32 arithmetic without holding an fp32 copy of the 35 GiB model: the small non-block
+    modules are cast to fp32 for the call, each block just before it runs and back to bf16 right after (values
+    that came from bf16 survive bf16 -> fp32 -> bf16 exactly). Eager, no TF32 (precision "highest")."""
+    others = [m for name, m in model.named_children() if name != "blocks"]
+
+    def to_fp32(m: torch.nn.Module, args: tuple) -> None:  # a hook must return None to keep the inputs
+        m.float()
+
+    def to_bf16(m: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+        m.to(torch.bfloat16)
+
+    hooks = []
+    for block in model.blocks:
+        hooks.append(block.register_forward_pre_hook(to_fp32))
+        hooks.append(block.register_forward_hook(to_bf16))
+    try:
+        for m in others:
+            m.float()
+        return model(**kw).float()
+    finally:
+        for h in hooks:
+            h.remove()
+        for m in others:
+            m.to(torch.bfloat16)
+
+
 def frames_ok() -> int:
     return int(counters["frames"]["ok"])
 
@@ -179,6 +228,9 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=300.0, help="start optional stages only before this")
     ap.add_argument("--out", default=None, help="folder for bench_fast.json / .md (default $OUT or bench/out)")
     ap.add_argument("--tiny", action="store_true", help="dry run with the tiny DiT (CPU: aot_eager backend)")
+    ap.add_argument("--fp32-truth", action="store_true", help="also compare every output with an fp32 forward")
+    ap.add_argument("--fp8-subsets", action="store_true", help="fp8 on subsets of the layers (block 0 + forward)")
+    ap.add_argument("--no-fast-accum", action="store_true", help="skip the fast-accumulation stage")
     args = ap.parse_args()
     t_start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -190,7 +242,8 @@ def main() -> None:
     torch.set_float32_matmul_precision("highest")  # the fp32 noise-floor block must be real fp32 (no TF32)
     out_dir = Path(args.out or os.environ.get("OUT") or "bench/out")
     out_dir.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = dict(env=env_info(device), args=vars(args), backend=backend, tol=TOL, rows=[],
+    report: dict[str, Any] = dict(env=env_info(device), args=vars(args), backend=backend, tol=TOL,
+                                  tol_vs_fp32=TOL_VS_FP32, rows=[],
                                   blocks=[], errors=[])
 
     def save() -> None:
@@ -218,7 +271,12 @@ def main() -> None:
     kw_next["t"] = torch.tensor([500.0], device=device)
     rows, blocks = report["rows"], report["blocks"]
 
-    def add_row(**row: Any) -> None:
+    truth: dict[str, torch.Tensor] = {}
+
+    def add_row(out: torch.Tensor | None = None, **row: Any) -> None:
+        if out is not None and "ref" in truth:
+            c = closeness(out.float(), truth["ref"])
+            row.update(rel_l2_vs_fp32=round(c["rel_l2"], 5), cos_vs_fp32=round(c["cos"], 6))
         rows.append(row)
         print(json.dumps(row), flush=True)
         save()
@@ -239,9 +297,14 @@ def main() -> None:
         hook.remove()
         reset_peak()
         sec_a, out = timed(lambda: model(**kw), args.repeat)
+        peak_a = peak_gib()  # before the fp32 reference below, which needs more memory
         ref = out.float().clone()
-        add_row(config="eager bf16", bucket=main_b, tokens=tokens(main_b), s_per_forward=round(sec_a, 3),
-                peak_gib=peak_gib(), weights_gib=report["env"]["weights_gib_bf16"], compile_s=None,
+        if args.fp32_truth:
+            t0 = time.perf_counter()
+            truth["ref"] = fp32_forward(model, kw)
+            report["env"]["fp32_forward_s"] = round(time.perf_counter() - t0, 1)
+        add_row(out=ref, config="eager bf16", bucket=main_b, tokens=tokens(main_b), s_per_forward=round(sec_a, 3),
+                peak_gib=peak_a, weights_gib=report["env"]["weights_gib_bf16"], compile_s=None,
                 rel_l2=0.0, cos=1.0, frames_compiled=None, recompiles=None)
 
         blk, bargs = model.blocks[0], captured["args"]
@@ -253,6 +316,15 @@ def main() -> None:
         gc.collect()
         sec, y = timed(lambda: blk.forward(*bargs), args.block_repeat)
         add_block("block 0, eager bf16 (noise floor vs fp32)", sec, y, x_in, delta32)
+        if args.fp8_subsets:
+            for name, targets in SUBSETS.items():
+                holder = torch.nn.Module()
+                holder.blocks = torch.nn.ModuleList([copy.deepcopy(blk)])
+                fast.enable_fp8(holder, targets=targets)
+                sec, y = timed(lambda: holder.blocks[0].forward(*bargs), args.block_repeat)  # noqa: B023
+                add_block(f"block 0, eager fp8, {name}", sec, y, x_in, delta32)
+                del holder
+            gc.collect()
 
         # (b) compiled bf16 --------------------------------------------------------------------------
         try:
@@ -267,8 +339,8 @@ def main() -> None:
                 peak_b = peak_gib()
                 model(**kw_next)
             c = closeness(out.float(), ref)
-            add_row(config="compiled bf16", bucket=main_b, tokens=tokens(main_b), s_per_forward=round(sec_b, 3),
-                    peak_gib=peak_b, weights_gib=report["env"]["weights_gib_bf16"],
+            add_row(out=out, config="compiled bf16", bucket=main_b, tokens=tokens(main_b),
+                    s_per_forward=round(sec_b, 3), peak_gib=peak_b, weights_gib=report["env"]["weights_gib_bf16"],
                     compile_s=round(first_s - sec_b, 1), rel_l2=round(c["rel_l2"], 5), cos=round(c["cos"], 6),
                     frames_compiled=n_frames, unique_graphs=graphs, recompiles=frames_ok() - n_frames,
                     graph_breaks=sum(counters["graph_break"].values()))
@@ -281,20 +353,7 @@ def main() -> None:
         torch._dynamo.reset()
 
         # (c) fp8 ------------------------------------------------------------------------------------
-        t0 = time.perf_counter()
-        n_fp8 = fast.enable_fp8(model)
-        sync()
-        report["env"]["fp8_layers"] = n_fp8
-        report["env"]["fp8_convert_s"] = round(time.perf_counter() - t0, 1)
-        report["env"]["weights_gib_fp8"] = w8 = alloc_gib()
-        try:
-            sec, y = timed(lambda: blk.forward(*bargs), args.block_repeat)
-            add_block("block 0, eager fp8", sec, y, x_in, delta32)
-        except Exception:
-            report["errors"].append("eager fp8 block: " + traceback.format_exc())
-            print(report["errors"][-1], flush=True)
-
-        def compiled_fp8(label: str) -> None:
+        def compiled_fp8(label: str, weights_gib: float | None) -> None:
             counters.clear()
             torch._dynamo.reset()
             fast.compile_blocks(model, backend=backend)
@@ -307,15 +366,37 @@ def main() -> None:
                 peak_c = peak_gib()
                 model(**kw_next)
             c = closeness(out.float(), ref)
-            add_row(config=label, bucket=main_b, tokens=tokens(main_b), s_per_forward=round(sec_c, 3), peak_gib=peak_c,
-                    weights_gib=w8, compile_s=round(first_s - sec_c, 1), rel_l2=round(c["rel_l2"], 5),
-                    cos=round(c["cos"], 6), frames_compiled=n_frames, unique_graphs=graphs,
-                    recompiles=frames_ok() - n_frames, graph_breaks=sum(counters["graph_break"].values()))
+            add_row(out=out, config=label, bucket=main_b, tokens=tokens(main_b), s_per_forward=round(sec_c, 3),
+                    peak_gib=peak_c, weights_gib=weights_gib, compile_s=round(first_s - sec_c, 1),
+                    rel_l2=round(c["rel_l2"], 5), cos=round(c["cos"], 6), frames_compiled=n_frames,
+                    unique_graphs=graphs, recompiles=frames_ok() - n_frames,
+                    graph_breaks=sum(counters["graph_break"].values()))
             sec, y = timed(lambda: blk(*bargs), args.block_repeat)
             add_block(f"block 0, {label}", sec, y, x_in, delta32)
 
+        if args.fp8_subsets:  # first the large-M layers only, then (below) the remaining 5 per block as well
+            try:
+                fast.enable_fp8(model, targets=LARGE_M)
+                report["env"]["weights_gib_fp8_large_m"] = alloc_gib()
+                compiled_fp8("compiled fp8, large-M layers only", report["env"]["weights_gib_fp8_large_m"])
+            except Exception:
+                report["errors"].append("compiled fp8 large-M: " + traceback.format_exc())
+                print(report["errors"][-1], flush=True)
+                save()
+        t0 = time.perf_counter()
+        n_fp8 = fast.enable_fp8(model)
+        sync()
+        report["env"]["fp8_layers"] = n_fp8  # (those converted by this call)
+        report["env"]["fp8_convert_s"] = round(time.perf_counter() - t0, 1)
+        report["env"]["weights_gib_fp8"] = w8 = alloc_gib()
         try:
-            compiled_fp8("compiled fp8")
+            sec, y = timed(lambda: blk.forward(*bargs), args.block_repeat)
+            add_block("block 0, eager fp8", sec, y, x_in, delta32)
+        except Exception:
+            report["errors"].append("eager fp8 block: " + traceback.format_exc())
+            print(report["errors"][-1], flush=True)
+        try:
+            compiled_fp8("compiled fp8", w8)
         except Exception:
             report["errors"].append("compiled fp8: " + traceback.format_exc())
             print(report["errors"][-1], flush=True)
@@ -345,17 +426,17 @@ def main() -> None:
                 report["errors"].append(f"bucket {other}: " + traceback.format_exc())
                 print(report["errors"][-1], flush=True)
                 save()
-        if elapsed() <= args.budget_s and device == "cuda":
+        if elapsed() <= args.budget_s and device == "cuda" and not args.no_fast_accum:
             try:
                 for m in model.modules():
                     if isinstance(m, fast.Fp8Linear):
                         m.fast_accum = True
-                compiled_fp8("compiled fp8 + fast accum")
+                compiled_fp8("compiled fp8 + fast accum", w8)
             except Exception:
                 report["errors"].append("fast accum: " + traceback.format_exc())
                 print(report["errors"][-1], flush=True)
         else:
-            report["errors"].append(f"skipped fast accum: {elapsed():.0f} s > budget or no GPU")
+            report["errors"].append(f"skipped fast accum: {elapsed():.0f} s > budget, no GPU or --no-fast-accum")
 
     report["total_s"] = round(elapsed(), 1)
     save()
@@ -371,14 +452,14 @@ def table(report: dict[str, Any]) -> str:
 
     lines = [
         "| config | bucket | tokens | s / forward | peak GiB | weights GiB | compile s | rel L2 vs eager | "
-        "cos vs eager | graphs compiled | recompiles |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "cos vs eager | rel L2 vs fp32 | graphs compiled | recompiles |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         lines.append(
             f"| {r['config']} | {r['bucket']} | {r['tokens']} | {f(r['s_per_forward'])} | {f(r['peak_gib'])} | "
             f"{f(r['weights_gib'])} | {f(r['compile_s'])} | {f(r['rel_l2'])} | {f(r['cos'])} | "
-            f"{f(r.get('frames_compiled'))} | {f(r.get('recompiles'))} |"
+            f"{f(r.get('rel_l2_vs_fp32'))} | {f(r.get('frames_compiled'))} | {f(r.get('recompiles'))} |"
         )
     lines += ["", "| block 0 (captured inputs) | ms / block | x 40 (s) | update rel L2 vs fp32 | update cos vs fp32 |",
               "|---|---|---|---|---|"]

@@ -96,6 +96,7 @@ class EngineConfig:
     lora_strength: float = 1.0
     memory_mode: str = "auto"
     fast: bool = True
+    fp8: bool = False
     cache_dir: Path | None = None
 
     def options(self) -> EngineOptions:
@@ -108,6 +109,7 @@ class EngineConfig:
             lora_strength=self.lora_strength,
             cache_dir=self.cache_dir,
             fast=self.fast,
+            fp8=self.fp8,
             memory_mode=self.memory_mode,
         )
 
@@ -256,7 +258,7 @@ def parse_config(raw: object, *, base: Path, where: str = "config.yaml") -> Conf
 
     e = _Section(where, "engine", top.raw.get("engine"),
                  ("models_dir", "files", "device", "dtype", "preset", "lora_strength", "memory_mode", "fast",
-                  "cache_dir"))
+                  "fp8", "cache_dir"))
     files_raw = e.raw.get("files") or {}
     if not isinstance(files_raw, dict):
         raise e.error("engine.files", "must be a mapping of role: file name")
@@ -280,6 +282,7 @@ def parse_config(raw: object, *, base: Path, where: str = "config.yaml") -> Conf
         lora_strength=e.number("lora_strength", 1.0, strict_min=False),
         memory_mode=e.choice("memory_mode", "auto", ("auto", "resident", "low")),
         fast=e.boolean("fast", True),
+        fp8=e.boolean("fp8", False),
         cache_dir=None if cache_raw is None else e.path("cache_dir", None, base),
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -9,10 +10,25 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
+log = logging.getLogger("infinitetalkd.engine")
+
+# The bucket compiled at start-up when the fast path is on (the official 16:9 480p bucket); other
+# buckets compile on their first use (~15 s once per process, logged).
+WARM_BUCKETS = ((448, 896),)
+
 
 def load_engine(options: EngineOptions) -> Renderer:
     """Load every model for ``options`` onto its device and return a resident renderer."""
     from engine.models_dir import load_models
     from engine.render import Engine
 
-    return Engine(load_models(options), cache_dir=options.cache_dir, version=__version__)
+    models = load_models(options)
+    fast = options.fast and models.device.type == "cuda" and not getattr(models, "streamed", False)
+    if fast:
+        from engine.fast import compile_blocks, enable_fp8, supports_fp8
+
+        if options.fp8 and supports_fp8(models.device):
+            log.info("fp8 GEMMs enabled in %d DiT layers", enable_fp8(models.dit))
+        compile_blocks(models.dit)
+    return Engine(models, cache_dir=options.cache_dir, version=__version__, fast=fast,
+                  warm_buckets=WARM_BUCKETS if fast else ())

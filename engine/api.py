@@ -82,7 +82,8 @@ class EngineOptions:
     preset: str = "lightx2v"  # which LoRA policy to load with; per-job presets must agree on the LoRA
     lora_strength: float = 1.0
     cache_dir: Path | None = None  # prompt-embedding cache on disk
-    fast: bool = True  # fp8 GEMMs / compile / best attention where the device supports them
+    fast: bool = True  # on CUDA: compiled DiT blocks and the fastest attention kernel (numerically checked)
+    fp8: bool = False  # fp8 GEMMs in the DiT blocks: faster, but not yet shown close enough (bench/RESULTS.md)
     memory_mode: str = "auto"  # "auto" | "resident" | "low" (stream DiT blocks from host memory)
 
 

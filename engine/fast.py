@@ -16,6 +16,12 @@ Three independent switches, each applied to a built and loaded :class:`engine.di
   performance.md 4.2 / 7), and routes the flash backend to FlashAttention-3 when ``flash_attn_interface``
   is importable.
 
+Measured on an H100 at 448x896x81 (bench/bench_fast.py, bench/RESULTS.md 2026-11-25, random weights): eager bf16
+4.42-4.49 s per forward; compiled bf16 3.14-3.20 s (closer to an fp32 forward than eager: rel L2 0.99e-2 vs
+1.36e-2); compiled fp8 2.84-2.89 s (rel L2 4.8e-2 vs fp32; outside the 3e-2 written down beforehand, so not a
+default yet); with ``fast_accum`` 2.71 s at the same error. One graph serves all 40 blocks; compile 11-17 s
+per bucket; no recompiles across steps, chunks or buckets.
+
 Order of use: load (LoRAs merged into the dequantised weights first, formats.md 3.4), cast with ``.to()``,
 then :func:`enable_fp8`, then :func:`compile_blocks`, then run the forwards inside
 :func:`preferred_attention`. Nothing here changes global state except for the duration of that context.
@@ -33,6 +39,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = [
     "FP8_DTYPE",
+    "FP8_LARGE_M_TARGETS",
     "FP8_MAX",
     "FP8_TARGETS",
     "Fp8Linear",
@@ -54,8 +61,9 @@ _AMAX_FLOOR = 1e-12
 # Linear layers converted by :func:`enable_fp8`, relative to a block. All 15 Linears of a block: q/k/v/o of the
 # self-attention, q/k/v/o/k_img/v_img of the text+image cross-attention, the two FFN layers and the audio
 # cross-attention's q_linear/kv_linear/proj. That is 16.3 B of the 16.4 B block parameters, so the weights
-# drop from ~35 GiB to ~20 GiB. The embeddings, head, img_emb and audio_proj stay in 16 bits (they are small and
-# run on few tokens); this is also what the kijai fp8 file keeps in 16 bits (formats.md 3.1).
+# drop from 35.3 GiB to 19.3 GiB (measured). This is also the set a ComfyUI fp8 file stores in fp8 (formats.md
+# 3.1), so ``weights_fp8`` can serve every layer. The embeddings, head, img_emb and audio_proj stay in 16 bits
+# (small, and they run on few tokens).
 FP8_TARGETS: tuple[str, ...] = (
     "self_attn.q",
     "self_attn.k",
@@ -72,6 +80,14 @@ FP8_TARGETS: tuple[str, ...] = (
     "audio_cross_attn.q_linear",
     "audio_cross_attn.kv_linear",
     "audio_cross_attn.proj",
+)
+# The 10 of them whose input is the 32K video tokens. The other 5 (K/V of the 512 text, 257 image and 32-per-frame
+# audio context tokens) gain no speed from fp8 but add error: on the H100 bench (random weights, bench/RESULTS.md
+# 2026-11-25) leaving them in bf16 kept the forward at 2.84 s, lowered the error against an fp32 forward from
+# 4.8e-2 to 3.7e-2, and cost 4.2 GiB more weights (23.5 GiB). Pass ``targets=FP8_LARGE_M_TARGETS`` to use it.
+FP8_LARGE_M_TARGETS: tuple[str, ...] = tuple(
+    t for t in FP8_TARGETS if t not in ("cross_attn.k", "cross_attn.v", "cross_attn.k_img", "cross_attn.v_img",
+                                         "audio_cross_attn.kv_linear")
 )
 
 
@@ -149,6 +165,8 @@ class Fp8Linear(nn.Module):
     run shows the numerics of the GPU kernel (slowly) instead of silently skipping the quantisation.
     The result has x's dtype.
     """
+
+    weight_scale: Tensor  # registered buffer, [out] float32
 
     def __init__(
         self, weight: Tensor, weight_scale: Tensor, bias: Tensor | nn.Parameter | None, *, fast_accum: bool = False
@@ -240,7 +258,7 @@ def enable_fp8(
     targets = tuple(targets)
     pending = dict(weights_fp8 or {})
     converted = 0
-    for i, block in enumerate(dit.blocks):  # type: ignore[attr-defined, arg-type]
+    for i, block in enumerate(dit.blocks):  # type: ignore[arg-type]
         for rel in targets:
             parent, attr = _resolve(block, rel)
             layer = getattr(parent, attr)
@@ -288,7 +306,7 @@ def compile_blocks(dit: nn.Module, *, mode: str | None = None, backend: str = "i
     serving more distinct (bucket, batch) shapes than that must raise it, or the extra shapes run eagerly.
     ``backend`` other than inductor is for tests (``"aot_eager"`` exercises the tracing without code generation).
     """
-    for block in dit.blocks:  # type: ignore[attr-defined, union-attr]
+    for block in dit.blocks:  # type: ignore[union-attr]
         block.compile(dynamic=False, mode=mode, backend=backend)
 
 

@@ -224,9 +224,14 @@ def _load_hf(role: str, info: wt.FileInfo, device: torch.device, dtype: torch.dt
 
 
 def load_dit(base: wt.FileInfo, patch: wt.FileInfo, *, device: torch.device, dtype: torch.dtype,
-             lora: wt.FileInfo | None = None, lora_strength: float = 1.0,
+             lora: wt.FileInfo | None = None, lora_strength: float = 1.0, memory_mode: str = "resident",
              ) -> tuple[torch.nn.Module, wt.LoraReport | None]:
-    """Base DiT + InfiniteTalk patch (+ LoRA merged into the dequantised weights), strict, streamed."""
+    """Base DiT + InfiniteTalk patch (+ LoRA merged into the dequantised weights), strict, streamed.
+
+    ``memory_mode="low"``: tensors are still dequantised (and LoRA-merged) one at a time on ``device``, but every
+    ``blocks.*`` tensor is moved to host memory as soon as it is ready, so the whole DiT is never on the GPU;
+    then engine.offload.stream_blocks packs the blocks into pinned memory and streams them during forwards.
+    """
     net = _network("dit")
     shapes = {**wt.logical_shapes(base), **wt.logical_shapes(patch)}
     cfg = net.config_from_shapes(shapes)
@@ -240,8 +245,18 @@ def load_dit(base: wt.FileInfo, patch: wt.FileInfo, *, device: torch.device, dty
         targets = set(plan.deltas)
         stream = wt.iter_tensors(base, dtype=lambda k: torch.float32 if k in targets else dtype, device=device)
         stream, report = wt.merge_lora(stream, lora, lora_strength, set(plan.deltas), out_dtype=dtype, plan=plan)
-    wt.load_module(dit, chain(stream, wt.iter_tensors(patch, dtype=dtype, device=device)),
-                   source=f"{base.path} + {patch.path}")
+    tensors: Iterable[tuple[str, torch.Tensor]] = chain(stream, wt.iter_tensors(patch, dtype=dtype, device=device))
+    if memory_mode == "low":
+        host = torch.device("cpu")
+        tensors = ((k, t.to(host) if k.startswith("blocks.") else t) for k, t in tensors)
+    wt.load_module(dit, tensors, source=f"{base.path} + {patch.path}")
+    if memory_mode == "low":
+        from engine.offload import stream_blocks
+
+        streamer = stream_blocks(dit, device)
+        log.info("DiT blocks streamed from %s host memory: %.1f GiB on the host, %d x %.2f GiB slots on %s",
+                 "pinned" if streamer.pinned else "pageable", streamer.host_bytes / 2**30, streamer.num_slots,
+                 streamer.slot_bytes / 2**30, device)
     return dit.eval(), report
 
 
@@ -287,9 +302,26 @@ def load_models(options: Any) -> Any:
     patches = {n: infos[r] for n, r in ((1, "patch_single"), (2, "patch_multi")) if r in infos}
     first = 1 if 1 in patches else 2
     lora = infos.get("lora") if need_lora else None
-    log.info("loading DiT %s + %s on %s as %s", infos["dit"].path.name, patches[first].path.name, dev, dt)
+
+    # Memory mode. "auto" streams the DiT blocks (and parks umT5 on the CPU) only when the weights of every
+    # network in the load dtype (wav2vec2 in fp32), plus activation headroom, exceed the device's free memory.
+    # "low" is honoured on any device (on the CPU it changes nothing but exercises the streaming path).
+    from engine.offload import RESIDENT_HEADROOM_BYTES, choose_memory_mode, shapes_nbytes
+
+    resident = shapes_nbytes({**wt.logical_shapes(infos["dit"]), **wt.logical_shapes(patches[first])}, dt)
+    resident += sum(shapes_nbytes(wt.logical_shapes(infos[r]), dt) for r in ("vae", "text_encoder", "clip_vision")
+                    if r in infos)
+    resident += shapes_nbytes(wt.logical_shapes(infos["audio_encoder"]), torch.float32)
+    mode = choose_memory_mode(options.memory_mode, dev, resident)
+    if options.memory_mode == "auto":
+        free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else 0
+        log.info("memory_mode auto -> %s: weights %.1f GiB + %.0f GiB headroom, %s", mode, resident / 2**30,
+                 RESIDENT_HEADROOM_BYTES / 2**30, f"{free / 2**30:.1f} GiB free" if free else f"device {dev}")
+
+    log.info("loading DiT %s + %s on %s as %s (%s)", infos["dit"].path.name, patches[first].path.name, dev, dt,
+             mode)
     dit, report = load_dit(infos["dit"], patches[first], device=dev, dtype=dt, lora=lora,
-                           lora_strength=options.lora_strength)
+                           lora_strength=options.lora_strength, memory_mode=mode)
     if report is not None:
         log.info("LoRA %s merged at strength %g into %d weights", lora.path.name if lora else "?",
                  options.lora_strength, report.applied)
@@ -305,7 +337,7 @@ def load_models(options: Any) -> Any:
     vae.eval()
 
     # umT5 runs once per new prompt; in low-memory mode it waits on the CPU between prompts.
-    text_dev = torch.device("cpu") if options.memory_mode == "low" else dev
+    text_dev = torch.device("cpu") if mode == "low" else dev
     text_dt = dt if text_dev.type == "cuda" else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     te_info = infos["text_encoder"]
     text_encoder = _load_hf("text_encoder", te_info, text_dev, text_dt)

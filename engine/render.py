@@ -18,6 +18,8 @@ Where we differ from the official ``InfiniteTalkPipeline.generate_infinitetalk``
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -48,6 +50,8 @@ from engine.audio import audio_features, frames_for_duration
 from engine.image_encoder import encode_image
 from engine.prompts import PromptCache
 from engine.text_encoder import encode_text
+
+log = logging.getLogger("infinitetalkd.engine")
 
 FPS = 25
 SAMPLE_RATE = 16000
@@ -94,9 +98,12 @@ def _device_errors() -> Iterator[None]:
 class Engine:
     """Implements engine.api.Renderer on resident models."""
 
-    def __init__(self, models: Models, *, cache_dir: Path | None = None, version: str = "0"):
+    def __init__(self, models: Models, *, cache_dir: Path | None = None, version: str = "0", fast: bool = False,
+                 warm_buckets: tuple[tuple[int, int], ...] = ()):
         self.m = models
         self.version = version
+        self.fast = fast  # compiled blocks + preferred attention (engine/fast.py)
+        self.warm_buckets = warm_buckets
         self.prompts = PromptCache(self._encode_prompts, models.identities.get("text_encoder", "?"), cache_dir)
         self._clip_missing_logged = False
 
@@ -107,20 +114,39 @@ class Engine:
         return ";".join(parts)
 
     def warmup(self) -> None:
-        """One tiny DiT + VAE pass so kernels are selected before the first job."""
-        with torch.inference_mode(), _device_errors():
-            cfg = self.m.dit.cfg  # type: ignore[attr-defined]
-            F, h, w = 2, 4, 4
+        """One DiT pass per warm bucket at the real shapes (this is when compiled blocks get compiled), or a
+        tiny pass when nothing is compiled, so kernels are selected before the first job."""
+        with torch.inference_mode(), _device_errors(), self._attention():
+            cfg = self.m.dit.cfg
             dev, dt = self.m.device, self.m.dtype
-            x = torch.zeros(1, cfg.out_dim, F, h, w, device=dev, dtype=torch.float32)
-            y = torch.zeros(1, cfg.in_dim - cfg.out_dim, F, h, w, device=dev, dtype=dt)
-            ctx = torch.zeros(1, 4, cfg.text_dim, device=dev, dtype=dt)
-            clip = torch.zeros(1, 1, cfg.clip_dim, device=dev, dtype=dt)
-            audio = torch.zeros(1, 1, 4 * (F - 1) + 1, cfg.audio_window, cfg.audio_feature_dim, device=dev, dtype=dt)
-            self.m.dit(x, torch.tensor([500.0], device=dev), ctx, clip, y, audio)
+            shapes = [(21, h // 8, w // 8) for h, w in self.warm_buckets] or [(2, 4, 4)]
+            for F, h, w in shapes:
+                t0 = time.perf_counter()
+                x = torch.zeros(1, cfg.out_dim, F, h, w, device=dev, dtype=torch.float32)
+                y = torch.zeros(1, cfg.in_dim - cfg.out_dim, F, h, w, device=dev, dtype=dt)
+                ctx = torch.zeros(1, 4, cfg.text_dim, device=dev, dtype=dt)
+                clip = None
+                if self.m.clip is not None:  # the real token count, so compiled shapes match the renders
+                    c = self.m.clip.config
+                    n_clip = (c.image_size // c.patch_size) ** 2 + 1
+                    clip = torch.zeros(1, n_clip, cfg.clip_dim, device=dev, dtype=dt)
+                audio = torch.zeros(1, 1, 4 * (F - 1) + 1, cfg.audio_window, cfg.audio_feature_dim, device=dev,
+                                    dtype=dt)
+                self.m.dit(x, torch.tensor([500.0], device=dev), ctx, clip, y, audio)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                log.info("warm-up pass at latent %dx%dx%d took %.1f s", F, h, w, time.perf_counter() - t0)
+
+    def _attention(self):  # type: ignore[no-untyped-def]
+        """The SDPA backend order for this engine (cuDNN first on the fast path), as a context manager."""
+        if self.fast:
+            from engine.fast import preferred_attention
+
+            return preferred_attention()
+        return contextlib.nullcontext()
 
     def render(self, request: RenderRequest, out_path: Path, progress: ProgressFn, should_stop: StopFn) -> RenderResult:
-        with torch.inference_mode(), _device_errors():
+        with torch.inference_mode(), _device_errors(), self._attention():
             return self._render(request, out_path, progress, should_stop)
 
     # ---------------------------------------------------------------- helpers

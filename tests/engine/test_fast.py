@@ -234,6 +234,14 @@ def test_enable_fp8_subset_of_targets() -> None:
     assert enable_fp8(model, targets=("ffn.0", "ffn.2")) == 2 * dit.TINY.num_layers
     assert isinstance(model.blocks[0].ffn[2], Fp8Linear)
     assert type(model.blocks[0].self_attn.q) is nn.Linear
+    # The large-M set: every layer fed by the video tokens, none fed by the text / image / audio context.
+    model = _tiny()
+    assert enable_fp8(model, targets=fast.FP8_LARGE_M_TARGETS) == 10 * dit.TINY.num_layers
+    blk = model.blocks[1]
+    assert all(isinstance(m, Fp8Linear) for m in (blk.self_attn.o, blk.cross_attn.q, blk.cross_attn.o,
+                                                  blk.audio_cross_attn.q_linear, blk.audio_cross_attn.proj))
+    assert all(type(m) is nn.Linear for m in (blk.cross_attn.k, blk.cross_attn.v, blk.cross_attn.k_img,
+                                              blk.cross_attn.v_img, blk.audio_cross_attn.kv_linear))
 
 
 # 4. compile_blocks ------------------------------------------------------------------------------------

@@ -1,0 +1,302 @@
+"""Tests for engine/offload.py: DiT blocks streamed from host memory (low-memory mode, issue 5).
+
+On CPU ``stream_blocks(dit, "cpu")`` runs the real packing, slot copies and hooks synchronously, so a streamed
+tiny DiT must give bit-identical outputs to the plain one. The CUDA path (pinned memory, side stream, events) is
+checked by the gpu-marked tests and by bench/bench_lowmem.py at full size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import dit
+from engine.offload import (
+    ALIGN,
+    BlockStreamer,
+    choose_memory_mode,
+    plan_arenas,
+    shapes_nbytes,
+    stream_blocks,
+)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (pinned memory, streams)")
+
+
+def _tiny(layers: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0) -> dit.WanInfiniteTalk:
+    torch.manual_seed(seed)
+    cfg = dataclasses.replace(dit.TINY, num_layers=layers)
+    return dit.WanInfiniteTalk(cfg).eval().requires_grad_(False).to(dtype)
+
+
+def _inputs(cfg: dit.DiTConfig, f: int = 3, h: int = 4, w: int = 4, seed: int = 1, device: str = "cpu",
+            dtype: torch.dtype = torch.float32) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    t = {
+        "x": torch.randn(1, 16, f, h, w, generator=g),
+        "t": torch.full((1,), 700.0),
+        "context": torch.randn(1, 20, cfg.text_dim, generator=g),
+        "clip_fea": torch.randn(1, 257, cfg.clip_dim, generator=g),
+        "y": torch.randn(1, 20, f, h, w, generator=g),
+        "audio": torch.randn(1, 1, 4 * (f - 1) + 1, cfg.audio_window, cfg.audio_feature_dim, generator=g),
+    }
+    return {k: v.to(device, dtype if k not in ("x", "t") else torch.float32) for k, v in t.items()}
+
+
+def _state(m: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+# 1. numerics: streaming is an identity ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("layers", "prefetch"), [(5, 1), (5, 2), (2, 1), (1, 1)])
+def test_streamed_forward_is_bit_identical(layers: int, prefetch: int) -> None:
+    m = _tiny(layers)
+    kw = _inputs(m.cfg)
+    with torch.inference_mode():
+        ref = m(**kw)
+    s = stream_blocks(m, "cpu", prefetch=prefetch)
+    with torch.inference_mode():
+        out1 = m(**kw)
+        out2 = m(**kw)
+    out3 = m(**kw)  # outside inference mode too
+    assert torch.equal(out1, ref) and torch.equal(out2, ref) and torch.equal(out3, ref)
+    assert s.copies == 3 * layers  # every block copied once per forward, none twice
+
+
+def test_streamed_forward_matches_in_bf16_with_two_speakers() -> None:
+    m = _tiny(3, torch.bfloat16)
+    kw = _inputs(m.cfg, dtype=torch.bfloat16)
+    kw["audio"] = torch.cat([kw["audio"], kw["audio"].flip(2)], dim=1)
+    kw["ref_target_masks"] = torch.zeros(1, 3, 4, 4)
+    kw["ref_target_masks"][:, 0, :, :2] = 1
+    kw["ref_target_masks"][:, 1, :, 2:] = 1
+    with torch.inference_mode():
+        ref = m(**kw)
+        stream_blocks(m, "cpu")
+        assert torch.equal(m(**kw), ref)
+
+
+# 2. structure ----------------------------------------------------------------------------------------
+
+
+def test_structure_keys_values_hooks_and_host_layout() -> None:
+    m = _tiny(3)
+    before = _state(m)
+    s = stream_blocks(m, torch.device("cpu"))
+    assert isinstance(s, BlockStreamer) and m._block_streamer is s
+    after = m.state_dict()
+    assert list(after) == list(before)  # same keys, same order: checkpoints still load strictly
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    # hooks: one pre + one always-call post hook on the model and on every block
+    assert len(m._forward_pre_hooks) == 1 and len(m._forward_hooks) == 1
+    for b in m.blocks:
+        assert len(b._forward_pre_hooks) == 1 and len(b._forward_hooks) == 1
+        assert all(b._forward_hooks_always_called.values())
+    # at rest every block tensor is a view into one of the host arenas, aligned, never pinned on a CPU stream
+    arenas = [(a.data_ptr(), a.data_ptr() + a.numel()) for a in s._arenas]
+    for i, b in enumerate(m.blocks):
+        ptrs = sorted(p.data_ptr() for p in b.parameters())
+        base = s._host_flat[i].data_ptr()
+        assert all((p - base) % ALIGN == 0 for p in ptrs)
+        assert all(any(lo <= p < hi for lo, hi in arenas) for p in ptrs)
+        assert not any(p.is_pinned() for p in b.parameters())
+    # block regions are disjoint and ordered inside the arenas
+    regions = sorted((f.data_ptr(), f.data_ptr() + f.numel()) for f in s._host_flat)
+    assert all(a[1] <= b[0] for a, b in zip(regions, regions[1:]))
+    assert s.slot_bytes == max(s.block_bytes) and s.device_bytes == 2 * s.slot_bytes
+    with pytest.raises(ValueError, match="already streamed"):
+        stream_blocks(m, "cpu")
+
+
+def test_remove_detaches_hooks_and_keeps_weights() -> None:
+    m = _tiny(2)
+    kw = _inputs(m.cfg)
+    ref = m(**kw)
+    s = stream_blocks(m, "cpu")
+    m(**kw)
+    s.remove()
+    assert m._block_streamer is None and not m._forward_pre_hooks and not m.blocks[0]._forward_pre_hooks
+    assert torch.equal(m(**kw), ref)  # still runs: the host views are ordinary CPU tensors
+    stream_blocks(m, "cpu")  # and may be streamed again
+    assert torch.equal(m(**kw), ref)
+
+
+# 3. behaviour around the loop ------------------------------------------------------------------------
+
+
+def test_host_writes_between_forwards_are_seen() -> None:
+    """An adapter swap writes into the host tensors between forwards (models_dir.patch_swapper does
+    ``p.data.copy_``). With 2 blocks and 2 slots every block would still sit in its slot from the last forward;
+    the next forward must re-read host memory, not reuse the stale slot."""
+    m, plain = _tiny(2), _tiny(2)
+    kw = _inputs(m.cfg)
+    stream_blocks(m, "cpu")
+    m(**kw)
+    new = torch.randn_like(plain.blocks[0].audio_cross_attn.proj.weight)
+    for model in (m, plain):
+        dict(model.named_parameters())["blocks.0.audio_cross_attn.proj.weight"].data.copy_(new)
+    assert torch.equal(m(**kw), plain(**kw))
+
+
+def test_a_block_that_raises_leaves_the_model_usable() -> None:
+    m = _tiny(3)
+    kw = _inputs(m.cfg)
+    ref = m(**kw)
+    s = stream_blocks(m, "cpu")
+    blk = m.blocks[1]
+    real = blk.forward
+
+    def failing(*args: object) -> torch.Tensor:
+        real(*args)  # the block ran on its slot weights, then the forward fails (e.g. out of memory)
+        assert all(p.data_ptr() != h.data_ptr() for p, h in zip(s._tensors[1], s._host[1]))
+        raise torch.OutOfMemoryError("simulated")
+
+    blk.forward = failing  # type: ignore[method-assign]
+    with pytest.raises(torch.OutOfMemoryError):
+        m(**kw)
+    # the always-call post hooks put the block back on its host views and closed the forward
+    assert s._active is None and not s._in_forward
+    assert all(p.data_ptr() == h.data_ptr() for p, h in zip(s._tensors[1], s._host[1]))
+    del blk.forward
+    assert torch.equal(m(**kw), ref)
+
+
+def test_block_called_on_its_own_outside_a_forward() -> None:
+    m = _tiny(2)
+    blk = m.blocks[1]
+    cfg = m.cfg
+    x = torch.randn(1, 48, cfg.dim)
+    e0 = torch.randn(1, 6, cfg.dim)
+    cos, sin = dit.rope_3d_tables((3, 4, 4), cfg.head_dim)
+    ctx = torch.randn(1, 257 + cfg.text_len, cfg.dim)
+    audio = torch.randn(3, 32, cfg.audio_output_dim)
+    args = (x, e0, cos, sin, ctx, 257, audio, 3, None)
+    ref = blk(*args)
+    s = stream_blocks(m, "cpu")
+    assert torch.equal(blk(*args), ref)
+    blk.norm3.weight.data.add_(1.0)  # a host write; the next direct call must see it
+    changed = blk(*args)
+    assert not torch.equal(changed, ref)
+    assert s.copies == 2  # one copy per direct call, no prefetch of a following block outside a forward
+
+
+def test_composes_with_compiled_blocks() -> None:
+    """engine.fast.compile_blocks uses nn.Module.compile; the hooks are excluded from tracing and run eagerly."""
+    m = _tiny(2)
+    kw = _inputs(m.cfg)
+    with torch.inference_mode():
+        ref = m(**kw)
+    s = stream_blocks(m, "cpu")
+    for b in m.blocks:
+        b.compile(backend="eager", dynamic=False)
+    with torch.inference_mode():
+        assert torch.equal(m(**kw), ref)
+        assert torch.equal(m(**kw), ref)
+    assert s.copies == 4
+
+
+# 4. planning helpers ---------------------------------------------------------------------------------
+
+
+def test_plan_arenas_for_the_released_dit() -> None:
+    """The caching host allocator rounds each pinned request up to a power of two; the plan keeps the waste low."""
+    with torch.device("meta"):
+        block = dit.Block(dit.RELEASED).to(torch.bfloat16)
+    size = sum((p.numel() * p.element_size() + ALIGN - 1) // ALIGN * ALIGN for p in block.parameters())
+    assert 0.85 * 2**30 < size < 0.9 * 2**30  # 0.88 GiB per block in bf16
+    groups = plan_arenas([size] * 40)
+    assert [j for g in groups for j in g] == list(range(40))  # consecutive, each block once
+    rounded = sum(1 << (len(g) * size - 1).bit_length() for g in groups)
+    assert rounded <= 36 * 2**30  # one buffer per block would lock 40 GiB
+    assert rounded < 1.05 * 40 * size
+    assert 40 * (1 << (size - 1).bit_length()) == 40 * 2**30  # what one buffer per block would cost
+
+
+def test_plan_arenas_edge_cases() -> None:
+    assert plan_arenas([]) == []
+    assert plan_arenas([100]) == [[0]]
+    # a block above the cap gets its own power of two; a block that does not fit beside it starts the next arena
+    assert plan_arenas([3 * 2**30, 2**30 + 1], max_bytes=2**30) == [[0], [1]]
+    assert plan_arenas([3 * 2**30, 10], max_bytes=2**30) == [[0, 1]]
+    assert plan_arenas([64] * 4, max_bytes=256) == [[0], [1], [2], [3]]  # exact fits: ties go to the smaller
+    assert plan_arenas([40] * 6, max_bytes=256) == [[0, 1, 2], [3, 4, 5]]  # 3 x 40 fill 128 best (94 %)
+
+
+def test_choose_memory_mode() -> None:
+    gib = 2**30
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert choose_memory_mode("resident", cuda, 100 * gib, free_bytes=gib) == "resident"
+    assert choose_memory_mode("low", cpu, 0) == "low"
+    assert choose_memory_mode("auto", cpu, 100 * gib) == "resident"
+    assert choose_memory_mode("auto", cuda, 50 * gib, free_bytes=79 * gib) == "resident"  # H100 80 GB
+    assert choose_memory_mode("auto", cuda, 50 * gib, free_bytes=23 * gib) == "low"  # 24 GB card
+    assert choose_memory_mode("auto", cuda, 50 * gib, free_bytes=55 * gib) == "low"  # fits, but no headroom
+    with pytest.raises(ValueError):
+        choose_memory_mode("tiny", cpu, 0)
+    assert shapes_nbytes({"a": (2, 3), "b": ()}, torch.bfloat16) == 14
+
+
+# 5. the loader's low mode ----------------------------------------------------------------------------
+
+
+def test_load_models_low_mode_streams_and_swaps_adapters(tiny_models: Path) -> None:
+    from engine.api import EngineOptions
+    from engine.models_dir import load_models
+
+    def load(mode: str):  # type: ignore[no-untyped-def]
+        return load_models(EngineOptions(models_dir=tiny_models, device="cpu", preset="lightx2v", memory_mode=mode))
+
+    low, res = load("low"), load("resident")
+    assert isinstance(low.dit._block_streamer, BlockStreamer) and getattr(res.dit, "_block_streamer", None) is None
+    assert low.text_device == torch.device("cpu")
+    assert list(low.dit.state_dict()) == list(res.dit.state_dict())
+    kw = _inputs(low.dit.cfg)
+    kw["audio"] = torch.cat([kw["audio"], kw["audio"]], dim=1)
+    kw["ref_target_masks"] = torch.ones(1, 3, 4, 4)
+    one = dict(kw, audio=kw["audio"][:, :1], ref_target_masks=None)
+    with torch.inference_mode():
+        assert torch.equal(low.dit(**one), res.dit(**one))
+        low.swap_patch(2)
+        res.swap_patch(2)  # writes the multi adapter into the host tensors of the streamed blocks
+        assert torch.equal(low.dit(**kw), res.dit(**kw))
+        assert torch.equal(low.dit(**one), res.dit(**one))
+
+
+# 6. CUDA ---------------------------------------------------------------------------------------------
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_cuda_streaming_is_pinned_and_identical() -> None:
+    m = _tiny(4, torch.bfloat16).cuda()
+    kw = _inputs(m.cfg, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        ref = m(**kw)
+        s = stream_blocks(m, "cuda")
+        assert s.pinned and all(p.is_pinned() for b in m.blocks for p in b.parameters())
+        assert all(p.is_cuda for n, p in m.named_parameters() if not n.startswith("blocks."))
+        out = m(**kw)
+        torch.cuda.synchronize()
+    assert torch.equal(out, ref) and s.copies == 4
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_cuda_streaming_from_host_blocks_keeps_gpu_memory_low() -> None:
+    m = _tiny(6, torch.bfloat16)  # built on the CPU, as the low-memory loader leaves it
+    kw = _inputs(m.cfg, device="cuda", dtype=torch.bfloat16)
+    block_bytes = sum(p.numel() * p.element_size() for p in m.blocks.parameters())
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    s = stream_blocks(m, "cuda")
+    with torch.inference_mode():
+        m(**kw)
+    torch.cuda.synchronize()
+    weights_on_gpu = torch.cuda.memory_allocated() - before
+    assert weights_on_gpu < block_bytes / 2  # 2 slots of 6 blocks plus the small non-block part
+    assert s.device_bytes == 2 * s.slot_bytes
