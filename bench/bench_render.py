@@ -56,6 +56,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", type=Path, default=Path("/tmp/models"))
     ap.add_argument("--skip-write", action="store_true")
+    ap.add_argument("--variant", action="append", default=None, choices=["eager", "compiled", "fp8"],
+                    help="engine variants to load one after the other (default: compiled)")
     args = ap.parse_args()
     out: dict[str, object] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     if not args.skip_write:
@@ -64,11 +66,27 @@ def main() -> None:
         out["write_folder_s"] = round(time.perf_counter() - t0, 1)
         out["folder_gb"] = round(sum(p.stat().st_size for p in args.models.rglob("*") if p.is_file()) / 1e9, 2)
         print(json.dumps(out), flush=True)
-    dropped = subprocess.run("sync && echo 3 > /proc/sys/vm/drop_caches", shell=True).returncode == 0
-    out["page_cache_dropped"] = dropped
+    rows = []
+    for i, variant in enumerate(args.variant or ["compiled"]):
+        rows += run_variant(args.models, variant, drop_cache=(i == 0), out=dict(out))
+    print("| variant | case | total s | denoise s | decode s | encode s | peak GiB |")
+    for r in rows:
+        t = r["timings"]
+        print(f"| {r['variant']} | {r['case']} | {r['total_s']} | {t.get('denoise', 0):.2f} | {t.get('decode', 0):.2f} "
+              f"| {t.get('encode', 0) + t.get('condition', 0):.2f} | {r['peak_gib']} |")
+
+
+def run_variant(models: Path, variant: str, *, drop_cache: bool, out: dict) -> list[dict]:
+    import gc
+
+    out["variant"] = variant
+    if drop_cache:
+        out["page_cache_dropped"] = subprocess.run("sync && echo 3 > /proc/sys/vm/drop_caches",
+                                                   shell=True).returncode == 0
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    engine = load_engine(EngineOptions(models_dir=args.models, device="cuda", preset="lightx2v"))
+    engine = load_engine(EngineOptions(models_dir=models, device="cuda", preset="lightx2v",
+                                       fast=variant != "eager", fp8=variant == "fp8"))
     torch.cuda.synchronize()
     out["load_s"] = round(time.perf_counter() - t0, 1)
     t1 = time.perf_counter()
@@ -94,15 +112,15 @@ def main() -> None:
         res = engine.render(req, work / "o.mp4", lambda p: None, lambda: False)
         torch.cuda.synchronize()
         total = time.perf_counter() - t0
-        row = {"case": name, "total_s": round(total, 2), "frames": res.frames, "size": f"{res.height}x{res.width}",
-               "timings": res.timings, "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        row = {"variant": variant, "case": name, "total_s": round(total, 2), "frames": res.frames,
+               "size": f"{res.height}x{res.width}", "timings": res.timings,
+               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print("| case | total s | denoise s | decode s | encode s | peak GiB |")
-    for r in rows:
-        t = r["timings"]
-        print(f"| {r['case']} | {r['total_s']} | {t.get('denoise', 0):.2f} | {t.get('decode', 0):.2f} "
-              f"| {t.get('encode', 0) + t.get('condition', 0):.2f} | {r['peak_gib']} |")
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
 
 
 if __name__ == "__main__":
