@@ -352,13 +352,16 @@ def load_models(options: Any) -> Any:
         log.info("no clip_vision file: rendering without CLIP image features, as ComfyUI native does")
 
     swap = patch_swapper(dit, patches, first, dev, dt) if len(patches) == 2 else None
-    return Models(
+    models = Models(
         dit=dit, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, audio_encoder=audio_encoder, clip=clip,
         device=dev, dtype=dt, identities={r: wt.file_identity(p) for r, p in iter_roles(found)
                                           if r != "lora" or lora is not None},
         text_device=text_dev, speakers_supported=(1, 2),
         lora_strength=options.lora_strength if lora is not None else None, swap_patch=swap,
     )
+    # Read by engine.load_engine: the fast path (enable_fp8 replaces block Linears) must not run on streamed blocks.
+    setattr(models, "streamed", mode == "low")  # noqa: B010 (Models has no such field; render.py is not ours)
+    return models
 
 
 def _tokenizer(info: wt.FileInfo, files: Mapping[str, str]) -> Any:

@@ -1,7 +1,7 @@
 """Low-memory mode: the DiT's blocks streamed from pinned host memory, one block ahead of the compute (issue 5).
 
-The 40 blocks of the released DiT hold 35.0 GiB of its 35.3 GiB of bf16 weights (0.88 GiB each); everything else
-(patch / text / time embeddings, head, CLIP projection, audio projection) is 0.3 GiB. A 24 GB or 16 GB card
+The 40 blocks of the released DiT hold 34.6 GiB of its 35.2 GiB of bf16 weights (0.865 GiB each); everything else
+(patch / text / time embeddings, head, CLIP projection, audio projection) is 0.6 GiB. A 24 GB or 16 GB card
 cannot hold the blocks, but it only ever needs one of them at a time. :func:`stream_blocks` rearranges a
 loaded DiT so that:
 
@@ -22,7 +22,8 @@ blocks are untouched and every attribute name / state-dict key stays what the ch
    into their slots. Each of those copies first waits (on the side stream) for the ``free`` event of the block that
    used the slot last, so a copy never overwrites weights a queued kernel still reads.
 3. Block ``i`` runs while block ``i+1`` is being copied. At 448x896x81 a block computes for ~110 ms and its copy
-   takes ~20 ms at PCIe Gen5 rates, so the copies hide completely behind the compute.
+   takes 18 ms (50.7 GB/s measured on the H100), so the copies hide behind the compute: a streamed forward took
+   1.008x the resident one under a 24 GiB cap, with 5.9 GiB allocated at peak (bench/RESULTS.md).
 4. Block ``i`` post-hook (``always_call``, so it also runs when the forward raises): record ``free`` on the compute
    stream and point the block's tensors back at their host views. Outside a forward, ``state_dict()``,
    ``named_parameters()`` and in-place writes (``p.data.copy_``) see and change the host copy.
@@ -37,9 +38,15 @@ dtype-agnostic (a block's tensors are byte ranges of one buffer), so fp8 blocks 
 weights, bf16 biases, fp32 scale buffers) stream as they are, at half the bytes: convert first, then stream.
 
 Pinned host memory comes from torch's caching host allocator, which rounds every request up to a power of two
-(pytorch/pytorch#150517). One 0.88 GiB buffer per block would cost 40 GiB of locked RAM for 35 GiB of weights; the
+(pytorch/pytorch#150517). One 0.865 GiB buffer per block would lock 40 GiB of RAM for 34.6 GiB of weights; the
 blocks are therefore packed, consecutive and each still contiguous, into a few "arenas" whose sizes fill their
 power of two as well as possible (:func:`plan_arenas`: 4 x 8 GiB + 1 x 4 GiB = 36 GiB for the released DiT).
+
+``EngineOptions.memory_mode`` (wired in engine.models_dir.load_models): "low" loads the DiT with its block tensors
+sent to host memory one at a time (never the whole DiT on the GPU) and streams them; "auto" picks "low" when the
+weights of all networks plus :data:`RESIDENT_HEADROOM_BYTES` exceed the GPU's free memory
+(:func:`choose_memory_mode`). VAE tiling is not needed: the 480p decode peaks at 4.6 GiB and the 960x960 one at
+9.7 GiB over the loaded models, both inside a 16 GiB cap next to the streamed DiT.
 
 Do not call ``.to()`` / ``.cuda()`` on a streamed DiT: the hooks put the block tensors back on their host views.
 Host writes to block weights (``load_state_dict``, adapter swaps) must happen between forwards.
@@ -278,6 +285,15 @@ class BlockStreamer:
         self._owner[s] = j
         self.copies += 1
 
+    def _check_unchanged(self, i: int, block: nn.Module) -> None:
+        """Raise if block i's tensors are no longer the ones packed (a layer swapped in after streaming, e.g.
+        engine.fast.enable_fp8: its new weights would sit unstreamed in host memory). ~30 id lookups per call."""
+        packed = self._tensors[i]
+        now = _block_tensors(block)
+        if len(now) != len(packed) or any(a is not b for a, b in zip(now, packed)):
+            raise RuntimeError(f"block {i}'s parameters changed after stream_blocks (layers replaced?); convert the "
+                               "blocks first (e.g. engine.fast.enable_fp8), then call stream_blocks")
+
     def _attach(self, i: int) -> None:
         for t, v in zip(self._tensors[i], self._dev[i]):
             t.data = v
@@ -305,6 +321,7 @@ class BlockStreamer:
     def _make_pre(self, i: int) -> Any:
         @torch.compiler.disable
         def pre(module: nn.Module, args: Any) -> None:
+            self._check_unchanged(i, module)
             if self._active is not None:  # a block left attached by an aborted call
                 self._detach(self._active)
                 self._active = None

@@ -166,6 +166,17 @@ def test_a_block_that_raises_leaves_the_model_usable() -> None:
     assert torch.equal(m(**kw), ref)
 
 
+def test_layers_replaced_after_streaming_are_refused() -> None:
+    """enable_fp8 after stream_blocks would leave the new fp8 weights unstreamed in host memory: fail loudly."""
+    m = _tiny(2)
+    kw = _inputs(m.cfg)
+    stream_blocks(m, "cpu")
+    old = m.blocks[1].ffn[2]
+    m.blocks[1].ffn[2] = torch.nn.Linear(old.in_features, old.out_features)
+    with pytest.raises(RuntimeError, match="changed after stream_blocks"):
+        m(**kw)
+
+
 def test_block_called_on_its_own_outside_a_forward() -> None:
     m = _tiny(2)
     blk = m.blocks[1]
@@ -254,6 +265,7 @@ def test_load_models_low_mode_streams_and_swaps_adapters(tiny_models: Path) -> N
     low, res = load("low"), load("resident")
     assert isinstance(low.dit._block_streamer, BlockStreamer) and getattr(res.dit, "_block_streamer", None) is None
     assert low.text_device == torch.device("cpu")
+    assert low.streamed and not res.streamed  # engine.load_engine keeps the fast path off streamed blocks
     assert list(low.dit.state_dict()) == list(res.dit.state_dict())
     kw = _inputs(low.dit.cfg)
     kw["audio"] = torch.cat([kw["audio"], kw["audio"]], dim=1)
