@@ -28,7 +28,12 @@ def load_engine(options: EngineOptions) -> Renderer:
         from engine.fast import compile_blocks, enable_fp8, supports_fp8
 
         if options.fp8 and supports_fp8(models.device):
-            log.info("fp8 GEMMs enabled in %d DiT layers", enable_fp8(models.dit))
+            from engine.fast import FP8_TARGETS
+
+            # The single/multi adapter swap writes bf16 weights into the audio layers: keep those in bf16.
+            targets = [t for t in FP8_TARGETS if not t.startswith("audio_cross_attn.")] \
+                if models.swap_patch is not None else FP8_TARGETS
+            log.info("fp8 GEMMs enabled in %d DiT layers", enable_fp8(models.dit, targets=targets))
         compile_blocks(models.dit)
     return Engine(models, cache_dir=options.cache_dir, version=__version__, fast=fast,
                   warm_buckets=WARM_BUCKETS if fast else ())

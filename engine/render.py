@@ -321,6 +321,11 @@ class Engine:
                 z = sampling.noise((self.m.dit.cfg.out_dim, y.shape[2], *lat_hw), req.seed,  # type: ignore[attr-defined]
                                    chunk.index, self.m.device)
                 ctx_lat = ctx_lat.to(z)
+                # constant over the chunk's steps: text/image context and audio tokens, embedded once
+                emb_pos = self.m.dit.embed_context(ctx_pos, clip_fea)
+                emb_neg = self.m.dit.embed_context(ctx_neg, clip_fea) if ctx_neg is not None else None
+                audio_emb = self.m.dit.embed_audio(audio)
+                null_emb = self.m.dit.embed_audio(null_audio)
                 apg_state = sampling.APGState() if req.apg else None
                 for i in range(req.steps):
                     if should_stop():
@@ -329,10 +334,12 @@ class Engine:
                     t = torch.tensor([ts[i]], device=self.m.device)
                     preds = {}
                     for name in pass_names:
-                        c = ctx_pos if name in ("cond", "drop_audio") else ctx_neg
-                        a = audio if name in ("cond", "drop_text") else null_audio
-                        mk = masks_t if a.shape[1] == 2 else None
-                        preds[name] = self.m.dit(z[None], t, c, clip_fea, y, a, mk)[0].float()
+                        full_audio = name in ("cond", "drop_text")
+                        c_emb = emb_pos if name in ("cond", "drop_audio") else emb_neg
+                        a_emb = audio_emb if full_audio else null_emb
+                        mk = masks_t if full_audio and audio.shape[1] == 2 else None
+                        preds[name] = self.m.dit(z[None], t, y=y, ref_target_masks=mk, context_emb=c_emb,
+                                                 audio_emb=a_emb)[0].float()
                     v = sampling.combine(g, preds, apg_state)
                     z = sampling.euler_step(z, v, ts[i], ts[i + 1])
                     z[:, :k] = ctx_lat
