@@ -215,11 +215,10 @@ def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
 
 
 def _load_hf(role: str, info: wt.FileInfo, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A transformers-backed encoder: config from the header's shapes, built on meta, streamed, strict."""
     net = _network(role)
-    sd = _normalize(net, dict(wt.iter_tensors(info, dtype=dtype, device=device)))
-    cfg = net.config_from_shapes({k: tuple(v.shape) for k, v in sd.items()})
-    module = net.build(cfg, device)
-    wt.load_module(module, sd.items(), source=str(info.path))
+    module, _, _ = wt.load_network(info, config_from_shapes=net.config_from_shapes, build=net.build,
+                                   normalize_keys=getattr(net, "normalize_keys", None), dtype=dtype, device=device)
     return module.eval()
 
 
@@ -233,7 +232,12 @@ def load_dit(base: wt.FileInfo, patch: wt.FileInfo, *, device: torch.device, dty
     then engine.offload.stream_blocks packs the blocks into pinned memory and streams them during forwards.
     """
     net = _network("dit")
-    shapes = {**wt.logical_shapes(base), **wt.logical_shapes(patch)}
+    base_shapes, patch_shapes = wt.logical_shapes(base), wt.logical_shapes(patch)
+    overlap = sorted(set(base_shapes) & set(patch_shapes))
+    if overlap:
+        raise wt.WeightsError(f"{patch.path}: {len(overlap)} keys are also in {base.path} (e.g. {overlap[0]}); the "
+                              "InfiniteTalk patch must hold only the adapter. Is the right file in model_patches/?")
+    shapes = {**base_shapes, **patch_shapes}
     cfg = net.config_from_shapes(shapes)
     dit = net.build(cfg, device)
     report = None

@@ -539,7 +539,8 @@ def load_network(
                 raise WeightsError(f"{info.path}: key {k!r} is also in {owner[k]}; these files overlap.")
             shapes[k], owner[k] = s, info.path
     cfg = config_from_shapes(normalize_keys(dict(shapes)) if normalize_keys else dict(shapes))
-    module = build(cfg, torch.device("meta"))
+    # build's contract: parameters on meta, non-persistent buffers real on ``device`` (assign-load fills the rest)
+    module = build(cfg, torch.device(device))
 
     targets: set[str] = set()
     plans = []

@@ -118,3 +118,16 @@ def test_strict_load_names_the_file_and_key(models: Path) -> None:
     with pytest.raises(wt.WeightsError) as e:
         md.load_dit(base, wt.read_header(path), device=torch.device("cpu"), dtype=torch.float32)
     assert path.name in str(e.value) and "audio_proj.proj2.weight" in str(e.value)
+
+
+def test_a_patch_that_overlaps_the_base_is_refused(models: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = models / "model_patches" / md.ROLE_BY_NAME["patch_single"].default
+    sd = load_file(str(path))
+    sd["head.head.bias"] = torch.zeros(64)  # a base key inside the adapter file
+    save_file(sd, str(path))
+    base = wt.read_header(models / "diffusion_models" / md.ROLE_BY_NAME["dit"].default)
+    with pytest.raises(wt.WeightsError) as e:
+        md.load_dit(base, wt.read_header(path), device=torch.device("cpu"), dtype=torch.float32)
+    assert path.name in str(e.value) and "head.head.bias" in str(e.value)

@@ -425,8 +425,9 @@ def test_load_network_with_normalize_and_config(tmp_path: Path) -> None:
     built: list[torch.device] = []
 
     def build(cfg: tuple[int, int], device: torch.device) -> nn.Module:
+        # the build contract: parameters on meta; `device` is where non-persistent buffers would go
         built.append(device)
-        with device:
+        with torch.device("meta"):
             return Tiny(*cfg)
 
     m, cfg, reports = load_network(
@@ -437,7 +438,7 @@ def test_load_network_with_normalize_and_config(tmp_path: Path) -> None:
         dtype=torch.bfloat16,
         device="cpu",
     )
-    assert cfg == (3, 2) and built == [torch.device("meta")] and reports == []
+    assert cfg == (3, 2) and built == [torch.device("cpu")] and reports == []
     assert isinstance(m, Tiny)
     assert m.proj.weight.dtype == torch.bfloat16 and m.proj.bias.tolist() == [10.0, 20.0]
 
