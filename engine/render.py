@@ -71,7 +71,7 @@ class Models:
     device: torch.device
     dtype: torch.dtype
     identities: dict[str, str] = field(default_factory=dict)
-    text_device: torch.device | None = None  # where umT5 lives between jobs (CPU in "low" memory mode)
+    text_device: torch.device | None = None  # where umT5 lives and runs (the CPU in "low" memory mode)
     speakers_supported: tuple[int, ...] = (1, 2)
     lora_strength: float | None = None  # strength merged at load, None when no LoRA
     swap_patch: object | None = None  # callable(speakers) switching single/multi adapter weights
@@ -151,15 +151,9 @@ class Engine:
 
     # ---------------------------------------------------------------- helpers
     def _encode_prompts(self, texts: list[str]) -> list[torch.Tensor]:
-        te = self.m.text_encoder
-        home = self.m.text_device
-        if home is not None and home != self.m.device:
-            te.to(self.m.device)
-        try:
-            return encode_text(te, self.m.tokenizer, texts)
-        finally:
-            if home is not None and home != self.m.device:
-                te.to(home)
+        # umT5 runs where it lives: on the GPU when resident, on the CPU in low-memory mode (moving its ~11 GiB
+        # onto a 16-24 GB card for one prompt would not fit next to the rest). Results are cached by text.
+        return encode_text(self.m.text_encoder, self.m.tokenizer, texts)
 
     def _to_dev(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.m.device, self.m.dtype)

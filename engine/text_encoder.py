@@ -305,9 +305,13 @@ def encode_text(model: nn.Module, tokenizer: Tokenizer, texts: list[str], text_l
     model's device. Output dtype is the model's dtype, like the official encoder's.
     """
     ids, lengths = tokenizer(texts, text_len)
+    # Only the longest real length is run: with the padding mask, umT5's outputs at real positions do not depend
+    # on how many padded positions follow (relative position bias, masked keys), so the 512-token pad of the
+    # official code is pure waste here (a typical prompt has ~30-80 tokens).
+    run_len = max(1, int(lengths.max()))
     device = next(model.parameters()).device
-    ids = ids.to(device)
-    mask = (torch.arange(text_len).unsqueeze(0) < lengths.unsqueeze(1)).to(device=device, dtype=torch.long)
+    ids = ids[:, :run_len].to(device)
+    mask = (torch.arange(run_len).unsqueeze(0) < lengths.unsqueeze(1)).to(device=device, dtype=torch.long)
     with torch.inference_mode():
-        out = model(ids, mask)  # [B, text_len, d_model]
+        out = model(ids, mask)  # [B, run_len, d_model]
     return [out[i, : int(n)] for i, n in enumerate(lengths)]
