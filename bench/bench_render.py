@@ -56,7 +56,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", type=Path, default=Path("/tmp/models"))
     ap.add_argument("--skip-write", action="store_true")
-    ap.add_argument("--variant", action="append", default=None, choices=["eager", "compiled", "fp8"],
+    ap.add_argument("--variant", action="append", default=None, choices=["eager", "compiled", "fp8", "low24", "low16"],
                     help="engine variants to load one after the other (default: compiled)")
     args = ap.parse_args()
     out: dict[str, object] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -83,10 +83,16 @@ def run_variant(models: Path, variant: str, *, drop_cache: bool, out: dict) -> l
     if drop_cache:
         out["page_cache_dropped"] = subprocess.run("sync && echo 3 > /proc/sys/vm/drop_caches",
                                                    shell=True).returncode == 0
+    low = variant.startswith("low")
+    if low:  # the memory cap of a 24 / 16 GB card, enforced for the rest of this process
+        cap = int(variant[3:]) * 2**30
+        torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
+        out["cap_gib"] = int(variant[3:])
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     engine = load_engine(EngineOptions(models_dir=models, device="cuda", preset="lightx2v",
-                                       fast=variant != "eager", fp8=variant == "fp8"))
+                                       fast=variant != "eager", fp8=variant == "fp8",
+                                       memory_mode="low" if low else "auto"))
     torch.cuda.synchronize()
     out["load_s"] = round(time.perf_counter() - t0, 1)
     t1 = time.perf_counter()
