@@ -23,11 +23,13 @@ def load_engine(options: EngineOptions) -> Renderer:
     from engine.render import Engine
 
     models = load_models(options)
-    fast = options.fast and models.device.type == "cuda" and not getattr(models, "streamed", False)
+    fast = options.fast and models.device.type == "cuda"
+    streamed = getattr(models, "streamed", False)  # low-memory mode: blocks stream from host memory
     if fast:
         from engine.fast import compile_blocks, enable_fp8, supports_fp8
 
-        if options.fp8 and supports_fp8(models.device):
+        # fp8 would have to be applied before the blocks were packed for streaming; not done yet in low mode
+        if options.fp8 and supports_fp8(models.device) and not streamed:
             from engine.fast import FP8_TARGETS
 
             # The single/multi adapter swap writes bf16 weights into the audio layers: keep those in bf16.
