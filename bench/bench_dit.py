@@ -21,22 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import random_dit  # noqa: E402
 from engine import dit  # noqa: E402
-
-
-def build(dtype: torch.dtype) -> torch.nn.Module:
-    model = dit.build(dit.RELEASED, "meta").to(dtype)
-    model = model.to_empty(device="cuda")
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, 1.0 / p.shape[1] ** 0.5, generator=gen)
-            elif "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-    return model.eval()
 
 
 def inputs(cfg: dit.DiTConfig, h: int, w: int, frames: int, speakers: int, dtype: torch.dtype) -> dict:
@@ -97,7 +83,7 @@ def main() -> None:
     args = ap.parse_args()
     dtype = torch.bfloat16
     t0 = time.perf_counter()
-    model = build(dtype)
+    model = random_dit(dit.RELEASED, "cuda", dtype)
     torch.cuda.synchronize()
     build_s = time.perf_counter() - t0
     weights_gib = torch.cuda.memory_allocated() / 2**30

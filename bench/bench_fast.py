@@ -48,6 +48,7 @@ from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import random_dit  # noqa: E402
 from engine import dit, fast  # noqa: E402
 
 # Acceptance, written down before measuring. Compile only reorders bf16 arithmetic: it must stay within bf16
@@ -76,21 +77,6 @@ SUBSETS = {
     "ffn only (2)": ("ffn.0", "ffn.2"),
     "self-attn q,k,v,o only (4)": ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o"),
 }
-
-
-def build(cfg: dit.DiTConfig, device: str, dtype: torch.dtype) -> dit.WanInfiniteTalk:
-    """Random weights as bench_dit.py: matrices ~ N(0, 1/fan_in), norms 1, vectors N(0, 0.02)."""
-    model = dit.build(cfg, "meta").to(dtype).to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, 1.0 / p.shape[1] ** 0.5, generator=gen)
-            elif "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-    return model.eval().requires_grad_(False)
 
 
 def make_inputs(cfg: dit.DiTConfig, h: int, w: int, frames: int, device: str, dtype: torch.dtype, seed: int) -> dict:
@@ -260,7 +246,7 @@ def main() -> None:
         h, w = hw(b)
         return ((frames - 1) // 4 + 1) * (h // 16) * (w // 16)
 
-    model = build(cfg, device, dtype)
+    model = random_dit(cfg, device, dtype)
     sync()
     report["env"]["build_s"] = round(elapsed(), 1)
     report["env"]["weights_gib_bf16"] = alloc_gib()

@@ -37,24 +37,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import random_dit  # noqa: E402
 from engine import dit, vae  # noqa: E402
 from engine.offload import stream_blocks  # noqa: E402
 
 GIB = 2**30
-
-
-def build(cfg: dit.DiTConfig, device: str, dtype: torch.dtype) -> dit.WanInfiniteTalk:
-    model = dit.build(cfg, "meta").to(dtype).to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, 1.0 / p.shape[1] ** 0.5, generator=gen)
-            elif "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-    return model.eval()
 
 
 def build_vae(cfg: vae.VAEConfig, device: str, dtype: torch.dtype) -> vae.WanVAE:
@@ -147,7 +134,7 @@ def main() -> None:
     print(json.dumps(info), flush=True)
     rows: list[dict[str, Any]] = []
 
-    build_s, model = timed(lambda: build(cfg, device, dtype), device)
+    build_s, model = timed(lambda: random_dit(cfg, device, dtype), device)
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
     kw = inputs(cfg, h, w, args.frames, device, dtype)
     tokens = ((args.frames - 1) // 4 + 1) * (h // 16) * (w // 16)
