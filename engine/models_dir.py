@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from engine import lora as lora_mod
 from engine import weights as wt
 
 log = logging.getLogger("infinitetalkd.engine")
@@ -224,7 +225,7 @@ def _load_hf(role: str, info: wt.FileInfo, device: torch.device, dtype: torch.dt
 
 def load_dit(base: wt.FileInfo, patch: wt.FileInfo, *, device: torch.device, dtype: torch.dtype,
              lora: wt.FileInfo | None = None, lora_strength: float = 1.0, memory_mode: str = "resident",
-             ) -> tuple[torch.nn.Module, wt.LoraReport | None]:
+             ) -> tuple[torch.nn.Module, lora_mod.LoraReport | None]:
     """Base DiT + InfiniteTalk patch (+ LoRA merged into the dequantised weights), strict, streamed.
 
     ``memory_mode="low"``: tensors are still dequantised (and LoRA-merged) one at a time on ``device``, but every
@@ -245,10 +246,10 @@ def load_dit(base: wt.FileInfo, patch: wt.FileInfo, *, device: torch.device, dty
         stream: Iterable[tuple[str, torch.Tensor]] = wt.iter_tensors(base, dtype=dtype, device=device)
     else:
         # LoRA targets are read in fp32 and rounded once, after the merge (formats.md 10.2).
-        plan = wt.lora_deltas(lora, {k: tuple(v.shape) for k, v in dit.state_dict().items()})
+        plan = lora_mod.lora_deltas(lora, {k: tuple(v.shape) for k, v in dit.state_dict().items()})
         targets = set(plan.deltas)
         stream = wt.iter_tensors(base, dtype=lambda k: torch.float32 if k in targets else dtype, device=device)
-        stream, report = wt.merge_lora(stream, lora, lora_strength, set(plan.deltas), out_dtype=dtype, plan=plan)
+        stream, report = lora_mod.merge_lora(stream, lora, lora_strength, set(plan.deltas), out_dtype=dtype, plan=plan)
     tensors: Iterable[tuple[str, torch.Tensor]] = chain(stream, wt.iter_tensors(patch, dtype=dtype, device=device))
     if memory_mode == "low":
         host = torch.device("cpu")

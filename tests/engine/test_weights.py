@@ -16,7 +16,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from engine import lora as L
 from engine import weights as W
+from engine.lora import lora_deltas, merge_lora
 from engine.weights import (
     WeightsError,
     detect_prefix,
@@ -26,8 +28,6 @@ from engine.weights import (
     load_module,
     load_network,
     logical_shapes,
-    lora_deltas,
-    merge_lora,
     read_header,
     write_scaled_fp8,
 )
@@ -479,7 +479,7 @@ W_HALF_ALPHA1 = [[1.25, 2.5, 3.25], [4.75, 5.0, 6.75]]  # W + 0.5 * (1/2) * up@d
 
 def merged(
     tmp_path: Path, lora_tensors: dict[str, torch.Tensor], strength: float = 0.5, base: Path | None = None
-) -> tuple[dict[str, torch.Tensor], W.LoraReport]:
+) -> tuple[dict[str, torch.Tensor], L.LoraReport]:
     base_info = read_header(base or save(tmp_path / "base.safetensors", tiny_state()))
     lora = read_header(save(tmp_path / "lora.safetensors", lora_tensors))
     stream, report = merge_lora(
@@ -512,7 +512,7 @@ def test_lora_pair_merge(
     got, report = merged(tmp_path, t)
     assert got["proj.weight"].tolist() == expected
     assert got["proj.bias"].tolist() == [10.0, 20.0]  # untouched
-    assert report == W.LoraReport(applied=1, skipped_inert=[], unknown=[])
+    assert report == L.LoraReport(applied=1, skipped_inert=[], unknown=[])
 
 
 def test_lora_diff_diff_b_inert_unknown(tmp_path: Path) -> None:
