@@ -105,7 +105,6 @@ class Engine:
         self.fast = fast  # compiled blocks + preferred attention (engine/fast.py)
         self.warm_buckets = warm_buckets
         self.prompts = PromptCache(self._encode_prompts, models.identities.get("text_encoder", "?"), cache_dir)
-        self._clip_missing_logged = False
 
     # ---------------------------------------------------------------- Renderer protocol
     def identity(self) -> str:
@@ -146,8 +145,8 @@ class Engine:
         return contextlib.nullcontext()
 
     def render(self, request: RenderRequest, out_path: Path, progress: ProgressFn, should_stop: StopFn) -> RenderResult:
-        with torch.inference_mode(), _device_errors(), self._attention():
-            return self._render(request, out_path, progress, should_stop)
+        with torch.inference_mode(), _device_errors(), self._attention(), contextlib.ExitStack() as files:
+            return self._render(request, out_path, progress, should_stop, files)
 
     # ---------------------------------------------------------------- helpers
     def _encode_prompts(self, texts: list[str]) -> list[torch.Tensor]:
@@ -202,7 +201,8 @@ class Engine:
                              "change engine.lora_strength in config.yaml to render at another strength")
 
     # ---------------------------------------------------------------- the job
-    def _render(self, req: RenderRequest, out_path: Path, progress: ProgressFn, should_stop: StopFn) -> RenderResult:
+    def _render(self, req: RenderRequest, out_path: Path, progress: ProgressFn, should_stop: StopFn,
+                files: contextlib.ExitStack) -> RenderResult:
         timings: dict[str, float] = {}
         clock = time.perf_counter()
 
@@ -220,7 +220,7 @@ class Engine:
         # ---- reference picture (or source video) -> bucket size
         reader: media.VideoReader | None = None
         if req.video is not None:
-            reader = media.VideoReader(req.video, fps=FPS)
+            reader = files.enter_context(media.VideoReader(req.video, fps=FPS))  # closed when the job ends
             first = reader.frame(0)
         else:
             assert req.image is not None
@@ -284,8 +284,6 @@ class Engine:
             y = self._to_dev(self._condition(ref_t, window)).unsqueeze(0)
             clip_fea = self._clip(ref_t.unsqueeze(0))
             lap("condition")
-        if self.m.clip is None and not self._clip_missing_logged:
-            self._clip_missing_logged = True  # the engine logs through progress stages only; loader logged it
         n_ctx = (motion - 1) // 4 + 1
         out_audio = self._output_audio(req)
 
