@@ -146,9 +146,10 @@ def doctor(
     files = files or {}
     lines: list[str] = []
     ok = True
-    if not models_dir.is_dir():
-        return False, [f"models folder {models_dir} does not exist; point engine.models_dir (or --models-dir) at "
-                       "your ComfyUI models/ folder"]
+    if not models_dir.is_dir():  # still list every expected file below, so the user sees what goes where
+        ok = False
+        lines.append(f"models folder {models_dir} does not exist; point engine.models_dir (or --models-dir) at "
+                     "your ComfyUI models/ folder")
     paths = locate(models_dir, files)
     infos: dict[str, wt.FileInfo] = {}
     errors: dict[str, str] = {}
@@ -165,14 +166,16 @@ def doctor(
         needed = role.need == "always" or (role.need == "lora" and need_lora)
         if path is None:
             where = f"{models_dir}/{role.folders[0]}/{name}"
+            extra = ""
             if role.need == "patch":
-                state = "missing (optional if the other patch is present)"
+                state, extra = "missing", "; optional if the other patch is present"
             elif needed:
                 state = "MISSING"
                 ok = False
             else:
-                state = "absent (optional)"
-            extra = "; renders run without CLIP features, as ComfyUI native does" if role.name == "clip_vision" else ""
+                state, extra = "absent", "; optional"
+            if role.name == "clip_vision":
+                extra += ": renders run without CLIP features, as ComfyUI native does"
             lines.append(f"{state:<8} {role.name:<13} {where}  ({role.what}){extra}")
             continue
         if role.name in errors:
