@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -372,9 +371,3 @@ class Engine:
             return tracks[0]
         a, b = sampling.combine_waveforms(tracks[0], tracks[1], req.audio_mode)
         return media.mix_tracks(a, b)
-
-
-def expected_chunks(seconds: float, window: int = 81, motion: int = 9) -> int:
-    """Chunks for a speech of this length (for logs and STATUS lines)."""
-    n = max(1, round(seconds * FPS))
-    return 1 if n <= window else 1 + math.ceil((n - window) / (window - motion))

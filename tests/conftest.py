@@ -66,3 +66,22 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("models")
     write_tiny_models(out, seed=0)
     return out
+
+
+def dit_inputs(cfg, f: int = 3, h: int = 4, w: int = 4, seed: int = 1, device: str = "cpu",  # type: ignore[no-untyped-def]
+               dtype=None) -> dict:
+    """Random WanInfiniteTalk.forward keyword arguments for a (tiny) config: one speaker, 20 text tokens,
+    257 CLIP tokens; x and t stay fp32, the rest in ``dtype`` (default fp32)."""
+    import torch
+
+    dtype = dtype or torch.float32
+    g = torch.Generator().manual_seed(seed)
+    t = {
+        "x": torch.randn(1, 16, f, h, w, generator=g),
+        "t": torch.full((1,), 700.0),
+        "context": torch.randn(1, 20, cfg.text_dim, generator=g),
+        "clip_fea": torch.randn(1, 257, cfg.clip_dim, generator=g),
+        "y": torch.randn(1, 20, f, h, w, generator=g),
+        "audio": torch.randn(1, 1, 4 * (f - 1) + 1, cfg.audio_window, cfg.audio_feature_dim, generator=g),
+    }
+    return {k: v.to(device, dtype if k not in ("x", "t") else torch.float32) for k, v in t.items()}

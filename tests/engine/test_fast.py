@@ -9,6 +9,7 @@ generation takes about a minute on 2 cores); the Inductor + fp8 kernel run is gp
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -33,27 +34,17 @@ from engine.fast import (
     scaled_mm_reference,
     supports_fp8,
 )
+from tests.conftest import dit_inputs
 
 CUDA_FP8 = torch.cuda.is_available() and supports_fp8("cuda")
 needs_fp8_gpu = pytest.mark.skipif(not CUDA_FP8, reason="needs a CUDA GPU of compute capability 8.9+ (fp8 GEMMs)")
 
 
+_inputs = functools.partial(dit_inputs, dit.TINY)
+
+
 def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def _inputs(f: int = 3, h: int = 4, w: int = 4, seed: int = 1, device: str = "cpu", dtype=torch.float32) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    cfg = dit.TINY
-    t = {
-        "x": torch.randn(1, 16, f, h, w, generator=g),
-        "t": torch.full((1,), 700.0),
-        "context": torch.randn(1, 20, cfg.text_dim, generator=g),
-        "clip_fea": torch.randn(1, 257, cfg.clip_dim, generator=g),
-        "y": torch.randn(1, 20, f, h, w, generator=g),
-        "audio": torch.randn(1, 1, 4 * (f - 1) + 1, cfg.audio_window, cfg.audio_feature_dim, generator=g),
-    }
-    return {k: v.to(device, dtype if k not in ("x", "t") else torch.float32) for k, v in t.items()}
 
 
 def _tiny(dtype: torch.dtype = torch.float32, device: str = "cpu") -> dit.WanInfiniteTalk:

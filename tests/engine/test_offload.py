@@ -22,6 +22,7 @@ from engine.offload import (
     shapes_nbytes,
     stream_blocks,
 )
+from tests.conftest import dit_inputs as _inputs
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (pinned memory, streams)")
 
@@ -30,20 +31,6 @@ def _tiny(layers: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0) ->
     torch.manual_seed(seed)
     cfg = dataclasses.replace(dit.TINY, num_layers=layers)
     return dit.WanInfiniteTalk(cfg).eval().requires_grad_(False).to(dtype)
-
-
-def _inputs(cfg: dit.DiTConfig, f: int = 3, h: int = 4, w: int = 4, seed: int = 1, device: str = "cpu",
-            dtype: torch.dtype = torch.float32) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    t = {
-        "x": torch.randn(1, 16, f, h, w, generator=g),
-        "t": torch.full((1,), 700.0),
-        "context": torch.randn(1, 20, cfg.text_dim, generator=g),
-        "clip_fea": torch.randn(1, 257, cfg.clip_dim, generator=g),
-        "y": torch.randn(1, 20, f, h, w, generator=g),
-        "audio": torch.randn(1, 1, 4 * (f - 1) + 1, cfg.audio_window, cfg.audio_feature_dim, generator=g),
-    }
-    return {k: v.to(device, dtype if k not in ("x", "t") else torch.float32) for k, v in t.items()}
 
 
 def _state(m: torch.nn.Module) -> dict[str, torch.Tensor]:
