@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -353,6 +353,9 @@ class SelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = WanRMSNorm(dim, eps)  # q/k norms span the full width, before the head split
         self.norm_k = WanRMSNorm(dim, eps)
+        # The softmax-attention function over [B, L, H, D]; the fast path may swap in an 8-bit kernel
+        # (engine.fast.enable_int8_attention). Not a parameter: the checkpoint keys are unchanged.
+        self.kernel: Callable[[Tensor, Tensor, Tensor], Tensor] = attention
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, ref_masks: Tensor | None = None
@@ -362,7 +365,7 @@ class SelfAttention(nn.Module):
         q = apply_rope(self.norm_q(self.q(x)).view(b, length, self.num_heads, -1), cos, sin)
         k = apply_rope(self.norm_k(self.k(x)).view(b, length, self.num_heads, -1), cos, sin)
         v = self.v(x).view(b, length, self.num_heads, -1)
-        out = self.o(attention(q, k, v).reshape(b, length, -1))
+        out = self.o(self.kernel(q, k, v).reshape(b, length, -1))
         ref_map = None
         if ref_masks is not None:
             # Keys of latent frame 0 (the reference frame) are the first h'·w' tokens.
