@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import queue
+import threading
 import warnings
 from pathlib import Path
 from types import TracebackType
@@ -44,6 +46,7 @@ __all__ = [
     "mix_tracks",
     "VideoReader",
     "VideoWriter",
+    "WRITER_THREAD_NAME",
     "probe",
 ]
 
@@ -501,6 +504,10 @@ class VideoReader:
 # --------------------------------------------------------------------------------------------
 
 
+WRITER_THREAD_NAME = "infinitetalkd-mp4-writer"
+_POLL_S = 0.1  # how often a blocked hand-over re-checks that the worker is still alive
+
+
 class VideoWriter:
     """Stream RGB frames into an H.264 + AAC mp4.
 
@@ -510,10 +517,30 @@ class VideoWriter:
     written and on :meth:`close` trimmed or padded with silence to exactly the video's
     duration; a track that exceeds full scale is scaled down as a whole rather than clipped.
     Memory does not grow with the length: each :meth:`write` is encoded immediately.
+
+    ``background=True`` moves the encoding (RGB->yuv420p, x264, AAC, muxing) to one daemon thread
+    named :data:`WRITER_THREAD_NAME`, so the caller can go on with the next chunk on the GPU:
+    :meth:`write` checks the array, hands it over through a queue of one chunk and returns (it
+    blocks only while the worker is still busy with the chunk before the queued one, so at most
+    three chunks are alive: the caller's next one, the queued one, the one being encoded). The
+    array then belongs to the writer: do not modify it after :meth:`write` returns. The output is
+    the same as in the foreground. A failure in the worker is re-raised, as the original exception,
+    by every later :meth:`write` and by :meth:`close`. ``frames_written`` counts frames encoded so
+    far, so in background mode it lags the frames handed over until :meth:`close` (or
+    :meth:`abort`) has joined the worker; after :meth:`close` it is exact. :meth:`close`,
+    :meth:`abort` and ``__exit__`` always join the worker. The writer is used from one thread.
+
+    Why a thread helps: PyAV 18.1 releases the GIL around the heavy calls (read in its installed
+    sources): ``avcodec_send_frame`` / ``avcodec_receive_packet`` (``with cython.nogil`` in
+    ``_send_frame_and_recv`` / ``_recv_packet``, av/codec/context.py), ``sws_scale_frame``
+    (``VideoReformatter.reformat``, av/video/reformatter.py) and ``av_interleaved_write_frame``
+    (``OutputContainer.mux_one``, av/container/output.py). Only ``VideoFrame.from_ndarray``'s copy
+    (``array.tobytes()`` + a memcpy into the plane) runs under the GIL: two copies of 2.8 MB per 960x960 frame, roughly
+    50-100 ms per 81-frame chunk (estimated, not measured).
     """
 
     def __init__(self, path: Path, *, width: int, height: int, fps: int = FPS, crf: int = 18,
-                 audio: np.ndarray | None = None, audio_rate: int = 16000) -> None:
+                 audio: np.ndarray | None = None, audio_rate: int = 16000, background: bool = False) -> None:
         if width <= 0 or height <= 0 or width % 2 or height % 2:
             raise ValueError(f"width and height must be positive and even for yuv420p, got {width}x{height}")
         if "libx264" not in av.codecs_available:
@@ -522,7 +549,12 @@ class VideoWriter:
         self.path = Path(path)
         self.width, self.height, self.fps = width, height, fps
         self.frames_written = 0
-        self._closed = False
+        self._closed = False  # no more writes; the container may still be open while a worker runs
+        # background mode: the worker, its queue (None = stop), a "discard the rest" flag, its failure
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=1)
+        self._drop = threading.Event()
+        self._error: BaseException | None = None
         self._container = av.open(str(self.path), "w", format="mp4", options={"movflags": "+faststart"})
         try:
             v = self._container.add_stream("libx264", rate=fps, options={"crf": str(crf)})
@@ -542,6 +574,10 @@ class VideoWriter:
                 s = self._container.add_stream("aac", rate=audio_rate, layout="mono")
                 s.bit_rate = 96_000
                 self._audio_stream = s
+            if background:
+                thread = threading.Thread(target=self._worker, name=WRITER_THREAD_NAME, daemon=True)
+                thread.start()
+                self._thread = thread
         except BaseException:
             self._container.close()
             raise
@@ -561,16 +597,11 @@ class VideoWriter:
         for packet in self._audio_stream.encode(frame):
             self._container.mux(packet)
 
-    def write(self, frames: np.ndarray) -> None:
-        """Encode ``[N, H, W, 3]`` (or one ``[H, W, 3]``) uint8 RGB frames."""
-        if self._closed:
-            raise RuntimeError("VideoWriter is closed")
-        if frames.ndim == 3:
-            frames = frames[None]
-        if frames.ndim != 4 or frames.shape[1:] != (self.height, self.width, 3) or frames.dtype != np.uint8:
-            raise ValueError(f"expected [N, {self.height}, {self.width}, 3] uint8 frames, got "
-                             f"{frames.shape} {frames.dtype}")
+    def _encode(self, frames: np.ndarray) -> None:
+        """Encode checked ``[N, H, W, 3]`` uint8 frames, audio interleaved; stops early once ``_drop`` is set."""
         for img in frames:
+            if self._drop.is_set():  # abort: leave the rest of the chunk unencoded
+                return
             vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
             vf = vf.reformat(format="yuv420p", dst_colorspace="ITU709", dst_color_range="MPEG")
             vf.pts = self.frames_written
@@ -580,27 +611,101 @@ class VideoWriter:
             # Keep audio interleaved with the video: send it up to the end of this frame.
             self._send_audio(self.frames_written * self._audio_rate // self.fps)
 
+    def _worker(self) -> None:
+        """Background mode: encode queued chunks in order until the stop marker; keep the first failure."""
+        while True:
+            frames = self._queue.get()
+            if frames is None:
+                return
+            if not self._drop.is_set():
+                try:
+                    self._encode(frames)
+                except BaseException as e:  # handed to the caller's thread by write()/close()
+                    self._error = e
+                    return
+            del frames  # do not hold a chunk while waiting for the next one
+
+    def _hand_over(self, item: np.ndarray | None) -> bool:
+        """Queue ``item`` for the worker; False (nothing queued) once the worker has failed or exited.
+
+        A plain blocking put would hang forever if the worker died while the queue is full, so the
+        put waits in short slices and re-checks the worker between them."""
+        assert self._thread is not None
+        while self._error is None and self._thread.is_alive():
+            try:
+                self._queue.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _drain(self) -> None:
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._queue.get_nowait()
+
+    def _stop_worker(self, *, drop: bool) -> None:
+        """Join the worker after it has encoded what is queued (``drop=False``) or discarded it."""
+        thread = self._thread
+        if thread is None:
+            return
+        if drop:
+            self._drop.set()  # also stops the chunk being encoded, between two frames
+            self._drain()
+        self._hand_over(None)
+        thread.join()
+        self._thread = None
+        self._drain()  # a chunk queued behind a failed worker
+
+    def _raise_worker_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def write(self, frames: np.ndarray) -> None:
+        """Encode ``[N, H, W, 3]`` (or one ``[H, W, 3]``) uint8 RGB frames (background mode: queue them)."""
+        if self._closed:
+            raise RuntimeError("VideoWriter is closed")
+        if frames.ndim == 3:
+            frames = frames[None]
+        if frames.ndim != 4 or frames.shape[1:] != (self.height, self.width, 3) or frames.dtype != np.uint8:
+            raise ValueError(f"expected [N, {self.height}, {self.width}, 3] uint8 frames, got "
+                             f"{frames.shape} {frames.dtype}")
+        if self._thread is None:
+            self._encode(frames)
+        elif not self._hand_over(frames):
+            self._raise_worker_error()
+            raise RuntimeError("the mp4 writer thread stopped unexpectedly")
+
+    def _flush(self) -> None:
+        for packet in self._video.encode(None):
+            self._container.mux(packet)
+        if self._audio_stream is not None:
+            self._send_audio(round(self.frames_written * self._audio_rate / self.fps))
+            for packet in self._audio_stream.encode(None):
+                self._container.mux(packet)
+
     def close(self) -> None:
-        """Flush the encoders, finish the audio at exactly the video duration, write the index."""
+        """Flush the encoders, finish the audio at exactly the video duration, write the index.
+
+        Background mode: first waits for the queued frames to be encoded and joins the worker;
+        a worker failure is raised here (the container is closed, the partial file left)."""
         if self._closed:
             return
         self._closed = True
         try:
-            for packet in self._video.encode(None):
-                self._container.mux(packet)
-            if self._audio_stream is not None:
-                self._send_audio(round(self.frames_written * self._audio_rate / self.fps))
-                for packet in self._audio_stream.encode(None):
-                    self._container.mux(packet)
+            self._stop_worker(drop=False)
+            self._raise_worker_error()
+            self._flush()
         finally:
-            self._container.close()
+            if self._thread is None:  # never close the container under a running worker
+                self._container.close()
 
     def abort(self) -> None:
-        """Stop without finishing: close the container and remove the partial file."""
-        if not self._closed:
-            self._closed = True
-            with contextlib.suppress(Exception):  # the file is being discarded anyway
-                self._container.close()
+        """Stop without finishing: drop queued frames, join the worker, close, remove the partial file."""
+        self._closed = True
+        self._stop_worker(drop=True)
+        with contextlib.suppress(Exception):  # the file is being discarded anyway (closing twice is a no-op)
+            self._container.close()
         self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> VideoWriter:
@@ -612,6 +717,7 @@ class VideoWriter:
             self.close()
         else:  # do not let a flush error hide the original one; the partial file is the caller's
             self._closed = True
+            self._stop_worker(drop=True)
             with contextlib.suppress(av.FFmpegError, OSError):
                 self._container.close()
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import struct
+import threading
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -382,6 +385,162 @@ def test_video_writer_rejects_bad_shapes(tmp_path: Path) -> None:
         media.VideoWriter(tmp_path / "odd.mp4", width=47, height=32)
     with media.VideoWriter(tmp_path / "x.mp4", width=48, height=32) as w, pytest.raises(ValueError, match="uint8"):
         w.write(np.zeros((1, 32, 48, 3), np.float32))
+
+
+# --- background mode (encoding in a worker thread) ---
+
+
+def _writer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == media.WRITER_THREAD_NAME]
+
+
+def _moving_frames(n: int, h: int = 32, w: int = 48) -> np.ndarray:
+    """Frame k: a gradient with a bright square at x = k (so a dropped or reordered frame shows)."""
+    rng = np.random.default_rng(0)
+    base = (np.arange(w)[None, :, None] * 4 + np.arange(h)[:, None, None] * 2 + np.array([0, 40, 80])) % 256
+    frames = np.repeat(base[None].astype(np.uint8), n, axis=0)
+    for k in range(n):
+        x = k % (w - 8)
+        frames[k, 12:20, x:x + 8] = 250
+    return frames ^ rng.integers(0, 8, frames.shape, dtype=np.uint8)  # a little noise to encode
+
+
+def _decode(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """All video frames as [N, H, W, 3] rgb24 and the audio samples (first channel)."""
+    with av.open(str(path)) as c:
+        video = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])])
+    with av.open(str(path)) as c:
+        audio = np.concatenate([f.to_ndarray()[0] for f in c.decode(c.streams.audio[0])])
+    return video, audio
+
+
+def _within(seconds: float, fn: Any) -> Any:
+    """Run ``fn`` in a helper thread: its result, its exception re-raised, or a failure on a hang."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed back to the test
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"hung for {seconds} s (deadlock)"
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+class _StreamProxy:
+    """Stands in for the writer's libx264 stream: waits for ``gate`` (if any) on the first encode call,
+    then delegates, except that call number ``fail_at`` raises a disk-full error."""
+
+    def __init__(self, real: Any, fail_at: int | None = None, gate: threading.Event | None = None) -> None:
+        self.real, self.fail_at, self.gate, self.calls = real, fail_at, gate, 0
+
+    def encode(self, frame: Any = None) -> Any:
+        self.calls += 1
+        if self.gate is not None and self.calls == 1:
+            assert self.gate.wait(10)
+        if self.calls == self.fail_at:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.real.encode(frame)
+
+
+def test_video_writer_background_output_equals_foreground(tmp_path: Path) -> None:
+    frames = _moving_frames(50)
+    audio = _sine(3.1, 16000)  # longer than the video: trimmed at close
+    outs = {}
+    for background in (False, True):
+        out = outs[background] = tmp_path / f"bg{int(background)}.mp4"
+        with media.VideoWriter(out, width=48, height=32, crf=18, audio=audio, background=background) as w:
+            assert len(_writer_threads()) == int(background)
+            w.write(frames[:20])
+            w.write(frames[20])  # a single [H, W, 3] frame
+            w.write(frames[21:])
+        assert w.frames_written == 50
+        assert not _writer_threads()  # joined by close()
+    (v_fg, a_fg), (v_bg, a_bg) = _decode(outs[False]), _decode(outs[True])
+    assert v_bg.shape == (50, 32, 48, 3)
+    np.testing.assert_array_equal(v_bg, v_fg)
+    np.testing.assert_array_equal(a_bg, a_fg)
+    assert outs[True].read_bytes() == outs[False].read_bytes()  # x264 is deterministic: same bytes
+    assert np.abs(v_bg[7].astype(int) - frames[7]).mean() < 6  # and it is the picture that was written
+    info = media.probe(outs[True])
+    assert info["frames"] == 50 and abs(info["audio_duration"] - 2.0) <= 0.05
+    assert _top_level_atoms(outs[True]).index("moov") < _top_level_atoms(outs[True]).index("mdat")
+
+
+def test_video_writer_background_worker_error_does_not_deadlock(tmp_path: Path) -> None:
+    frames = _moving_frames(15)
+    out = tmp_path / "fail.mp4"
+    w = media.VideoWriter(out, width=48, height=32, background=True)
+    gate = threading.Event()
+    # the first frame blocks, then fails
+    w._video = _StreamProxy(w._video, fail_at=1, gate=gate)  # type: ignore[assignment]
+
+    def scenario() -> None:
+        w.write(frames[:5])  # taken by the worker, which blocks in encode
+        w.write(frames[5:10])  # queued: the queue (one chunk) is now full
+        threading.Timer(0.3, gate.set).start()  # the worker fails while the caller waits to queue
+        with pytest.raises(OSError, match="No space left") as first:
+            w.write(frames[10:])
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as again:  # further writes fail fast with the same error
+            w.write(frames[10:])
+        assert time.monotonic() - t0 < 0.05 and again.value is first.value
+        with pytest.raises(OSError, match="No space left"):
+            w.close()
+
+    _within(20, scenario)
+    assert not _writer_threads() and w.frames_written == 0
+    w.abort()  # what render.py does after a failure (FFmpeg creates the file at the first packet only)
+    assert not out.exists()
+
+
+def test_video_writer_background_error_surfaces_from_close(tmp_path: Path) -> None:
+    w = media.VideoWriter(tmp_path / "late.mp4", width=48, height=32, background=True)
+    w._video = _StreamProxy(w._video, fail_at=3)  # type: ignore[assignment]
+    w.write(_moving_frames(5))
+    with pytest.raises(OSError, match="No space left"):
+        _within(20, w.close)
+    assert w.frames_written == 2 and not _writer_threads()
+    with pytest.raises(RuntimeError, match="closed"):
+        w.write(_moving_frames(1))
+
+
+def test_video_writer_background_abort_drops_queued_frames(tmp_path: Path) -> None:
+    out = tmp_path / "aborted.mp4"
+    w = media.VideoWriter(out, width=48, height=32, audio=_sine(1.0, 16000), background=True)
+    gate = threading.Event()
+    w._video = _StreamProxy(w._video, gate=gate)  # type: ignore[assignment]
+    w.write(_moving_frames(10))  # the worker blocks on its first frame
+    w.write(_moving_frames(10))  # queued
+    threading.Timer(0.3, gate.set).start()
+    _within(20, w.abort)
+    assert w.frames_written == 1  # the frame in flight finished; the rest and the queued chunk were dropped
+    assert not out.exists() and not _writer_threads()
+    w.abort()  # idempotent
+
+
+def test_video_writer_background_checks_frames_in_caller_and_exit_on_error(tmp_path: Path) -> None:
+    out = tmp_path / "checked.mp4"
+    with media.VideoWriter(out, width=48, height=32, background=True) as w:
+        with pytest.raises(ValueError, match="uint8"):
+            w.write(np.zeros((2, 32, 48, 3), np.float32))
+        with pytest.raises(ValueError, match=r"\[N, 32, 48, 3\]"):
+            w.write(np.zeros((2, 48, 32, 3), np.uint8))
+        w.write(_moving_frames(7))  # the writer still works
+    assert media.probe(out)["frames"] == 7 and not _writer_threads()
+
+    out2 = tmp_path / "interrupted.mp4"
+    with pytest.raises(KeyError), media.VideoWriter(out2, width=48, height=32, background=True) as w2:
+        w2.write(_moving_frames(5))
+        raise KeyError("render failed")
+    assert not _writer_threads()  # the worker was stopped and joined; the original error propagated
+    assert w2.frames_written <= 5
 
 
 # ---------------------------------------------------------------------------------------------
