@@ -30,6 +30,7 @@ then :func:`enable_fp8`, then :func:`compile_blocks`, then run the forwards insi
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 from collections.abc import Iterable, Iterator, Mapping
 
@@ -46,6 +47,7 @@ __all__ = [
     "compile_blocks",
     "dequantize",
     "enable_fp8",
+    "enable_int8_attention",
     "preferred_attention",
     "quantize_rowwise",
     "quantize_weight",
@@ -308,6 +310,25 @@ def compile_blocks(dit: nn.Module, *, mode: str | None = None, backend: str = "i
     """
     for block in dit.blocks:  # type: ignore[union-attr]
         block.compile(dynamic=False, mode=mode, backend=backend)
+
+
+def enable_int8_attention(dit: nn.Module, *, pv_fp8: bool = True, on: bool = True) -> int:
+    """Route every block's self-attention through :func:`engine.attention_int8.int8_attention` (``on=False``:
+    back to :func:`engine.attention.attention`). Returns the number of blocks changed. Call before
+    :func:`compile_blocks` (a compiled graph keeps the function it was traced with).
+
+    Raises RuntimeError where the kernel cannot run (no Triton, no CUDA GPU of compute capability 8.9+).
+    """
+    from engine.attention import attention
+    from engine.attention_int8 import available, int8_attention
+
+    if on and not available():
+        raise RuntimeError("int8 attention needs a CUDA GPU of compute capability 8.9+ and Triton")
+    kernel = functools.partial(int8_attention, pv_fp8=pv_fp8) if on else attention
+    blocks = list(dit.blocks)  # type: ignore[union-attr]
+    for block in blocks:
+        block.self_attn.kernel = kernel
+    return len(blocks)
 
 
 def _fa3_available() -> bool:
