@@ -18,6 +18,8 @@ Where this deviates from the official code (numerically equivalent or deliberate
   heads (official: two head groups averaged, identical for an even head count), and an empty class
   mask contributes zero mass instead of dividing by zero (model.md 14a).
 - fp32 islands are written out with ``.float()`` instead of ``torch.cuda.amp.autocast(float32)``.
+- The blocks' context K/V (text, image, audio) can be projected once per chunk (:meth:`WanInfiniteTalk.context_kv`)
+  instead of on every step (official); the same ops on the same inputs, so the result is bit-identical.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +42,10 @@ __all__ = [
     "TINY",
     "config_from_shapes",
     "WanInfiniteTalk",
+    "BlockKV",
+    "TextKV",
+    "AudioKV",
+    "ContextKV",
     "build",
     "sinusoidal_embedding",
     "rope_3d_tables",
@@ -390,22 +397,34 @@ class CrossAttention(nn.Module):
         self.v_img = nn.Linear(dim, dim)
         self.norm_k_img = WanRMSNorm(dim, eps)
 
-    def forward(self, x: Tensor, context: Tensor, n_img: int) -> Tensor:
-        """x [B, L, dim]; context [B, n_img + text_len, dim] with the image tokens first."""
-        b, n = x.shape[0], self.num_heads
+    def project(self, context: Tensor, n_img: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """context [B, n_img + text_len, dim] (image tokens first) -> k, v [B, text_len, H, D] and
+        k_img, v_img [B, n_img, H, D] (k after norm_k, k_img after norm_k_img). Depends only on the context,
+        so it can be computed once per chunk (:meth:`WanInfiniteTalk.text_kv`) and reused on every step."""
+        b, n = context.shape[0], self.num_heads
+        d = context.shape[-1] // n
         ctx_img, ctx_txt = context[:, :n_img], context[:, n_img:]
         if n_img == 0:
             # No CLIP file: the image branch attends to the text tokens, as ComfyUI native does when its
             # template passes no clip_fea (comfy/ldm/wan/model.py slices the context with None).
             ctx_img = ctx_txt
+        k = self.norm_k(self.k(ctx_txt)).view(b, -1, n, d)
+        v = self.v(ctx_txt).view(b, -1, n, d)
+        k_img = self.norm_k_img(self.k_img(ctx_img)).view(b, -1, n, d)
+        v_img = self.v_img(ctx_img).view(b, -1, n, d)
+        return k, v, k_img, v_img
+
+    def attend(self, x: Tensor, k: Tensor, v: Tensor, k_img: Tensor, v_img: Tensor) -> Tensor:
+        """x [B, L, dim] attends to the projected context from :meth:`project` -> [B, L, dim]."""
+        b, n = x.shape[0], self.num_heads
         q = self.norm_q(self.q(x)).view(b, -1, n, x.shape[-1] // n)
-        k = self.norm_k(self.k(ctx_txt)).view(b, -1, n, q.shape[-1])
-        v = self.v(ctx_txt).view(b, -1, n, q.shape[-1])
-        k_img = self.norm_k_img(self.k_img(ctx_img)).view(b, -1, n, q.shape[-1])
-        v_img = self.v_img(ctx_img).view(b, -1, n, q.shape[-1])
         # No text padding mask: padded rows are attended like real tokens (model.md 3.2, 14a).
         out = attention(q, k, v).reshape(b, x.shape[1], -1) + attention(q, k_img, v_img).reshape(b, x.shape[1], -1)
         return self.o(out)
+
+    def forward(self, x: Tensor, context: Tensor, n_img: int) -> Tensor:
+        """x [B, L, dim]; context [B, n_img + text_len, dim] with the image tokens first."""
+        return self.attend(x, *self.project(context, n_img))
 
 
 class AudioCrossAttention(nn.Module):
@@ -421,26 +440,62 @@ class AudioCrossAttention(nn.Module):
         self.kv_linear = nn.Linear(audio_dim, 2 * dim)  # first dim outputs are K, the next dim are V
         self.proj = nn.Linear(dim, dim)
 
+    def project(self, audio: Tensor, rotate: bool) -> tuple[Tensor, Tensor]:
+        """audio [B·F, Na, audio_dim] (per person 32 tokens, person-major) -> k, v [B·F, Na, H, D].
+
+        rotate (two speakers): L-RoPE on the keys, the first Na/2 (person 1) at position 2, the rest
+        (person 2) at 22. Depends only on the audio tokens, so it can be computed once per chunk
+        (:meth:`WanInfiniteTalk.audio_kv`). Without rotation k and v are strided views of one projection.
+        """
+        n = self.num_heads
+        kv = self.kv_linear(audio).view(audio.shape[0], audio.shape[1], 2, n, -1)
+        k, v = kv.unbind(2)  # first dim outputs are K, the next dim are V
+        if rotate:
+            # Audio keys sit at the centre of their speaker's range: person 1 (first half) 2, person 2 22.
+            key_pos = torch.full((audio.shape[1],), sum(SPEAKER2_RANGE) / 2, device=audio.device)
+            key_pos[: audio.shape[1] // 2] = sum(SPEAKER1_RANGE) / 2
+            k = rope_1d(k, key_pos)
+            v = v.contiguous()  # so a cached v does not keep the unrotated K half of kv alive
+        return k, v
+
+    def attend(self, x: Tensor, k: Tensor, v: Tensor, num_frames: int, positions: Tensor | None = None) -> Tensor:
+        """x [B, F·S, dim] attends per latent frame to k, v [B·F, Na, H, D] from :meth:`project` -> [B, F·S, dim].
+
+        positions: [B, F·S] L-RoPE positions of the visual tokens (two speakers, keys projected with
+        ``rotate=True``) or None (one speaker).
+        """
+        b, length, dim = x.shape
+        n = self.num_heads
+        s = length // num_frames
+        q = self.q_linear(x).view(b, length, n, dim // n)
+        if positions is not None:
+            q = rope_1d(q, positions)
+        out = attention(q.reshape(b * num_frames, s, n, dim // n), k, v)  # batch row = (item, latent frame)
+        return self.proj(out.reshape(b, length, dim))
+
     def forward(self, x: Tensor, audio: Tensor, num_frames: int, positions: Tensor | None = None) -> Tensor:
         """x [B, F·S, dim]; audio [B·F, Na, audio_dim] (per person 32 tokens, person-major).
 
         positions: [B, F·S] L-RoPE positions of the visual tokens (two speakers) or None (one speaker).
         With positions, the first Na/2 audio keys (person 1) get position 2 and the rest (person 2) 22.
         """
-        b, length, dim = x.shape
-        n = self.num_heads
-        s = length // num_frames
-        q = self.q_linear(x).view(b, length, n, dim // n)
-        kv = self.kv_linear(audio).view(audio.shape[0], audio.shape[1], 2, n, dim // n)
-        k, v = kv.unbind(2)  # [B·F, Na, H, D]
-        if positions is not None:
-            q = rope_1d(q, positions)
-            # Audio keys sit at the centre of their speaker's range: person 1 (first half) 2, person 2 22.
-            key_pos = torch.full((audio.shape[1],), sum(SPEAKER2_RANGE) / 2, device=x.device)
-            key_pos[: audio.shape[1] // 2] = sum(SPEAKER1_RANGE) / 2
-            k = rope_1d(k, key_pos)
-        out = attention(q.reshape(b * num_frames, s, n, dim // n), k, v)  # batch row = (item, latent frame)
-        return self.proj(out.reshape(b, length, dim))
+        return self.attend(x, *self.project(audio, positions is not None), num_frames, positions)
+
+
+class BlockKV(NamedTuple):
+    """One block's projected context: what its two cross-attentions use as keys and values.
+
+    Constant over the denoising steps of a chunk (it depends only on the context and audio tokens), so
+    :meth:`WanInfiniteTalk.text_kv` / :meth:`WanInfiniteTalk.audio_kv` compute it once per chunk. Every
+    block's entry has the same shapes, dtypes and strides, so one compiled block graph serves all blocks.
+    """
+
+    k: Tensor  # [B, text_len, H, D] text keys after norm_k
+    v: Tensor  # [B, text_len, H, D]
+    k_img: Tensor  # [B, Ni, H, D] CLIP keys after norm_k_img (with no CLIP tokens: the text through k_img)
+    v_img: Tensor  # [B, Ni, H, D]
+    k_audio: Tensor  # [B·F, Na, H, D] audio keys, L-RoPE applied for two speakers
+    v_audio: Tensor  # [B·F, Na, H, D]
 
 
 class Block(nn.Module):
@@ -463,13 +518,18 @@ class Block(nn.Module):
         e0: Tensor,
         cos: Tensor,
         sin: Tensor,
-        context: Tensor,
+        context: Tensor | None,
         n_img: int,
-        audio: Tensor,
+        audio: Tensor | None,
         num_frames: int,
         ref_masks: Tensor | None,
+        kv: BlockKV | None = None,
     ) -> Tensor:
-        """x [B, L, dim] (module dtype); e0 [B, 6, dim] fp32; audio [B·F, Na, audio_dim]."""
+        """x [B, L, dim] (module dtype); e0 [B, 6, dim] fp32; audio [B·F, Na, audio_dim].
+
+        kv: this block's precomputed context K/V; when given, ``context`` and ``audio`` are not read (pass None)
+        and the result is the one the block computes from them (the same ops on the same inputs).
+        """
         dtype = x.dtype
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, dim=1)
 
@@ -477,10 +537,19 @@ class Block(nn.Module):
         y, ref_map = self.self_attn(h, cos, sin, ref_masks)
         x = (x.float() + y.float() * gate1).to(dtype)  # gated residual in fp32
 
-        x = x + self.cross_attn(self.norm3(x), context, n_img)  # no gate, no modulation
+        # no gate, no modulation
+        if kv is None:
+            assert context is not None
+            x = x + self.cross_attn(self.norm3(x), context, n_img)
+        else:
+            x = x + self.cross_attn.attend(self.norm3(x), kv.k, kv.v, kv.k_img, kv.v_img)
 
         positions = None if ref_map is None else speaker_positions(ref_map)
-        x = x + self.audio_cross_attn(self.norm_x(x), audio, num_frames, positions)
+        if kv is None:
+            assert audio is not None
+            x = x + self.audio_cross_attn(self.norm_x(x), audio, num_frames, positions)
+        else:
+            x = x + self.audio_cross_attn.attend(self.norm_x(x), kv.k_audio, kv.v_audio, num_frames, positions)
 
         y = self.ffn((self.norm2(x).float() * (1 + scale2) + shift2).to(dtype))
         return (x.float() + y.float() * gate2).to(dtype)
@@ -536,6 +605,44 @@ class AudioProj(nn.Module):
         h = torch.relu(self.proj2(torch.cat([h0, h1], dim=1)))
         tokens = self.proj3(h).unflatten(-1, (self.context_tokens, -1))  # [N, F, T, C]
         return self.norm(tokens)
+
+
+@dataclass(frozen=True, eq=False)
+class TextKV:
+    """Per-block text + image K/V of one embedded context (:meth:`WanInfiniteTalk.text_kv`).
+
+    blocks[i] = (k, v, k_img, v_img) of block i, shapes as in :class:`BlockKV`. For the released DiT in bf16
+    that is (512 + 257) tokens x 5120 x 2 x 2 bytes x 40 blocks = 0.63 GB per context.
+    """
+
+    blocks: tuple[tuple[Tensor, Tensor, Tensor, Tensor], ...]
+    batch: int  # 1 (expanded to any batch) or B
+
+
+@dataclass(frozen=True, eq=False)
+class AudioKV:
+    """Per-block audio K/V of one set of audio tokens (:meth:`WanInfiniteTalk.audio_kv`).
+
+    blocks[i] = (k_audio, v_audio) of block i, [B·F, P·T, H, D]; released bf16: 21 x 32 x 5120 x 2 x 2 bytes x
+    40 blocks = 0.55 GB per speaker at 81 frames. Rotated (L-RoPE keys) exactly when num_people == 2.
+    """
+
+    blocks: tuple[tuple[Tensor, Tensor], ...]
+    batch: int  # B
+    num_people: int  # P
+    num_frames: int  # F, latent frames
+
+
+@dataclass(frozen=True, eq=False)
+class ContextKV:
+    """What :meth:`WanInfiniteTalk.forward` takes as ``context_kv=``: one context's and one audio input's K/V.
+
+    Parts may be shared between pairs (render.py: the positive/negative prompt with the real/null audio), so
+    building a pair costs nothing beyond its two parts.
+    """
+
+    text: TextKV
+    audio: AudioKV
 
 
 class WanInfiniteTalk(nn.Module):
@@ -610,6 +717,58 @@ class WanInfiniteTalk(nn.Module):
         tokens = self.audio_proj(first.flatten(0, 1), rest.flatten(0, 1))
         return tokens.unflatten(0, audio.shape[:2])
 
+    @property
+    def blocks_streamed(self) -> bool:
+        """True while engine.offload streams the blocks (it sets ``_block_streamer``): their weights are on the
+        device only inside each block's call, so context K/V cannot be precomputed outside it."""
+        return getattr(self, "_block_streamer", None) is not None
+
+    def _check_not_streamed(self) -> None:
+        if self.blocks_streamed:
+            raise RuntimeError("the DiT's blocks are streamed (low-memory mode): their weights are not on the device "
+                               "outside a forward, so context K/V cannot be precomputed; pass context_emb/audio_emb")
+
+    def text_kv(self, context_emb: Tensor) -> TextKV:
+        """context_emb [1 or B, Ni + text_len, dim] from :meth:`embed_context` -> every block's text + image K/V.
+
+        Exactly what each block computes from ``context_emb`` in :meth:`forward` (same ops, same inputs), so a
+        forward with the cache is bit-identical to one without at the same batch. Constant per chunk. Raises
+        RuntimeError when the blocks are streamed (see :attr:`blocks_streamed`).
+        """
+        self._check_not_streamed()
+        context = context_emb.to(self.dtype)
+        n_img = context.shape[1] - self.cfg.text_len
+        if n_img < 0:
+            raise ValueError(f"context_emb has {context.shape[1]} tokens, fewer than text_len {self.cfg.text_len}")
+        blocks = tuple(block.cross_attn.project(context, n_img) for block in self._blocks())
+        return TextKV(blocks=blocks, batch=context.shape[0])
+
+    def audio_kv(self, audio_emb: Tensor) -> AudioKV:
+        """audio_emb [B, P, F, T, C] from :meth:`embed_audio` -> every block's audio K/V (L-RoPE keys for P = 2).
+
+        Exactly what each block computes from ``audio_emb`` in :meth:`forward`. Constant per chunk. Raises
+        RuntimeError when the blocks are streamed (see :attr:`blocks_streamed`).
+        """
+        self._check_not_streamed()
+        if audio_emb.ndim != 5 or audio_emb.shape[1] not in (1, 2):
+            raise ValueError(f"audio_emb must be [B, P, F, T, C] with 1 or 2 speakers, got {tuple(audio_emb.shape)}")
+        tokens = self._audio_tokens(audio_emb)
+        rotate = audio_emb.shape[1] == 2  # two speakers: the blocks get speaker positions, keys are rotated
+        blocks = tuple(block.audio_cross_attn.project(tokens, rotate) for block in self._blocks())
+        b, p, f = audio_emb.shape[:3]
+        return AudioKV(blocks=blocks, batch=b, num_people=p, num_frames=f)
+
+    def context_kv(self, context_emb: Tensor, audio_emb: Tensor) -> ContextKV:
+        """Both caches for one (context, audio) pair; pass as ``context_kv=`` to :meth:`forward`."""
+        return ContextKV(self.text_kv(context_emb), self.audio_kv(audio_emb))
+
+    def _blocks(self) -> list[Block]:
+        return cast("list[Block]", list(self.blocks))
+
+    def _audio_tokens(self, audio_emb: Tensor) -> Tensor:
+        """[B, P, F, T, C] -> [B·F, P·T, C] in the module dtype: per latent frame, person 1's tokens then person 2's."""
+        return audio_emb.to(self.dtype).transpose(1, 2).flatten(2, 3).flatten(0, 1)
+
     def forward(
         self,
         x: Tensor,
@@ -622,6 +781,7 @@ class WanInfiniteTalk(nn.Module):
         *,
         context_emb: Tensor | None = None,
         audio_emb: Tensor | None = None,
+        context_kv: ContextKV | None = None,
     ) -> Tensor:
         """Predict the flow velocity.
 
@@ -629,40 +789,64 @@ class WanInfiniteTalk(nn.Module):
         clip_fea [B, Ni, clip_dim], or context_emb from :meth:`embed_context`; y [B, 20, F, h, w] (4 mask + 16
         reference-latent channels); audio [B, P, 4(F-1)+1, W, A] or audio_emb from :meth:`embed_audio`;
         ref_target_masks [B or 1, 3, h, w] (person 1, person 2, background), required for P == 2.
+        context_kv (from :meth:`context_kv`, constant per chunk) replaces context/clip_fea/audio and their
+        embeddings: the blocks then attend to the precomputed K/V instead of projecting the context on every
+        step. Bit-identical to passing the embeddings it was built from (at the same batch; a batch-1 text cache
+        is expanded to B, which is the same math but may round differently from projecting an expanded context).
         Returns [B, out_dim, F, h, w] float32.
         """
         cfg = self.cfg
         if y is None:
             raise ValueError("y (mask + reference latent) is required")
-        if context_emb is None:
-            if context is None:
-                raise ValueError("pass context (and clip_fea), or context_emb")
-            context_emb = self.embed_context(context, clip_fea)
-        if audio_emb is None:
-            if audio is None:
-                raise ValueError("pass audio or audio_emb")
-            audio_emb = self.embed_audio(audio)
-
         b, _, f, h, w = x.shape
         pt, ph, pw = cfg.patch_size
         grid = (f // pt, h // ph, w // pw)
-        num_people = audio_emb.shape[1]
-        if audio_emb.shape[0] != b or audio_emb.shape[2] != grid[0]:
-            raise ValueError(
-                f"audio tokens {tuple(audio_emb.shape)} do not match batch {b} and {grid[0]} latent frames"
-            )
+
+        block_kv: list[BlockKV | None] = [None] * len(self.blocks)
+        context_in: Tensor | None = None
+        audio_tokens: Tensor | None = None
+        n_img = 0
+        if context_kv is not None:
+            if any(a is not None for a in (context, clip_fea, audio, context_emb, audio_emb)):
+                raise ValueError("pass context_kv alone, without context/clip_fea/audio or their embeddings")
+            text, aud = context_kv.text, context_kv.audio
+            if len(text.blocks) != len(self.blocks) or len(aud.blocks) != len(self.blocks):
+                raise ValueError(f"context_kv holds {len(text.blocks)}/{len(aud.blocks)} blocks; the DiT has "
+                                 f"{len(self.blocks)}")
+            if aud.batch != b or aud.num_frames != grid[0]:
+                raise ValueError(f"audio K/V of batch {aud.batch} and {aud.num_frames} latent frames do not match "
+                                 f"batch {b} and {grid[0]} latent frames")
+            if text.batch not in (1, b):
+                raise ValueError(f"context K/V batch {text.batch} does not match batch {b}")
+            num_people = aud.num_people
+            for i, (tkv, akv) in enumerate(zip(text.blocks, aud.blocks)):
+                k, v, k_img, v_img = (t.expand(b, -1, -1, -1) for t in tkv)  # a view; no copy at b = 1
+                block_kv[i] = BlockKV(k, v, k_img, v_img, *akv)
+        else:
+            if context_emb is None:
+                if context is None:
+                    raise ValueError("pass context (and clip_fea), or context_emb")
+                context_emb = self.embed_context(context, clip_fea)
+            if audio_emb is None:
+                if audio is None:
+                    raise ValueError("pass audio or audio_emb")
+                audio_emb = self.embed_audio(audio)
+            num_people = audio_emb.shape[1]
+            if audio_emb.shape[0] != b or audio_emb.shape[2] != grid[0]:
+                raise ValueError(
+                    f"audio tokens {tuple(audio_emb.shape)} do not match batch {b} and {grid[0]} latent frames"
+                )
+            if context_emb.shape[0] not in (1, b):
+                raise ValueError(f"context batch {context_emb.shape[0]} does not match batch {b}")
+            context_in = context_emb.to(self.dtype).expand(b, -1, -1)
+            n_img = context_in.shape[1] - cfg.text_len
+            audio_tokens = self._audio_tokens(audio_emb)  # [B·F, P·T, C]
         if num_people not in (1, 2):
             raise ValueError(f"1 or 2 speakers are supported, got {num_people}")
-        if context_emb.shape[0] not in (1, b):
-            raise ValueError(f"context batch {context_emb.shape[0]} does not match batch {b}")
-        context_emb = context_emb.to(self.dtype).expand(b, -1, -1)
-        n_img = context_emb.shape[1] - cfg.text_len
 
         # Patchify [x (16) | y (20)] -> [B, L, dim], tokens frame-major, then row, then column.
         tokens = self.patch_embedding(torch.cat([x, y], dim=1).to(self.dtype)).flatten(2).transpose(1, 2)
         e, e0 = self.embed_time(t.to(x.device), b)
-        # [B, P, F, T, C] -> [B·F, P·T, C]: per latent frame, person 1's tokens then person 2's.
-        audio_tokens = audio_emb.to(self.dtype).transpose(1, 2).flatten(2, 3).flatten(0, 1)
         ref_masks = None
         if num_people == 2:
             if ref_target_masks is None:
@@ -670,8 +854,8 @@ class WanInfiniteTalk(nn.Module):
             ref_masks = token_masks(ref_target_masks.to(x.device), grid[1:]).expand(b, -1, -1)
         cos, sin = self.rope_tables(grid, x.device)
 
-        for block in self.blocks:
-            tokens = block(tokens, e0, cos, sin, context_emb, n_img, audio_tokens, grid[0], ref_masks)
+        for block, kv in zip(self.blocks, block_kv):
+            tokens = block(tokens, e0, cos, sin, context_in, n_img, audio_tokens, grid[0], ref_masks, kv)
 
         out = self.head(tokens, e)  # [B, L, pt·ph·pw·C] fp32, C fastest
         out = out.view(b, *grid, pt, ph, pw, cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)

@@ -11,6 +11,9 @@ Where we differ from the official ``InfiniteTalkPipeline.generate_infinitetalk``
   every chunk, so they are computed once per job (identical result, ~1 s less per chunk).
 - The single-speaker reference-attention map and the drop-audio pass at audio guidance 1 are not
   computed (their results are never used).
+- The blocks' context K/V (text, image, audio) are projected once per chunk, not on every step
+  (bit-identical; not in low-memory mode, where block weights reach the GPU only inside each block).
+- A chunk's mp4 encoding runs in the writer's thread while the next chunk denoises.
 - Noise is drawn per chunk from a generator seeded by (seed, chunk); the official code's dead
   ``randn_like`` calls are not replicated, so seeds are not bit-compatible with it.
 - Output length equals the speech length exactly (the official code cuts only when padding happened).
@@ -46,6 +49,7 @@ from engine.api import (
     StopFn,
 )
 from engine.audio import audio_features, frames_for_duration
+from engine.dit import ContextKV
 from engine.image_encoder import encode_image
 from engine.prompts import PromptCache
 from engine.text_encoder import encode_text
@@ -130,7 +134,13 @@ class Engine:
                     clip = torch.zeros(1, n_clip, cfg.clip_dim, device=dev, dtype=dt)
                 audio = torch.zeros(1, 1, 4 * (F - 1) + 1, cfg.audio_window, cfg.audio_feature_dim, device=dev,
                                     dtype=dt)
-                self.m.dit(x, torch.tensor([500.0], device=dev), ctx, clip, y, audio)
+                t = torch.tensor([500.0], device=dev)
+                dit = self.m.dit
+                if dit.blocks_streamed:
+                    dit(x, t, ctx, clip, y, audio)
+                else:  # the renders pass precomputed context K/V: compile that graph, not the uncached one
+                    kv = dit.context_kv(dit.embed_context(ctx, clip), dit.embed_audio(audio))
+                    dit(x, t, y=y, context_kv=kv)
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 log.info("warm-up pass at latent %dx%dx%d took %.1f s", F, h, w, time.perf_counter() - t0)
@@ -286,8 +296,9 @@ class Engine:
         n_ctx = (motion - 1) // 4 + 1
         out_audio = self._output_audio(req)
 
+        # background: a chunk's x264 encoding runs in the writer's thread while this one denoises the next
         writer = media.VideoWriter(out_path, width=W, height=H, fps=FPS, crf=req.crf,
-                                   audio=out_audio, audio_rate=OUTPUT_AUDIO_RATE)
+                                   audio=out_audio, audio_rate=OUTPUT_AUDIO_RATE, background=True)
         written = 0
         context_frames: torch.Tensor | None = None  # [3, motion, H, W] in [-1, 1]
         try:
@@ -312,11 +323,26 @@ class Engine:
                 z = sampling.noise((self.m.dit.cfg.out_dim, y.shape[2], *lat_hw), req.seed,  # type: ignore[attr-defined]
                                    chunk.index, self.m.device)
                 ctx_lat = ctx_lat.to(z)
-                # constant over the chunk's steps: text/image context and audio tokens, embedded once
-                emb_pos = self.m.dit.embed_context(ctx_pos, clip_fea)
-                emb_neg = self.m.dit.embed_context(ctx_neg, clip_fea) if ctx_neg is not None else None
-                audio_emb = self.m.dit.embed_audio(audio)
-                null_emb = self.m.dit.embed_audio(null_audio)
+                # constant over the chunk's steps: text/image context and audio tokens, embedded once, and
+                # (unless the blocks are streamed from host memory) every block's K/V of them, projected once
+                dit = self.m.dit
+                emb_pos = dit.embed_context(ctx_pos, clip_fea)
+                emb_neg = dit.embed_context(ctx_neg, clip_fea) if ctx_neg is not None else None
+                audio_emb = dit.embed_audio(audio)
+                null_emb = dit.embed_audio(null_audio)
+                # per pass (context, audio): cond = (prompt, audio), drop_text = (negative, audio),
+                # drop_audio = (prompt, null audio), uncond = (negative, null audio)
+                conds = {name: (emb_pos if name in ("cond", "drop_audio") else emb_neg,
+                                audio_emb if name in ("cond", "drop_text") else null_emb) for name in pass_names}
+                kvs: dict[str, ContextKV] | None = None
+                if not dit.blocks_streamed:  # streamed: the block weights reach the GPU only inside each block
+                    # each distinct context / audio projected once (<= 2 of each, ~0.63 GB per context at 14B)
+                    distinct_ctx = {id(c): c for c, _ in conds.values()}
+                    distinct_aud = {id(a): a for _, a in conds.values()}
+                    text_kv = {key: dit.text_kv(c) for key, c in distinct_ctx.items()}
+                    audio_kv = {key: dit.audio_kv(a) for key, a in distinct_aud.items()}
+                    kvs = {name: ContextKV(text_kv[id(c)], audio_kv[id(a)]) for name, (c, a) in conds.items()}
+                    del text_kv, audio_kv  # kvs holds the only references
                 apg_state = sampling.APGState() if req.apg else None
                 for i in range(req.steps):
                     if should_stop():
@@ -325,17 +351,19 @@ class Engine:
                     t = torch.tensor([ts[i]], device=self.m.device)
                     preds = {}
                     for name in pass_names:
-                        full_audio = name in ("cond", "drop_text")
-                        c_emb = emb_pos if name in ("cond", "drop_audio") else emb_neg
-                        a_emb = audio_emb if full_audio else null_emb
-                        mk = masks_t if full_audio and audio.shape[1] == 2 else None
-                        preds[name] = self.m.dit(z[None], t, y=y, ref_target_masks=mk, context_emb=c_emb,
-                                                 audio_emb=a_emb)[0].float()
+                        c_emb, a_emb = conds[name]
+                        mk = masks_t if a_emb.shape[1] == 2 else None  # the real audio of two speakers
+                        if kvs is not None:
+                            out = dit(z[None], t, y=y, ref_target_masks=mk, context_kv=kvs[name])
+                        else:
+                            out = dit(z[None], t, y=y, ref_target_masks=mk, context_emb=c_emb, audio_emb=a_emb)
+                        preds[name] = out[0].float()
                     v = sampling.combine(g, preds, apg_state)
                     z = sampling.euler_step(z, v, ts[i], ts[i + 1])
                     z[:, :k] = ctx_lat
                     progress(Progress("denoise", ci, len(plan), i + 1, req.steps,
                                       (chunk.index + (i + 1) / (req.steps + 1)) / len(plan)))
+                kvs = None  # free this chunk's K/V before the VAE decode (and before the next chunk's)
                 lap("denoise")
 
                 # decode, colour-match (on the device, before quantising, as upstream), stream out; the

@@ -6,6 +6,7 @@ they share no code with the engine.
 
 from __future__ import annotations
 
+import copy
 import math
 import runpy
 from pathlib import Path
@@ -405,3 +406,163 @@ def test_tiny_forward_deterministic_and_precomputed_embeddings(tiny_model: WanIn
     assert ctx.shape == (1, 257 + TINY.text_len, TINY.dim)
     assert aud.shape == (1, 1, 3, TINY.audio_context_tokens, TINY.audio_output_dim)
     assert not any("rope" in k for k in tiny_model.state_dict())
+
+
+# 9. context K/V computed once per chunk -----------------------------------------------------------
+
+# The layers that project the context / audio tokens; with a cache none of them may run in a forward.
+_CONTEXT_LAYERS = ("cross_attn.k", "cross_attn.v", "cross_attn.k_img", "cross_attn.v_img", "audio_cross_attn.kv_linear")
+
+
+def _count_context_projections(model: WanInfiniteTalk) -> tuple[list[int], list]:
+    calls = [0]
+    handles = [
+        model.get_submodule(f"blocks.{i}.{name}").register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+        for i in range(len(model.blocks))
+        for name in _CONTEXT_LAYERS
+    ]
+    return calls, handles
+
+
+def _two_speaker_masks() -> torch.Tensor:
+    masks = torch.zeros(1, 3, 4, 4)
+    masks[:, 0, :, :2] = 1
+    masks[:, 1, :, 2:] = 1
+    return masks
+
+
+@pytest.mark.parametrize(
+    ("dtype", "people", "clip"),
+    [(torch.float32, 1, True), (torch.float32, 2, True), (torch.bfloat16, 1, True), (torch.bfloat16, 2, True),
+     (torch.float32, 1, False)],
+)
+def test_context_kv_forward_is_bit_identical(
+    tiny_model: WanInfiniteTalk, dtype: torch.dtype, people: int, clip: bool
+) -> None:
+    """Same ops on the same inputs: the cached forward equals the plain one bit for bit, and projects nothing."""
+    model = copy.deepcopy(tiny_model).to(dtype)
+    inp = _tiny_inputs(p=people)
+    if not clip:
+        inp["clip_fea"] = None  # no CLIP file: the image branch attends to the text (n_img = 0)
+    masks = _two_speaker_masks() if people == 2 else None
+    with torch.inference_mode():
+        want = model(**inp, ref_target_masks=masks)
+        ctx = model.embed_context(inp["context"], inp["clip_fea"])
+        aud = model.embed_audio(inp["audio"])
+        kv = model.context_kv(ctx, aud)
+        calls, handles = _count_context_projections(model)
+        got = model(inp["x"], inp["t"], y=inp["y"], ref_target_masks=masks, context_kv=kv)
+        again = model(inp["x"], torch.full((1,), 300.0), y=inp["y"], ref_target_masks=masks, context_kv=kv)
+        assert calls[0] == 0  # the cache replaced every context projection
+        plain_again = model(inp["x"], torch.full((1,), 300.0), y=inp["y"], ref_target_masks=masks,
+                            context_emb=ctx, audio_emb=aud)
+        assert calls[0] == len(_CONTEXT_LAYERS) * TINY.num_layers  # the plain path projects in every block
+        for h in handles:
+            h.remove()
+        # The cache is what the blocks attend to: one built from another prompt changes the result. (Not a
+        # permutation of the same tokens: unmasked attention without key positions is invariant to that.)
+        other = model.context_kv(model.embed_context(-inp["context"], inp["clip_fea"]), aud)
+        changed = model(inp["x"], inp["t"], y=inp["y"], ref_target_masks=masks, context_kv=other)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert torch.equal(got, want)
+    assert torch.equal(again, plain_again)  # another step (t) reuses the same cache
+    assert (changed - want).abs().max() > 1e-3
+
+
+def test_context_kv_shapes_equal_across_blocks_and_parts_are_shared(tiny_model: WanInfiniteTalk) -> None:
+    """One compiled block graph serves all blocks only if every block gets tensors of one shape/dtype/stride."""
+    inp = _tiny_inputs(p=2)
+    h, d = TINY.num_heads, TINY.head_dim
+    with torch.inference_mode():
+        text = tiny_model.text_kv(tiny_model.embed_context(inp["context"], inp["clip_fea"]))
+        audio = tiny_model.audio_kv(tiny_model.embed_audio(inp["audio"]))
+    assert len(text.blocks) == len(audio.blocks) == TINY.num_layers
+    assert (text.batch, audio.batch, audio.num_people, audio.num_frames) == (1, 1, 2, 3)
+    want = [(1, TINY.text_len, h, d)] * 2 + [(1, 257, h, d)] * 2 + [(3, 2 * TINY.audio_context_tokens, h, d)] * 2
+    layouts = []
+    for tkv, akv in zip(text.blocks, audio.blocks):
+        tensors = [*tkv, *akv]
+        assert [tuple(t.shape) for t in tensors] == want
+        layouts.append([(t.dtype, t.stride()) for t in tensors])
+    assert all(lay == layouts[0] for lay in layouts)
+    assert len({t.data_ptr() for tkv in text.blocks for t in tkv}) == 4 * TINY.num_layers  # no aliasing
+    # A pair is a plain container of the two parts (render.py pairs 2 contexts with 2 audio inputs, no copies).
+    pair = dit.ContextKV(text, audio)
+    assert pair.text is text and pair.audio is audio
+
+
+def test_context_kv_batch_one_context_expands(tiny_model: WanInfiniteTalk) -> None:
+    inp = _tiny_inputs(b=2)
+    ctx1 = inp["context"][:1]
+    with torch.inference_mode():
+        emb = tiny_model.embed_context(ctx1, inp["clip_fea"][:1])  # [1, ...], expanded to the batch of 2
+        aud = tiny_model.embed_audio(inp["audio"])
+        want = tiny_model(inp["x"], inp["t"], y=inp["y"], context_emb=emb, audio_emb=aud)
+        got = tiny_model(inp["x"], inp["t"], y=inp["y"], context_kv=tiny_model.context_kv(emb, aud))
+    # Same math; projecting one row instead of an expanded batch may round differently.
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_context_kv_validation(tiny_model: WanInfiniteTalk) -> None:
+    inp = _tiny_inputs(p=2)
+    with torch.inference_mode():
+        ctx = tiny_model.embed_context(inp["context"], inp["clip_fea"])
+        aud = tiny_model.embed_audio(inp["audio"])
+        kv = tiny_model.context_kv(ctx, aud)
+        with pytest.raises(ValueError, match="context_kv alone"):
+            tiny_model(inp["x"], inp["t"], y=inp["y"], ref_target_masks=_two_speaker_masks(), context_kv=kv,
+                       context_emb=ctx)
+        with pytest.raises(ValueError, match="latent frames"):  # cache of 3 latent frames, latent of 2
+            tiny_model(inp["x"][:, :, :2], inp["t"], y=inp["y"][:, :, :2], context_kv=kv)
+        with pytest.raises(ValueError, match="ref_target_masks"):  # two speakers still need the masks
+            tiny_model(inp["x"], inp["t"], y=inp["y"], context_kv=kv)
+        with pytest.raises(ValueError, match="fewer than text_len"):
+            tiny_model.text_kv(ctx[:, :10])
+
+
+def test_context_kv_refused_while_blocks_are_streamed() -> None:
+    """Low-memory mode keeps block weights on the host between block calls, so the cache is not built there."""
+    from engine.offload import stream_blocks
+
+    torch.manual_seed(0)
+    model = WanInfiniteTalk(TINY).eval().requires_grad_(False)
+    inp = _tiny_inputs()
+    assert not model.blocks_streamed
+    streamer = stream_blocks(model, "cpu")
+    assert model.blocks_streamed
+    with torch.inference_mode():
+        ctx = model.embed_context(inp["context"], inp["clip_fea"])
+        with pytest.raises(RuntimeError, match="streamed"):
+            model.text_kv(ctx)
+        with pytest.raises(RuntimeError, match="streamed"):
+            model.audio_kv(model.embed_audio(inp["audio"]))
+    streamer.remove()
+    assert not model.blocks_streamed
+
+
+def test_context_kv_with_compiled_blocks_one_graph_no_recompiles(tiny_model: WanInfiniteTalk) -> None:
+    """engine.fast.compile_blocks (Inductor, as on the GPU; ~20 s on 2 CPU cores) on the cached path: the per-block
+    K/V are graph inputs of one shape, so both blocks share one graph, and new steps (t, x) and a new chunk's
+    cache reuse it without recompiling."""
+    from torch._dynamo.utils import counters
+
+    from engine.fast import compile_blocks
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = copy.deepcopy(tiny_model)
+    inp = _tiny_inputs(p=2)
+    masks = _two_speaker_masks()
+    with torch.inference_mode():
+        kv = model.context_kv(model.embed_context(inp["context"], inp["clip_fea"]), model.embed_audio(inp["audio"]))
+        eager = model(inp["x"], inp["t"], y=inp["y"], ref_target_masks=masks, context_kv=kv)
+        compile_blocks(model)
+        out = model(inp["x"], inp["t"], y=inp["y"], ref_target_masks=masks, context_kv=kv)
+        assert counters["stats"]["unique_graphs"] == 1 and counters["frames"]["ok"] == 1
+        nxt = _tiny_inputs(p=2, seed=5)  # the next chunk: new context, audio and latent, same shapes
+        kv2 = model.context_kv(model.embed_context(nxt["context"], nxt["clip_fea"]), model.embed_audio(nxt["audio"]))
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            model(inp["x"], torch.full((1,), 200.0), y=inp["y"], ref_target_masks=masks, context_kv=kv)
+            model(nxt["x"], nxt["t"], y=nxt["y"], ref_target_masks=masks, context_kv=kv2)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()

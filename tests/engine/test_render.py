@@ -153,3 +153,80 @@ def test_bad_inputs_raise_input_error(engine, tmp_path: Path, case: str) -> None
     with pytest.raises(InputError) as e:
         engine.render(req, tmp_path / "x.mp4", lambda p: None, lambda: False)
     assert (img.name in str(e.value)) or (wav.name in str(e.value))
+
+
+def test_denoise_uses_per_chunk_context_kv_identical_to_embeddings(engine, tmp_path: Path, monkeypatch) -> None:
+    """Every DiT pass of a render gets the chunk's precomputed context K/V (built once per distinct context and
+    audio input, not per step), and each pass's output equals the same pass computed from the embeddings.
+    Two speakers with text guidance: 3 passes over 2 contexts (prompt / negative) and 2 audio inputs (real with
+    L-RoPE keys / null)."""
+    import torch
+
+    dit = engine.m.dit
+    sources: dict[int, tuple[object, torch.Tensor]] = {}  # id(cache part) -> (part, the embedding it came from)
+    built = {"text": 0, "audio": 0}
+    real_text_kv, real_audio_kv = dit.text_kv, dit.audio_kv
+
+    def spy(kind: str, real):  # type: ignore[no-untyped-def]
+        def make(emb: torch.Tensor):  # type: ignore[no-untyped-def]
+            part = real(emb)
+            built[kind] += 1
+            sources[id(part)] = (part, emb.clone())
+            return part
+        return make
+
+    monkeypatch.setattr(dit, "text_kv", spy("text", real_text_kv))
+    monkeypatch.setattr(dit, "audio_kv", spy("audio", real_audio_kv))
+    calls: list[tuple[tuple, dict, torch.Tensor]] = []
+
+    def record(module, args, kwargs, output):  # type: ignore[no-untyped-def]
+        kw = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+        calls.append((tuple(a.clone() for a in args), kw, output.clone()))
+
+    handle = dit.register_forward_hook(record, with_kwargs=True)
+    img = make_portrait(tmp_path / "two.png", 128, 96)
+    a = write_wav(tmp_path / "a.wav", speech_like(1.0, seed=1))
+    write_wav(tmp_path / "b.wav", speech_like(1.0, seed=2))
+    req = request_from_settings({"size": SIZE, "audio2": "b.wav", "text_guidance": 2.0}, audio=a, image=img,
+                                resolve=lambda key, name: tmp_path / name)
+    try:
+        result = engine.render(req, tmp_path / "kv.mp4", lambda p: None, lambda: False)
+    finally:
+        handle.remove()
+    assert result.chunks == 1 and len(calls) == 3 * req.steps
+    assert built == {"text": 2, "audio": 2}  # once per chunk for each distinct input, not per step
+    speakers = []
+    with torch.inference_mode():
+        for args, kw, out in calls:
+            kw = dict(kw)
+            kv = kw.pop("context_kv")
+            assert kv is not None and kw.get("context_emb") is None and kw.get("audio_emb") is None
+            _, ctx = sources[id(kv.text)]
+            _, aud = sources[id(kv.audio)]
+            want = dit(*args, **kw, context_emb=ctx, audio_emb=aud)
+            assert torch.equal(out, want)
+            speakers.append(aud.shape[1])
+    assert speakers[:3] == [2, 2, 1]  # cond / drop_text on both speakers, uncond on the null audio
+    t0, t1, t2 = (kw["context_kv"].text for _, kw, _ in calls[:3])
+    a0, a1, a2 = (kw["context_kv"].audio for _, kw, _ in calls[:3])
+    assert t0 is not t1 and t1 is t2 and a0 is a1 and a1 is not a2  # prompt vs negative; real vs null audio
+    assert all(kw["context_kv"].text is t0 for _, kw, _ in calls[::3])  # the same cache on every step
+
+
+def test_low_memory_render_skips_the_cache_and_matches(engine, tiny_models: Path, tmp_path: Path,
+                                                        monkeypatch) -> None:
+    """Streamed blocks (memory_mode low) hold their weights on the device only inside each block's call, so the
+    render projects the context inside the blocks as before; the frames equal the resident (cached) render's."""
+    from engine import load_engine
+
+    low = load_engine(EngineOptions(models_dir=tiny_models, device="cpu", preset="lightx2v", memory_mode="low"))
+    assert low.m.dit.blocks_streamed and not engine.m.dit.blocks_streamed
+
+    def refuse(emb):  # type: ignore[no-untyped-def]
+        raise AssertionError("no context K/V cache with streamed blocks")
+
+    monkeypatch.setattr(low.m.dit, "text_kv", refuse)
+    monkeypatch.setattr(low.m.dit, "audio_kv", refuse)
+    low.render(_request(tmp_path, 1.0, seed=3), tmp_path / "low.mp4", lambda p: None, lambda: False)
+    engine.render(_request(tmp_path, 1.0, seed=3), tmp_path / "res.mp4", lambda p: None, lambda: False)
+    assert np.array_equal(_frames(tmp_path / "low.mp4"), _frames(tmp_path / "res.mp4"))
