@@ -204,7 +204,10 @@ def test_denoise_uses_per_chunk_context_kv_identical_to_embeddings(engine, tmp_p
             _, ctx = sources[id(kv.text)]
             _, aud = sources[id(kv.audio)]
             want = dit(*args, **kw, context_emb=ctx, audio_emb=aud)
-            assert torch.equal(out, want)
+            if engine.fast:  # compiled blocks (GPU): the cached and uncached calls are two graphs, fused differently
+                assert ((out - want).norm() / want.norm()).item() < 1e-2
+            else:  # eager: the same ops on the same inputs
+                assert torch.equal(out, want)
             speakers.append(aud.shape[1])
     assert speakers[:3] == [2, 2, 1]  # cond / drop_text on both speakers, uncond on the null audio
     t0, t1, t2 = (kw["context_kv"].text for _, kw, _ in calls[:3])
@@ -219,6 +222,9 @@ def test_low_memory_render_skips_the_cache_and_matches(engine, tiny_models: Path
     render projects the context inside the blocks as before; the frames equal the resident (cached) render's."""
     from engine import load_engine
 
+    if engine.m.device.type != "cpu":
+        pytest.skip("bit-equal frames are a CPU property; on a GPU the resident and streamed engines compile "
+                    "different graphs (streaming itself is checked against resident in test_offload.py)")
     low = load_engine(EngineOptions(models_dir=tiny_models, device="cpu", preset="lightx2v", memory_mode="low"))
     assert low.m.dit.blocks_streamed and not engine.m.dit.blocks_streamed
 
