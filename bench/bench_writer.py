@@ -5,7 +5,7 @@ Writes --chunks chunks of 81 frames (448x896 by default, a moving random texture
 there is one, sleep otherwise) standing in for the next chunk's denoising. Reports the total, the time the caller
 spent blocked in write() and close(), for the foreground and the background writer, alternating --repeat times.
 
-    python bench/bench_writer.py --chunks 3 --gpu-s 3
+    python bench/bench_writer.py --chunks 3 --gpu-s 3 [--content noise]
 """
 
 from __future__ import annotations
@@ -48,14 +48,22 @@ def main() -> None:
     ap.add_argument("--gpu-s", type=float, default=3.0)
     ap.add_argument("--size", default="448x896")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--content", choices=["texture", "noise"], default="texture",
+                    help="texture: a random texture moving 4 px a frame; noise: fresh noise every frame (x264's worst "
+                         "case, like the output of a random-weight model)")
+    ap.add_argument("--from-model", action="store_true",
+                    help="convert each chunk through engine.frames.from_model from a float tensor on the GPU first")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     h, w = (int(v) for v in args.size.split("x"))
     out_dir = Path(args.out or os.environ.get("OUT") or "bench/out")
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    base = (rng.random((h, w + 81 * 4, 3)) * 255).astype(np.uint8)
-    chunk = np.stack([base[:, 4 * i: 4 * i + w] for i in range(81)])
+    if args.content == "noise":
+        chunk = (rng.random((81, h, w, 3)) * 255).astype(np.uint8)
+    else:
+        base = (rng.random((h, w + 81 * 4, 3)) * 255).astype(np.uint8)
+        chunk = np.stack([base[:, 4 * i: 4 * i + w] for i in range(81)])
     audio = (rng.standard_normal(48000 * 4 * args.chunks) * 0.1).astype(np.float32)
     results: dict[str, list[dict[str, float]]] = {"foreground": [], "background": []}
     for _ in range(args.repeat):
@@ -66,8 +74,16 @@ def main() -> None:
                                  background=mode == "background")
             for _c in range(args.chunks):
                 busy(args.gpu_s)
+                frames = chunk
+                if args.from_model:  # as render.py makes them: a float video on the GPU -> uint8 on the CPU
+                    import torch
+
+                    from engine.frames import from_model
+
+                    dev = "cuda" if torch.cuda.is_available() else "cpu"
+                    frames = from_model(torch.from_numpy(chunk).to(dev).permute(3, 0, 1, 2).float() / 127.5 - 1)
                 t1 = time.perf_counter()
-                writer.write(chunk)
+                writer.write(frames)
                 blocked += time.perf_counter() - t1
             t1 = time.perf_counter()
             writer.close()
