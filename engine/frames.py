@@ -285,8 +285,10 @@ def from_model(video: torch.Tensor) -> np.ndarray:
     clamped (upstream truncates; rounding removes its half-level darkening)."""
     if video.ndim != 4 or video.shape[0] != 3:
         raise ValueError(f"expected a [3, N, H, W] video, got {tuple(video.shape)}")
-    x = ((video.detach().float().cpu() + 1) / 2 * 255).round_().clamp_(0, 255).to(torch.uint8)
-    return np.ascontiguousarray(x.permute(1, 2, 3, 0).numpy())
+    # Quantise and transpose where the video is (the GPU in a render), then move the 4x smaller uint8 frames:
+    # the same IEEE float32 ops on either device, so the result does not depend on where this runs.
+    x = ((video.detach().float() + 1) / 2 * 255).round_().clamp_(0, 255).to(torch.uint8)
+    return np.ascontiguousarray(x.permute(1, 2, 3, 0).contiguous().cpu().numpy())
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import contextlib
 import math
 import queue
 import threading
+import time
 import warnings
 from pathlib import Path
 from types import TracebackType
@@ -549,6 +550,7 @@ class VideoWriter:
         self.path = Path(path)
         self.width, self.height, self.fps = width, height, fps
         self.frames_written = 0
+        self.encode_s = 0.0  # wall seconds spent encoding and flushing, in whichever thread did it
         self._closed = False  # no more writes; the container may still be open while a worker runs
         # background mode: the worker, its queue (None = stop), a "discard the rest" flag, its failure
         self._thread: threading.Thread | None = None
@@ -599,6 +601,13 @@ class VideoWriter:
 
     def _encode(self, frames: np.ndarray) -> None:
         """Encode checked ``[N, H, W, 3]`` uint8 frames, audio interleaved; stops early once ``_drop`` is set."""
+        t0 = time.perf_counter()
+        try:
+            self._encode_frames(frames)
+        finally:
+            self.encode_s += time.perf_counter() - t0
+
+    def _encode_frames(self, frames: np.ndarray) -> None:
         for img in frames:
             if self._drop.is_set():  # abort: leave the rest of the chunk unencoded
                 return
@@ -677,6 +686,13 @@ class VideoWriter:
             raise RuntimeError("the mp4 writer thread stopped unexpectedly")
 
     def _flush(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._flush_encoders()
+        finally:
+            self.encode_s += time.perf_counter() - t0
+
+    def _flush_encoders(self) -> None:
         for packet in self._video.encode(None):
             self._container.mux(packet)
         if self._audio_stream is not None:

@@ -385,6 +385,7 @@ class Engine:
             writer.abort()
             raise
         lap("mux")
+        timings["mp4_encode"] = writer.encode_s  # in the writer's thread, mostly overlapped with the next chunk
         if written != n_frames:
             raise RenderError(f"internal: wrote {written} frames for {n_frames} audio frames")
         return RenderResult(frames=written, fps=FPS, width=W, height=H, duration_s=written / FPS,

@@ -461,6 +461,7 @@ def test_video_writer_background_output_equals_foreground(tmp_path: Path) -> Non
             w.write(frames[20])  # a single [H, W, 3] frame
             w.write(frames[21:])
         assert w.frames_written == 50
+        assert w.encode_s > 0  # the encoding time is accounted in either mode (render.py reports it)
         assert not _writer_threads()  # joined by close()
     (v_fg, a_fg), (v_bg, a_bg) = _decode(outs[False]), _decode(outs[True])
     assert v_bg.shape == (50, 32, 48, 3)
