@@ -58,8 +58,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", type=Path, default=Path("/tmp/models"))
     ap.add_argument("--skip-write", action="store_true")
-    ap.add_argument("--variant", action="append", default=None, choices=["eager", "compiled", "fp8", "low24", "low16"],
+    ap.add_argument("--variant", action="append", default=None,
+                    choices=["eager", "compiled", "fp8", "low24", "low16", "low24fp8"],
                     help="engine variants to load one after the other (default: compiled)")
+    ap.add_argument("--case", action="append", default=None,
+                    help="run only the cases whose name starts with this (repeatable), e.g. 'fast1'")
     args = ap.parse_args()
     out: dict[str, object] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     if not args.skip_write:
@@ -70,7 +73,7 @@ def main() -> None:
         print(json.dumps(out), flush=True)
     rows = []
     for i, variant in enumerate(args.variant or ["compiled"]):
-        rows += run_variant(args.models, variant, drop_cache=(i == 0), out=dict(out))
+        rows += run_variant(args.models, variant, drop_cache=(i == 0), out=dict(out), only=args.case)
     print("| variant | case | total s | denoise s | decode s | encode s | peak GiB |")
     for r in rows:
         t = r["timings"]
@@ -78,7 +81,8 @@ def main() -> None:
               f"| {t.get('encode', 0) + t.get('condition', 0):.2f} | {r['peak_gib']} |")
 
 
-def run_variant(models: Path, variant: str, *, drop_cache: bool, out: dict) -> list[dict]:
+def run_variant(models: Path, variant: str, *, drop_cache: bool, out: dict,
+                only: list[str] | None = None) -> list[dict]:
     import gc
 
     out["variant"] = variant
@@ -87,13 +91,13 @@ def run_variant(models: Path, variant: str, *, drop_cache: bool, out: dict) -> l
                                                    shell=True).returncode == 0
     low = variant.startswith("low")
     if low:  # the memory cap of a 24 / 16 GB card, enforced for the rest of this process
-        cap = int(variant[3:]) * 2**30
+        cap = int(variant[3:5]) * 2**30
         torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
-        out["cap_gib"] = int(variant[3:])
+        out["cap_gib"] = int(variant[3:5])
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     engine = load_engine(EngineOptions(models_dir=models, device="cuda", preset="lightx2v",
-                                       fast=variant != "eager", fp8=variant == "fp8",
+                                       fast=variant != "eager", fp8=variant.endswith("fp8"),
                                        memory_mode="low" if low else "auto"))
     torch.cuda.synchronize()
     out["load_s"] = round(time.perf_counter() - t0, 1)
@@ -117,6 +121,8 @@ def run_variant(models: Path, variant: str, *, drop_cache: bool, out: dict) -> l
              ("fast1, 3 chunks (9.0 s of speech)", {"preset": "fast1"}, wav3)]
     rows = []
     for name, settings, speech_file in cases:
+        if only and not any(name.startswith(o) for o in only):
+            continue
         req = request_from_settings(settings, audio=speech_file, image=img)
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()

@@ -28,7 +28,7 @@ def load_engine(options: EngineOptions) -> Renderer:
     if fast:
         from engine.fast import compile_blocks, enable_fp8, supports_fp8
 
-        # fp8 would have to be applied before the blocks were packed for streaming; not done yet in low mode
+        # In low-memory mode load_models already converted the blocks to fp8 before packing them for streaming.
         if options.fp8 and supports_fp8(models.device) and not streamed:
             from engine.fast import FP8_TARGETS
 

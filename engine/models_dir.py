@@ -9,7 +9,7 @@ stripping and each encoder's ``normalize_keys`` for spelling variants of the sam
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -228,12 +228,17 @@ def _load_hf(role: str, info: wt.FileInfo, device: torch.device, dtype: torch.dt
 
 def load_dit(base: wt.FileInfo, patch: wt.FileInfo, *, device: torch.device, dtype: torch.dtype,
              lora: wt.FileInfo | None = None, lora_strength: float = 1.0, memory_mode: str = "resident",
+             fp8_targets: Sequence[str] = (),
              ) -> tuple[torch.nn.Module, lora_mod.LoraReport | None]:
     """Base DiT + InfiniteTalk patch (+ LoRA merged into the dequantised weights), strict, streamed.
 
     ``memory_mode="low"``: tensors are still dequantised (and LoRA-merged) one at a time on ``device``, but every
     ``blocks.*`` tensor is moved to host memory as soon as it is ready, so the whole DiT is never on the GPU;
     then engine.offload.stream_blocks packs the blocks into pinned memory and streams them during forwards.
+    ``fp8_targets`` (low mode only; engine.fast.FP8_TARGETS or a subset): those Linears of every block become
+    fp8 (engine.fast.enable_fp8, fast accumulation) before packing, one block at a time on ``device``, so the
+    pinned host memory and every block copy are about half the bf16 size. The resident engine converts later,
+    in engine.load_engine.
     """
     net = _network("dit")
     base_shapes, patch_shapes = wt.logical_shapes(base), wt.logical_shapes(patch)
@@ -258,6 +263,16 @@ def load_dit(base: wt.FileInfo, patch: wt.FileInfo, *, device: torch.device, dty
         host = torch.device("cpu")
         tensors = ((k, t.to(host) if k.startswith("blocks.") else t) for k, t in tensors)
     wt.load_module(dit, tensors, source=f"{base.path} + {patch.path}")
+    if memory_mode == "low" and fp8_targets:
+        from engine.fast import enable_fp8
+
+        converted = 0
+        for block in dit.blocks:  # quantise on the device (fast), keep at rest on the host
+            holder = torch.nn.Module()
+            holder.blocks = torch.nn.ModuleList([block.to(device)])
+            converted += enable_fp8(holder, targets=fp8_targets, fast_accum=True)
+            block.to("cpu")
+        log.info("fp8 GEMMs (fast accumulation) enabled in %d streamed DiT layers", converted)
     if memory_mode == "low":
         from engine.offload import stream_blocks
 
@@ -328,8 +343,15 @@ def load_models(options: Any) -> Any:
 
     log.info("loading DiT %s + %s on %s as %s (%s)", infos["dit"].path.name, patches[first].path.name, dev, dt,
              mode)
+    fp8_targets: tuple[str, ...] = ()
+    if mode == "low" and options.fp8 and options.fast:
+        from engine.fast import FP8_TARGETS, supports_fp8
+
+        if supports_fp8(dev):  # the resident engine converts in engine.load_engine instead
+            # The single/multi adapter swap writes bf16 weights into the audio layers: keep those in bf16.
+            fp8_targets = tuple(t for t in FP8_TARGETS if len(patches) < 2 or not t.startswith("audio_cross_attn."))
     dit, report = load_dit(infos["dit"], patches[first], device=dev, dtype=dt, lora=lora,
-                           lora_strength=options.lora_strength, memory_mode=mode)
+                           lora_strength=options.lora_strength, memory_mode=mode, fp8_targets=fp8_targets)
     if report is not None:
         log.info("LoRA %s merged at strength %g into %d weights", lora.path.name if lora else "?",
                  options.lora_strength, report.applied)

@@ -266,6 +266,27 @@ def test_load_models_low_mode_streams_and_swaps_adapters(tiny_models: Path) -> N
         assert torch.equal(low.dit(**one), res.dit(**one))
 
 
+def test_load_dit_low_mode_fp8_streams_fp8_blocks_identical_to_resident_fp8(tiny_models: Path) -> None:
+    """fp8 in low-memory mode: blocks converted before packing (half the pinned bytes), same numbers as the
+    resident model converted afterwards (on the CPU, Fp8Linear runs its float32 reference of the fp8 GEMM)."""
+    from engine import fast
+    from engine.models_dir import iter_roles, load_dit, locate
+    from engine.weights import read_header
+
+    infos = {role: read_header(path) for role, path in iter_roles(locate(tiny_models, {}))}
+    args = dict(device=torch.device("cpu"), dtype=torch.float32)
+    low, _ = load_dit(infos["dit"], infos["patch_single"], memory_mode="low", fp8_targets=fast.FP8_TARGETS, **args)
+    res, _ = load_dit(infos["dit"], infos["patch_single"], memory_mode="resident", **args)
+    bf16_bytes = sum(p.numel() * p.element_size() for p in res.blocks.parameters())
+    assert fast.enable_fp8(res, fast_accum=True) == len(fast.FP8_TARGETS) * len(res.blocks)
+    assert isinstance(low._block_streamer, BlockStreamer)
+    assert all(isinstance(m, fast.Fp8Linear) for b in low.blocks for m in (b.ffn[0], b.self_attn.q))
+    assert low._block_streamer.host_bytes < 0.5 * bf16_bytes  # fp32 test weights: fp8 is a quarter of them
+    kw = _inputs(low.cfg)
+    with torch.inference_mode():
+        assert torch.equal(low(**kw), res(**kw))
+
+
 # 6. CUDA ---------------------------------------------------------------------------------------------
 
 
@@ -299,3 +320,22 @@ def test_cuda_streaming_from_host_blocks_keeps_gpu_memory_low() -> None:
     weights_on_gpu = torch.cuda.memory_allocated() - before
     assert weights_on_gpu < block_bytes / 2  # 2 slots of 6 blocks plus the small non-block part
     assert s.device_bytes == 2 * s.slot_bytes
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_cuda_load_models_low_mode_fp8(tiny_models: Path) -> None:
+    from engine import fast
+    from engine.api import EngineOptions
+    from engine.models_dir import load_models
+
+    if not fast.supports_fp8("cuda"):
+        pytest.skip("needs fp8 GEMMs (compute capability 8.9+)")
+    opts = dict(models_dir=tiny_models, device="cuda", preset="lightx2v", fp8=True)
+    low = load_models(EngineOptions(memory_mode="low", **opts))
+    res = load_models(EngineOptions(memory_mode="resident", **opts))
+    assert isinstance(low.dit.blocks[0].ffn[0], fast.Fp8Linear)
+    fast.enable_fp8(res.dit, fast_accum=True)  # what engine.load_engine does for the resident engine
+    kw = _inputs(low.dit.cfg, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(low.dit(**kw), res.dit(**kw))
