@@ -335,7 +335,14 @@ def test_cuda_load_models_low_mode_fp8(tiny_models: Path) -> None:
     low = load_models(EngineOptions(memory_mode="low", **opts))
     res = load_models(EngineOptions(memory_mode="resident", **opts))
     assert isinstance(low.dit.blocks[0].ffn[0], fast.Fp8Linear)
-    fast.enable_fp8(res.dit, fast_accum=True)  # what engine.load_engine does for the resident engine
+    # Both adapters are in the folder, so the audio layers stay bf16 (the swap writes bf16 weights into them), as
+    # engine.load_engine does for the resident engine.
+    assert res.swap_patch is not None and not isinstance(low.dit.blocks[0].audio_cross_attn.q_linear, fast.Fp8Linear)
+    targets = [t for t in fast.FP8_TARGETS if not t.startswith("audio_cross_attn.")]
+    fast.enable_fp8(res.dit, targets=targets, fast_accum=True)
     kw = _inputs(low.dit.cfg, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
-        assert torch.equal(low.dit(**kw), res.dit(**kw))
+        a, b = low.dit(**kw), res.dit(**kw)
+    # same fp8 weights and kernels; only the weights' addresses differ (slot views), which can change the GEMM
+    # kernel cuBLASLt picks, so allow last-bit differences
+    assert torch.equal(a, b) or ((a - b).norm() / b.norm()).item() < 1e-3
