@@ -56,6 +56,30 @@ def test_speech_lengths_give_exact_frame_counts(engine, tmp_path: Path, seconds:
     assert [p.fraction for p in seen] == sorted(p.fraction for p in seen)
 
 
+def test_still_conditioning_is_reused_across_jobs(engine, tmp_path: Path, monkeypatch) -> None:
+    """A later job with the same portrait skips the VAE encode + CLIP and renders the same frames as when they
+    were computed; another portrait computes its own; only the last few portraits are kept."""
+    from engine.render import CONDITION_CACHE_ITEMS
+
+    calls: list[int] = []
+    real = engine._condition
+    monkeypatch.setattr(engine, "_condition", lambda ref, window: calls.append(1) or real(ref, window))
+    engine._conditions.clear()
+    engine.render(_request(tmp_path, 1.0, seed=5), tmp_path / "a.mp4", lambda p: None, lambda: False)
+    engine.render(_request(tmp_path, 1.0, seed=5), tmp_path / "b.mp4", lambda p: None, lambda: False)
+    assert len(calls) == 1
+    assert np.array_equal(_frames(tmp_path / "a.mp4"), _frames(tmp_path / "b.mp4"))
+    img = make_portrait(tmp_path / "other.png", 128, 96)
+    wav = write_wav(tmp_path / "s.wav", speech_like(1.0, 44100), rate=44100)
+    other = request_from_settings({"size": SIZE, "seed": 5}, audio=wav, image=img)
+    engine.render(other, tmp_path / "c.mp4", lambda p: None, lambda: False)
+    assert len(calls) == 2 and len(engine._conditions) == 2
+    rng = np.random.default_rng(0)
+    for _ in range(CONDITION_CACHE_ITEMS + 2):  # least recently used portraits are dropped
+        engine._still_condition(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), 9)
+    assert len(engine._conditions) == CONDITION_CACHE_ITEMS
+
+
 def test_seed_determinism(engine, tmp_path: Path) -> None:
     a = engine.render(_request(tmp_path, 1.0, seed=7), tmp_path / "a.mp4", lambda p: None, lambda: False)
     engine.render(_request(tmp_path, 1.0, seed=7), tmp_path / "b.mp4", lambda p: None, lambda: False)
