@@ -102,3 +102,10 @@ def test_daemon_process_with_the_real_engine(tiny_models: Path, tmp_path: Path) 
             proc.kill()
             pytest.fail("the daemon did not stop on SIGTERM within 60 s")
     assert code == 0
+    events = []
+    for line in (proc.stdout.read() if proc.stdout else "").splitlines():
+        if line.startswith("{"):
+            events.append(json.loads(line))
+    ready = [e for e in events if e.get("event") == "engine.ready"]
+    # the start-up cost is reported in two parts: loading the files and the warm-up (the compile on a GPU)
+    assert len(ready) == 1 and ready[0]["load_s"] >= 0 and ready[0]["warmup_s"] >= 0, ready
