@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from engine.fast import FP8_MAX, supports_fp8
+
 try:  # Triton ships with CUDA builds of torch; the CPU build (CI) has none, and nothing here needs it there.
     import triton
     import triton.language as tl
@@ -48,20 +50,15 @@ except ImportError:  # pragma: no cover - depends on the installed torch
 __all__ = ["available", "int8_attention", "int8_attention_reference", "quantize_qk", "quantize_v"]
 
 INT8_MAX = 127.0
-FP8_MAX = 448.0
 LOG2E = 1.4426950408889634
 _V_PAD = 16  # V's token axis is padded to a multiple of 16 elements (16-byte rows for vectorised loads)
 _FLOOR = 1e-8  # floor on an abs-max, so an all-zero row quantises to zeros instead of NaN
 
 
 def available(device: torch.device | str | None = None) -> bool:
-    """True where the Triton kernel can run: Triton importable and a CUDA device of compute capability 8.9+."""
-    if triton is None or not torch.cuda.is_available() or torch.version.hip:
-        return False
-    dev = torch.device(device or "cuda")
-    if dev.type != "cuda":
-        return False
-    return torch.cuda.get_device_capability(dev.index if dev.index is not None else None) >= (8, 9)
+    """True where the Triton kernel can run: Triton importable and a GPU with fp8 tensor cores (the same test as
+    the fp8 GEMMs, :func:`engine.fast.supports_fp8`: CUDA, compute capability 8.9+)."""
+    return triton is not None and supports_fp8(device)
 
 
 # ----------------------------------------------------------------------------------------------
