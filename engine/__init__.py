@@ -30,11 +30,9 @@ def load_engine(options: EngineOptions) -> Renderer:
 
         # In low-memory mode load_models already converted the blocks to fp8 before packing them for streaming.
         if options.fp8 and supports_fp8(models.device) and not streamed:
-            from engine.fast import FP8_TARGETS
+            from engine.fast import fp8_targets
 
-            # The single/multi adapter swap writes bf16 weights into the audio layers: keep those in bf16.
-            targets = [t for t in FP8_TARGETS if not t.startswith("audio_cross_attn.")] \
-                if models.swap_patch is not None else FP8_TARGETS
+            targets = fp8_targets(adapter_swap=models.swap_patch is not None)
             # Fast accumulation: 6 % faster forwards at the same error as fp32 promotion (bench/RESULTS.md,
             # 2026-11-25 session 2: rel L2 vs fp32 0.04845 vs 0.04846); fp8 rounding dominates either way.
             n = enable_fp8(models.dit, targets=targets, fast_accum=True)

@@ -50,6 +50,7 @@ __all__ = [
     "dequantize",
     "enable_fp8",
     "enable_int8_attention",
+    "fp8_targets",
     "preferred_attention",
     "quantize_rowwise",
     "quantize_weight",
@@ -93,6 +94,14 @@ FP8_LARGE_M_TARGETS: tuple[str, ...] = tuple(
     t for t in FP8_TARGETS if t not in ("cross_attn.k", "cross_attn.v", "cross_attn.k_img", "cross_attn.v_img",
                                          "audio_cross_attn.kv_linear")
 )
+
+
+def fp8_targets(*, adapter_swap: bool) -> tuple[str, ...]:
+    """The block Linears ``engine.fp8`` converts: :data:`FP8_TARGETS`, less the audio cross-attention when the
+    engine swaps the single/multi-speaker adapter at run time (the swap writes bf16 weights into those layers)."""
+    if not adapter_swap:
+        return FP8_TARGETS
+    return tuple(t for t in FP8_TARGETS if not t.startswith("audio_cross_attn."))
 
 
 def supports_fp8(device: torch.device | str | int | None = None) -> bool:

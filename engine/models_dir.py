@@ -345,11 +345,10 @@ def load_models(options: Any) -> Any:
              mode)
     fp8_targets: tuple[str, ...] = ()
     if mode == "low" and options.fp8 and options.fast:
-        from engine.fast import FP8_TARGETS, supports_fp8
+        from engine import fast
 
-        if supports_fp8(dev):  # the resident engine converts in engine.load_engine instead
-            # The single/multi adapter swap writes bf16 weights into the audio layers: keep those in bf16.
-            fp8_targets = tuple(t for t in FP8_TARGETS if len(patches) < 2 or not t.startswith("audio_cross_attn."))
+        if fast.supports_fp8(dev):  # the resident engine converts in engine.load_engine instead
+            fp8_targets = fast.fp8_targets(adapter_swap=len(patches) == 2)
     dit, report = load_dit(infos["dit"], patches[first], device=dev, dtype=dt, lora=lora,
                            lora_strength=options.lora_strength, memory_mode=mode, fp8_targets=fp8_targets)
     if report is not None:

@@ -315,3 +315,9 @@ def test_cuda_compiled_fp8_tiny_dit_close_to_bf16_eager() -> None:
             model(**_inputs(seed=5, device="cuda", dtype=torch.bfloat16))
     assert _rel_l2(out, ref) < 5e-2
     torch._dynamo.reset()
+
+
+def test_fp8_targets_keep_the_swapped_audio_layers_in_bf16() -> None:
+    assert fast.fp8_targets(adapter_swap=False) == fast.FP8_TARGETS
+    kept = set(fast.FP8_TARGETS) - set(fast.fp8_targets(adapter_swap=True))
+    assert kept == {"audio_cross_attn.q_linear", "audio_cross_attn.kv_linear", "audio_cross_attn.proj"}

@@ -338,8 +338,7 @@ def test_cuda_load_models_low_mode_fp8(tiny_models: Path) -> None:
     # Both adapters are in the folder, so the audio layers stay bf16 (the swap writes bf16 weights into them), as
     # engine.load_engine does for the resident engine.
     assert res.swap_patch is not None and not isinstance(low.dit.blocks[0].audio_cross_attn.q_linear, fast.Fp8Linear)
-    targets = [t for t in fast.FP8_TARGETS if not t.startswith("audio_cross_attn.")]
-    fast.enable_fp8(res.dit, targets=targets, fast_accum=True)
+    fast.enable_fp8(res.dit, targets=fast.fp8_targets(adapter_swap=True), fast_accum=True)
     kw = _inputs(low.dit.cfg, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
         a, b = low.dit(**kw), res.dit(**kw)
