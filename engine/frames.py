@@ -288,7 +288,7 @@ def from_model(video: torch.Tensor) -> np.ndarray:
     # Quantise and transpose where the video is (the GPU in a render), then move the 4x smaller uint8 frames:
     # the same IEEE float32 ops on either device, so the result does not depend on where this runs.
     x = ((video.detach().float() + 1) / 2 * 255).round_().clamp_(0, 255).to(torch.uint8)
-    return np.ascontiguousarray(x.permute(1, 2, 3, 0).contiguous().cpu().numpy())
+    return x.permute(1, 2, 3, 0).contiguous().cpu().numpy()
 
 
 # --------------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ def test_speech_lengths_give_exact_frame_counts(engine, tmp_path: Path, seconds:
 def test_still_conditioning_is_reused_across_jobs(engine, tmp_path: Path, monkeypatch) -> None:
     """A later job with the same portrait skips the VAE encode + CLIP and renders the same frames as when they
     were computed; another portrait computes its own; only the last few portraits are kept."""
+    from engine import frames as fr
     from engine.render import CONDITION_CACHE_ITEMS
 
     calls: list[int] = []
@@ -76,7 +77,8 @@ def test_still_conditioning_is_reused_across_jobs(engine, tmp_path: Path, monkey
     assert len(calls) == 2 and len(engine._conditions) == 2
     rng = np.random.default_rng(0)
     for _ in range(CONDITION_CACHE_ITEMS + 2):  # least recently used portraits are dropped
-        engine._still_condition(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), 9)
+        img = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+        engine._still_condition(img, fr.to_model(img[None])[:, 0], 9)
     assert len(engine._conditions) == CONDITION_CACHE_ITEMS
 
 
