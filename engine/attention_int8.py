@@ -28,7 +28,8 @@ Measured on an H100 (bench/RESULTS.md, 2026-11-25 session 2): the kernel alone r
 cuDNN's bf16 SDPA at 578 TF/s; per call its error against fp32 is 3.9e-2 with fp8 P·V (cuDNN: 2.3e-3) and 1e-2
 with bf16 P·V (then slower than cuDNN). Whole compiled forward: 1-2 % faster. That does not pay for the error, so
 it is not an engine option; :func:`engine.fast.enable_int8_attention` switches a model over for benchmarks and
-for a faster kernel later (warp specialisation and TMA loads are what it lacks against FA3's fp8 kernel).
+for a faster kernel later (warp specialisation and TMA loads are what it most likely lacks against FA3's
+fp8 kernel; not profiled).
 """
 
 from __future__ import annotations
