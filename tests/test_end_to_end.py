@@ -87,10 +87,14 @@ def test_daemon_process_with_the_real_engine(tiny_models: Path, tmp_path: Path) 
         (tmp_path / "inbox" / "bob.yaml").write_text("seed: 11\nprompt: a person talking\n")
         deadline = time.monotonic() + 240
         outbox = tmp_path / "outbox"
-        while time.monotonic() < deadline and not (outbox / "bob.json").exists():
+        failed = tmp_path / "outbox" / "failed"
+        # The outbox publishes json, then log, then the mp4 last: wait for the mp4, not the json
+        # (waiting for the json raced with the final rename and failed CI once).
+        while time.monotonic() < deadline and not (outbox / "bob.mp4").exists():
             assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert not failed.exists() or not any(failed.iterdir()), sorted(failed.rglob("*"))
             time.sleep(0.3)
-        assert (outbox / "bob.mp4").exists() and (outbox / "bob.log").exists()
+        assert (outbox / "bob.mp4").exists() and (outbox / "bob.log").exists() and (outbox / "bob.json").exists()
         result = json.loads((outbox / "bob.json").read_text())
         assert result["seed"] == 11 if "seed" in result else result["params"]["seed"] == 11
         assert not (tmp_path / "inbox" / "bob.png").exists()  # archived
