@@ -1,0 +1,271 @@
+# ruff: noqa: B023
+"""Probe: cuDNN's fp8 flash attention (through the cudnn frontend's graph API) at the DiT's shapes.
+
+Times it against torch's cuDNN bf16 SDPA and measures closeness to an fp32 reference on a slice of queries,
+for several input distributions (unit variance; peaky logits; outlier K channels) and with/without the
+Hadamard rotation of Q and K and the K-mean subtraction (both leave the softmax unchanged in exact arithmetic).
+
+Then (``--forward``) the full-size DiT at 448x896x81, random weights, compiled with fp8 GEMMs + fast accumulation,
+once with cuDNN bf16 SDPA (the engine's fp8 option today) and once with this fp8 attention swapped in through
+``SelfAttention.kernel`` (an opaque custom op for torch.compile; the per-tensor quantisation is left to Inductor),
+timed on the same inputs, with the closeness of the two outputs.
+
+Status: written 2026-11-25 (session 3) and NOT YET RUN — this session had no device time left. Needs the
+``nvidia-cudnn-frontend`` wheel (carried, e.g. 1.14.0 or 1.32.0 for cp312) on the GPU machine:
+
+    python bench/probe_cudnn_fp8.py --out $OUT [--forward]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+FP8_MAX = 448.0
+
+
+def hadamard(d: int, device: str) -> torch.Tensor:
+    h = torch.ones(1, 1, device=device)
+    while h.shape[0] < d:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    signs = torch.randint(0, 2, (d,), generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
+    return (h * signs[None, :]) / d**0.5
+
+
+class CudnnFp8:
+    """One built cuDNN graph for (B, H, S, D) in BSHD memory layout; O in bf16 or fp8."""
+
+    def __init__(self, cudnn: Any, b: int, s: int, h: int, d: int, out_fp8: bool) -> None:
+        self.cudnn, self.out_fp8 = cudnn, out_fp8
+        dims = [b, h, s, d]
+        strides = [s * h * d, d, h * d, 1]
+        dt = cudnn.data_type
+        self.handle = cudnn.create_handle()
+        g = cudnn.pygraph(io_data_type=dt.BFLOAT16, intermediate_data_type=dt.FLOAT, compute_data_type=dt.FLOAT,
+                          handle=self.handle)
+        self.q = g.tensor(name="Q", dim=dims, stride=strides, data_type=dt.FP8_E4M3)
+        self.k = g.tensor(name="K", dim=dims, stride=strides, data_type=dt.FP8_E4M3)
+        self.v = g.tensor(name="V", dim=dims, stride=strides, data_type=dt.FP8_E4M3)
+        scal = {n: g.tensor(name=n, dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=dt.FLOAT)
+                for n in ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")}
+        self.scal = scal
+        kwargs: dict[str, Any] = dict(q=self.q, k=self.k, v=self.v, attn_scale=d**-0.5, use_causal_mask=False,
+                                      **scal)
+        try:
+            res = g.sdpa_fp8(is_inference=True, **kwargs)
+        except TypeError:
+            res = g.sdpa_fp8(generate_stats=False, **kwargs)
+        o, _stats, amax_s, amax_o = res
+        o.set_output(True).set_dim(dims).set_stride(strides).set_data_type(dt.FP8_E4M3 if out_fp8 else dt.BFLOAT16)
+        amax_s.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(dt.FLOAT)
+        amax_o.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(dt.FLOAT)
+        self.o, self.amax_s, self.amax_o = o, amax_s, amax_o
+        g.validate()
+        g.build_operation_graph()
+        g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        g.check_support()
+        g.build_plans()
+        self.g = g
+        self.ws = torch.empty(g.get_workspace_size(), device="cuda", dtype=torch.uint8)
+        self.shape = (b, s, h, d)
+        self.amax_buf = torch.empty(2, device="cuda", dtype=torch.float32)
+
+    def __call__(self, qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor,
+                 sq: torch.Tensor, sk: torch.Tensor, sv: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(self.shape, device="cuda", dtype=torch.float8_e4m3fn if self.out_fp8 else torch.bfloat16)
+        one = torch.ones(1, device="cuda")
+        s_o = torch.full((1,), 1.0, device="cuda")
+        pack = {self.q: qf, self.k: kf, self.v: vf, self.scal["descale_q"]: sq, self.scal["descale_k"]: sk,
+                self.scal["descale_v"]: sv, self.scal["descale_s"]: one / FP8_MAX,
+                self.scal["scale_s"]: one * FP8_MAX, self.scal["scale_o"]: s_o,
+                self.o: out, self.amax_s: self.amax_buf[0:1], self.amax_o: self.amax_buf[1:2]}
+        self.cudnn.set_stream(handle=self.handle, stream=torch.cuda.current_stream().cuda_stream)
+        self.g.execute(pack, self.ws, handle=self.handle)
+        return out
+
+
+def quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    amax = x.abs().amax().float().clamp_min(1e-12)
+    scale = FP8_MAX / amax
+    return (x.float() * scale).to(torch.float8_e4m3fn), (1.0 / scale).reshape(1)
+
+
+_GRAPHS: dict[tuple[int, ...], CudnnFp8] = {}  # one built graph per shape (this probe only)
+
+
+@torch.library.custom_op("probe::cudnn_fp8_attention", mutates_args=())
+def _fp8_attend(q8: Tensor, k8: Tensor, v8: Tensor, sq: Tensor, sk: Tensor, sv: Tensor) -> Tensor:
+    """cuDNN fp8 attention on pre-quantised [B, L, H, D] e4m3 tensors with their descales -> bf16 [B, L, H, D]."""
+    import cudnn  # noqa: PLC0415
+
+    key = tuple(q8.shape)
+    if key not in _GRAPHS:
+        _GRAPHS[key] = CudnnFp8(cudnn, *key, out_fp8=False)
+    return _GRAPHS[key](q8.contiguous(), k8.contiguous(), v8.contiguous(), sq, sk, sv)
+
+
+@_fp8_attend.register_fake
+def _(q8: Tensor, k8: Tensor, v8: Tensor, sq: Tensor, sk: Tensor, sv: Tensor) -> Tensor:
+    return torch.empty(q8.shape, dtype=torch.bfloat16, device=q8.device)
+
+
+def fp8_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Drop-in for ``engine.attention.attention``: K mean over tokens removed (softmax-invariant), per-tensor fp8."""
+    k = k - k.float().mean(dim=1, keepdim=True).to(k.dtype)
+    (q8, sq), (k8, sk), (v8, sv) = quant(q), quant(k), quant(v)
+    return _fp8_attend(q8, k8, v8, sq, sk, sv).to(q.dtype)
+
+
+def forward_probe(rep: dict[str, Any]) -> None:
+    """Full-size DiT, fp8 GEMMs + fast accumulation, compiled: cuDNN bf16 SDPA vs cuDNN fp8 attention."""
+    from bench.bench_fast import closeness, make_inputs, timed, wall_once  # noqa: PLC0415
+    from bench.common import random_dit  # noqa: PLC0415
+    from engine import dit, fast  # noqa: PLC0415
+
+    model = random_dit(dit.RELEASED, "cuda", torch.bfloat16)
+    kw = make_inputs(dit.RELEASED, 448, 896, 81, "cuda", torch.bfloat16, seed=0)
+    fast.enable_fp8(model)
+    for m in model.modules():
+        if isinstance(m, fast.Fp8Linear):
+            m.fast_accum = True
+    outs: dict[str, Tensor] = {}
+    with torch.no_grad(), fast.preferred_attention():
+        for name, kernel in (("fp8 GEMMs + cuDNN bf16 SDPA", None), ("fp8 GEMMs + cuDNN fp8 attention", fp8_attention)):
+            try:
+                if kernel is not None:
+                    for block in model.blocks:
+                        block.self_attn.kernel = kernel
+                torch._dynamo.reset()
+                fast.compile_blocks(model)
+                first, _ = wall_once(lambda: model(**kw))
+                sec, out = timed(lambda: model(**kw), 3)
+                outs[name] = out.float().clone()
+                row: dict[str, Any] = {"forward": name, "s_per_forward": round(sec, 3),
+                                       "compile_s": round(first - sec, 1),
+                                       "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+                if len(outs) == 2:
+                    c = closeness(*outs.values())
+                    row.update(rel_l2_vs_bf16_attention=round(c["rel_l2"], 5), cos=round(c["cos"], 6))
+            except Exception:  # noqa: BLE001
+                row = {"forward": name, "error": traceback.format_exc()[-2000:]}
+            print(json.dumps(row), flush=True)
+            rep.setdefault("forward", []).append(row)
+
+
+def bench(fn: Any, iters: int = 10) -> float:
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path("."))
+    ap.add_argument("--lengths", default="32928,75600")
+    ap.add_argument("--check-queries", type=int, default=1024)
+    ap.add_argument("--forward", action="store_true", help="also time the full DiT forward with it (compiled, fp8)")
+    args = ap.parse_args()
+    import cudnn  # noqa: PLC0415
+
+    rep: dict[str, Any] = {"torch": torch.__version__, "cudnn_backend": torch.backends.cudnn.version(),
+                           "frontend": getattr(cudnn, "__version__", "?"), "gpu": torch.cuda.get_device_name(),
+                           "runs": []}
+    print(json.dumps(rep), flush=True)
+    h, d = 40, 128
+    rot = hadamard(d, "cuda")
+    for length in [int(x) for x in args.lengths.split(",")]:
+        flops = 4 * length * length * d * h
+        g = torch.Generator(device="cuda").manual_seed(length)
+        base_q = torch.randn(1, length, h, d, device="cuda", generator=g)
+        base_k = torch.randn(1, length, h, d, device="cuda", generator=g)
+        v = torch.randn(1, length, h, d, device="cuda", generator=g).bfloat16()
+        chan_bias = torch.randn(1, 1, h, d, device="cuda", generator=g)
+        outl = torch.ones(1, 1, h, d, device="cuda")
+        outl[..., :4] = 12.0
+        cases = {
+            "unit": (base_q, base_k),
+            "peaky": (base_q * 1.8, base_k * 1.8 + 2 * chan_bias),
+            "outliers": (base_q * outl.flip(-1) * 0.7, base_k * outl * 0.7 + 3 * chan_bias),
+        }
+
+        def torch_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                      v.transpose(1, 2)).transpose(1, 2)
+
+        graphs: dict[str, Any] = {}
+        for out_fp8 in (False, True):
+            try:
+                graphs["fp8_o8" if out_fp8 else "fp8_obf16"] = CudnnFp8(cudnn, 1, length, h, d, out_fp8)
+            except Exception as e:  # noqa: BLE001
+                print(f"build out_fp8={out_fp8} failed: {e!r}", flush=True)
+                traceback.print_exc()
+        for cname, (qf32, kf32) in cases.items():
+            q, k = qf32.bfloat16(), kf32.bfloat16()
+            nq = args.check_queries
+            ref = F.scaled_dot_product_attention(q[:, :nq].float().transpose(1, 2), k.float().transpose(1, 2),
+                                                 v.float().transpose(1, 2)).transpose(1, 2)
+            row: dict[str, Any] = {"length": length, "case": cname}
+            # attention entropy indicator: mean max probability of the first 256 queries, head 0
+            p = torch.softmax((q[0, :256, 0].float() @ k[0, :, 0].float().T) * d**-0.5, -1)
+            row["mean_max_p"] = round(p.max(-1).values.mean().item(), 4)
+
+            def rel(o: torch.Tensor) -> float:
+                o = o[:, :nq].float()
+                return round(((o - ref).norm() / ref.norm()).item(), 5)
+
+            o_bf = torch_cudnn(q, k, v)
+            row["cudnn_bf16_rel"] = rel(o_bf)
+            if cname == "unit":
+                t = bench(lambda: torch_cudnn(q, k, v))
+                row["cudnn_bf16_s"], row["cudnn_bf16_tfs"] = round(t, 5), round(flops / t / 1e12, 1)
+            for gname, graph in graphs.items():
+                for variant in ("plain", "smooth", "hadamard+smooth"):
+                    qv, kv = q, k
+                    if "smooth" in variant:
+                        kv = kv - kv.float().mean(dim=1, keepdim=True).bfloat16()
+                    if "hadamard" in variant:
+                        qv, kv = (qv @ rot.bfloat16()), (kv @ rot.bfloat16())
+                    try:
+                        (q8, sq), (k8, sk), (v8, sv) = quant(qv), quant(kv), quant(v)
+                        o = graph(q8, k8, v8, sq, sk, sv)
+                        row[f"{gname}_{variant}_rel"] = rel(o.float() if gname == "fp8_obf16" else o.float())
+                        if cname == "unit" and variant == "plain":
+                            t = bench(lambda: graph(q8, k8, v8, sq, sk, sv))
+                            row[f"{gname}_s"], row[f"{gname}_tfs"] = round(t, 5), round(flops / t / 1e12, 1)
+                            t = bench(lambda: (quant(q), quant(k), quant(v)))
+                            row["quant_qkv_s"] = round(t, 5)
+                    except Exception as e:  # noqa: BLE001
+                        row[f"{gname}_{variant}_error"] = repr(e)[:300]
+            print(json.dumps(row), flush=True)
+            rep["runs"].append(row)
+            ref = None  # free
+            torch.cuda.empty_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "probe_cudnn_fp8.json").write_text(json.dumps(rep, indent=1))
+    if args.forward:
+        del graphs
+        torch.cuda.empty_cache()
+        forward_probe(rep)
+        (args.out / "probe_cudnn_fp8.json").write_text(json.dumps(rep, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
