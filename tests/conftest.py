@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import struct
 import wave
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,19 @@ def make_portrait(path: Path, width: int = 96, height: int = 128, fmt: str | Non
     d.ellipse([cx - rx / 3, cy + ry / 2.5 - 4, cx + rx / 3, cy + ry / 2.5 + 4], fill=(150, 60, 60))
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, format=fmt)
+    return path
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A valid PNG signature + IHDR claiming ``width`` x ``height`` + an empty IDAT: a pixel bomb in 60 bytes
+    (no pixel data needed to trip size checks)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) +
+                     chunk(b"IEND", b""))
     return path
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import struct
-import zlib
 from pathlib import Path
 
 import pytest
 
 from daemon import inbox as ib
 from engine.api import InputError
+from tests.conftest import png_header_only
 from tests.daemon.conftest import write_png, write_wav
 
 LIMITS = ib.Limits(max_input_bytes=2**20, max_sidecar_bytes=4096, max_image_pixels=1_000_000)
@@ -113,17 +112,6 @@ def test_check_file(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="not found"):
         ib.check_file(tmp_path / "gone.wav", max_bytes=2**20)
     assert ib.check_file(real, max_bytes=2**20).st_size == real.stat().st_size
-
-
-def png_header_only(path: Path, width: int, height: int) -> Path:
-    """A valid PNG signature + IHDR claiming a huge size + an empty IDAT: a pixel bomb in 60 bytes."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) +
-                     chunk(b"IEND", b""))
-    return path
 
 
 def test_image_checks(tmp_path: Path) -> None:

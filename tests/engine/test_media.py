@@ -6,7 +6,6 @@ import errno
 import struct
 import threading
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from PIL import Image
 
 from engine import media
 from engine.api import InputError
+from tests.conftest import png_header_only
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
@@ -30,18 +30,6 @@ def _picture(h: int = 40, w: int = 60) -> np.ndarray:
     img[:, w // 2:] = (30, 30, 200)
     img[:8, :8] = (30, 200, 30)
     return img
-
-
-def _png_header_only(path: Path, width: int, height: int) -> Path:
-    """A tiny PNG that claims ``width`` x ``height`` (no pixel data needed to trip size checks)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) +
-                     chunk(b"IEND", b""))
-    return path
 
 
 def _sine(seconds: float, rate: int, freq: float = 440.0, amp: float = 0.5) -> np.ndarray:
@@ -156,9 +144,9 @@ def test_load_image_flattens_alpha_over_white_and_scales_16_bit(tmp_path: Path) 
         ("empty.png", lambda p: p.write_bytes(b""), "empty"),
         ("notes.png", lambda p: p.write_text("hello, this is not a picture\n"), "not a PNG, JPEG or WebP"),
         ("anim.gif", lambda p: Image.new("RGB", (8, 8)).save(p, format="GIF"), "not a PNG, JPEG or WebP"),
-        ("bomb.png", lambda p: _png_header_only(p, 30000, 30000), "too many pixels"),  # > 2x Pillow's cap
-        ("warned.png", lambda p: _png_header_only(p, 10000, 10000), "too many pixels"),  # Pillow's warning
-        ("big.png", lambda p: _png_header_only(p, 8000, 6000), "limit is 40 MP"),  # our own cap
+        ("bomb.png", lambda p: png_header_only(p, 30000, 30000), "too many pixels"),  # > 2x Pillow's cap
+        ("warned.png", lambda p: png_header_only(p, 10000, 10000), "too many pixels"),  # Pillow's warning
+        ("big.png", lambda p: png_header_only(p, 8000, 6000), "limit is 40 MP"),  # our own cap
     ],
 )
 def test_load_image_refuses_bad_files(tmp_path: Path, name: str, make, message: str) -> None:  # type: ignore[no-untyped-def]
