@@ -13,7 +13,7 @@ timed on the same inputs, with the closeness of the two outputs.
 Status: written 2026-11-25 (session 3) and NOT YET RUN — this session had no device time left. Needs the
 ``nvidia-cudnn-frontend`` wheel (carried, e.g. 1.14.0 or 1.32.0 for cp312) on the GPU machine:
 
-    python bench/probe_cudnn_fp8.py --out $OUT [--forward]
+    python bench/probe_cudnn_fp8.py --out $OUT [--forward [--models DIR]]
 """
 
 from __future__ import annotations
@@ -128,14 +128,14 @@ def fp8_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return _fp8_attend(q8, k8, v8, sq, sk, sv).to(q.dtype)
 
 
-def forward_probe(rep: dict[str, Any]) -> None:
+def forward_probe(rep: dict[str, Any], models: Path | None) -> None:
     """Full-size DiT, fp8 GEMMs + fast accumulation, compiled: cuDNN bf16 SDPA vs cuDNN fp8 attention."""
     from bench.bench_fast import closeness, make_inputs, timed, wall_once  # noqa: PLC0415
-    from bench.common import random_dit  # noqa: PLC0415
-    from engine import dit, fast  # noqa: PLC0415
+    from bench.common import bench_dit  # noqa: PLC0415
+    from engine import fast  # noqa: PLC0415
 
-    model = random_dit(dit.RELEASED, "cuda", torch.bfloat16)
-    kw = make_inputs(dit.RELEASED, 448, 896, 81, "cuda", torch.bfloat16, seed=0)
+    model = bench_dit(models, "cuda", torch.bfloat16)
+    kw = make_inputs(model.cfg, 448, 896, 81, "cuda", torch.bfloat16, seed=0)
     fast.enable_fp8(model)
     for m in model.modules():
         if isinstance(m, fast.Fp8Linear):
@@ -181,6 +181,7 @@ def main() -> None:
     ap.add_argument("--lengths", default="32928,75600")
     ap.add_argument("--check-queries", type=int, default=1024)
     ap.add_argument("--forward", action="store_true", help="also time the full DiT forward with it (compiled, fp8)")
+    ap.add_argument("--models", type=Path, default=None, help="--forward on a real ComfyUI models folder's DiT")
     args = ap.parse_args()
     import cudnn  # noqa: PLC0415
 
@@ -263,7 +264,7 @@ def main() -> None:
     if args.forward:
         del graphs
         torch.cuda.empty_cache()
-        forward_probe(rep)
+        forward_probe(rep, args.models)
         (args.out / "probe_cudnn_fp8.json").write_text(json.dumps(rep, indent=1))
 
 
