@@ -324,16 +324,19 @@ class _Bar:
     """Progress on stderr: one redrawn line on a terminal, plain lines otherwise."""
 
     def __init__(self) -> None:
+        from daemon.progress import Eta
+
         self.tty = sys.stderr.isatty()
         self._last = ""
+        self._eta = Eta()
 
     def __call__(self, p: Progress) -> None:
-        from daemon.worker import describe_progress
+        from daemon.progress import describe_progress
 
-        text = describe_progress(p)
+        text = describe_progress(p, self._eta.update(p))
         if self.tty:
             filled = int(p.fraction * 30)
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {text:<48}")
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {text:<64}")
             sys.stderr.flush()
             return
         key = f"{p.stage} {p.chunk} {int(p.fraction * 20)}"  # a line per stage/chunk change or 5 %

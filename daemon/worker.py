@@ -46,6 +46,7 @@ from daemon.jobs import Job, JobStatus
 from daemon.log import get_logger, job_log, setup_logging
 from daemon.metrics import Metrics
 from daemon.notify import Notifier
+from daemon.progress import Eta, describe_progress
 from daemon.store import StaleJob, Store, StoreError
 from daemon.watcher import Scanner, dispose_inputs, filesystem_type, is_network_fs
 from engine.api import (
@@ -71,15 +72,6 @@ EXIT_DEVICE_FAULT = 75  # EX_TEMPFAIL: the device context is poisoned; systemd r
 
 RendererFactory = Callable[[EngineOptions], Renderer]
 OutcomeKind = Literal["done", "failed", "disk_full", "cancelled", "superseded", "stopped", "device_fault", "lost"]
-
-
-def describe_progress(p: Progress) -> str:
-    parts = [p.stage]
-    if p.chunks and p.chunk:
-        parts.append(f"chunk {p.chunk}/{p.chunks}")
-    if p.steps:
-        parts.append(f"step {p.step}/{p.steps}")
-    return " ".join(parts) + f" ({p.fraction:.0%})"
 
 
 def _version() -> str:
@@ -151,16 +143,19 @@ class _Monitor:
         self.cancel = job.cancel_requested
         self.lost = False
         self.latest: Progress | None = None
+        self.eta = Eta()
+        self.eta_s: float | None = None  # seconds left, once the rate of progress is known
         self._last_db = 0.0
         self._last_status = 0.0
 
     def progress(self, p: Progress) -> None:
         self.latest = p
+        self.eta_s = self.eta.update(p)
         self.w.notifier.watchdog()
         now = time.monotonic()
         if now - self._last_status >= 0.5:
             self._last_status = now
-            self.w.notifier.status(f"job {self.job.id} {self.job.stem}: {describe_progress(p)}; "
+            self.w.notifier.status(f"job {self.job.id} {self.job.stem}: {describe_progress(p, self.eta_s)}; "
                                    f"queued {self.w.queued}")
         self._sync(now)
 
@@ -176,7 +171,8 @@ class _Monitor:
         self._last_db = now
         p = self.latest
         state = self.w.store.heartbeat(self.job, self.w.worker_id, self.w.config.jobs.lease_s,
-                                       p.fraction if p else 0.0, describe_progress(p) if p else "starting")
+                                       p.fraction if p else 0.0,
+                                       describe_progress(p, self.eta_s) if p else "starting")
         if state is None:
             return  # database busy: try again at the next callback
         owned, cancel = state

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shutil
 import socket
 import threading
@@ -184,6 +185,21 @@ def test_cancel_running_and_queued_jobs(env: Env) -> None:
         assert (env.failed / stem / f"{stem}.wav").exists()
         assert "cancelled" in (env.failed / stem / "error.txt").read_text()
     assert env.renderer is not None and env.renderer.renders == 0
+    assert env.stop() == 0
+
+
+def test_a_running_job_reports_the_time_left(env: Env) -> None:
+    env.start(steps=200, step_s=0.025)  # a 5 s render
+    env.drop("long")
+    job = wait_for(lambda: (j := env.job("long")) is not None and "left" in (j.progress_text or "") and j,
+                   timeout=15, what="the time left in the job's progress text")
+    # the fake renderer steps at a steady rate (sleeps of 25 ms, longer on a busy machine, never shorter)
+    match = re.search(r"denoise chunk 1/1 step (\d+)/200 \(\d+%\), about (\d+) s left", job.progress_text)
+    assert match, job.progress_text
+    step, left = int(match[1]), int(match[2])
+    nominal = (200 - step) * 0.025
+    assert nominal * 0.8 - 1 <= left <= nominal * 3 + 1, job.progress_text
+    env.wait_status("long", JobStatus.DONE, timeout=30)
     assert env.stop() == 0
 
 
