@@ -24,19 +24,12 @@ def load_engine(options: EngineOptions) -> Renderer:
 
     models = load_models(options)
     fast = options.fast and models.device.type == "cuda"
-    streamed = getattr(models, "streamed", False)  # low-memory mode: blocks stream from host memory
     if fast:
-        from engine.fast import compile_blocks, enable_fp8, supports_fp8
+        from engine.fast import compile_blocks
 
-        # In low-memory mode load_models already converted the blocks to fp8 before packing them for streaming.
-        if options.fp8 and supports_fp8(models.device) and not streamed:
-            from engine.fast import fp8_targets
-
-            targets = fp8_targets(adapter_swap=models.swap_patch is not None)
-            # Fast accumulation: 6 % faster forwards at the same error as fp32 promotion (bench/RESULTS.md,
-            # 2026-11-25 session 2: rel L2 vs fp32 0.04845 vs 0.04846); fp8 rounding dominates either way.
-            n = enable_fp8(models.dit, targets=targets, fast_accum=True)
-            log.info("fp8 GEMMs (fast accumulation) enabled in %d DiT layers", n)
+        # engine.fp8 was applied by load_models (models_dir._to_fp8), block by block while loading: fast
+        # accumulation, 6 % faster forwards at the same error as fp32 promotion (bench/RESULTS.md, 2026-11-25
+        # session 2: rel L2 vs fp32 0.04845 vs 0.04846).
         compile_blocks(models.dit)
     return Engine(models, cache_dir=options.cache_dir, version=__version__, fast=fast,
                   warm_buckets=WARM_BUCKETS if fast else ())

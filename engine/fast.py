@@ -66,9 +66,10 @@ _AMAX_FLOOR = 1e-12
 # Linear layers converted by :func:`enable_fp8`, relative to a block. All 15 Linears of a block: q/k/v/o of the
 # self-attention, q/k/v/o/k_img/v_img of the text+image cross-attention, the two FFN layers and the audio
 # cross-attention's q_linear/kv_linear/proj. That is 16.3 B of the 16.4 B block parameters, so the weights
-# drop from 35.3 GiB to 19.3 GiB (measured). This is also the set a ComfyUI fp8 file stores in fp8 (formats.md
-# 3.1), so ``weights_fp8`` can serve every layer. The embeddings, head, img_emb and audio_proj stay in 16 bits
-# (small, and they run on few tokens).
+# drop from 35.3 GiB to 19.3 GiB (measured). A ComfyUI fp8 DiT file stores the first 12 in fp8 (formats.md 3.1);
+# the loader hands those bytes to ``weights_fp8`` unchanged when no LoRA is merged (models_dir._to_fp8), while
+# the audio cross-attention comes from the fp16 InfiniteTalk patch and is quantised here. The embeddings, head,
+# img_emb and audio_proj stay in 16 bits (small, and they run on few tokens).
 FP8_TARGETS: tuple[str, ...] = (
     "self_attn.q",
     "self_attn.k",

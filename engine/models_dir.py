@@ -235,10 +235,9 @@ def load_dit(base: wt.FileInfo, patch: wt.FileInfo, *, device: torch.device, dty
     ``memory_mode="low"``: tensors are still dequantised (and LoRA-merged) one at a time on ``device``, but every
     ``blocks.*`` tensor is moved to host memory as soon as it is ready, so the whole DiT is never on the GPU;
     then engine.offload.stream_blocks packs the blocks into pinned memory and streams them during forwards.
-    ``fp8_targets`` (low mode only; engine.fast.FP8_TARGETS or a subset): those Linears of every block become
-    fp8 (engine.fast.enable_fp8, fast accumulation) before packing, one block at a time on ``device``, so the
-    pinned host memory and every block copy are about half the bf16 size. The resident engine converts later,
-    in engine.load_engine.
+    ``fp8_targets`` (engine.fast.FP8_TARGETS or a subset): those Linears of every block become fp8
+    (engine.fast.enable_fp8, fast accumulation), one block at a time on ``device`` (in low mode before packing,
+    so the pinned host memory and every block copy are about half the bf16 size). See :func:`_to_fp8`.
     """
     net = _network("dit")
     base_shapes, patch_shapes = wt.logical_shapes(base), wt.logical_shapes(patch)
@@ -263,16 +262,8 @@ def load_dit(base: wt.FileInfo, patch: wt.FileInfo, *, device: torch.device, dty
         host = torch.device("cpu")
         tensors = ((k, t.to(host) if k.startswith("blocks.") else t) for k, t in tensors)
     wt.load_module(dit, tensors, source=f"{base.path} + {patch.path}")
-    if memory_mode == "low" and fp8_targets:
-        from engine.fast import enable_fp8
-
-        converted = 0
-        for block in dit.blocks:  # quantise on the device (fast), keep at rest on the host
-            holder = torch.nn.Module()
-            holder.blocks = torch.nn.ModuleList([block.to(device)])
-            converted += enable_fp8(holder, targets=fp8_targets, fast_accum=True)
-            block.to("cpu")
-        log.info("fp8 GEMMs (fast accumulation) enabled in %d streamed DiT layers", converted)
+    if fp8_targets:
+        _to_fp8(dit, fp8_targets, device, stored=base if lora is None else None, on_host=memory_mode == "low")
     if memory_mode == "low":
         from engine.offload import stream_blocks
 
@@ -281,6 +272,38 @@ def load_dit(base: wt.FileInfo, patch: wt.FileInfo, *, device: torch.device, dty
                  "pinned" if streamer.pinned else "pageable", streamer.host_bytes / 2**30, streamer.num_slots,
                  streamer.slot_bytes / 2**30, device)
     return dit.eval(), report
+
+
+def _to_fp8(dit: torch.nn.Module, targets: Sequence[str], device: torch.device, *, stored: wt.FileInfo | None,
+            on_host: bool) -> None:
+    """Turn the ``targets`` Linears of every DiT block into fp8 (fast accumulation), one block at a time on ``device``
+    (blocks kept ``on_host`` are moved there and back).
+
+    Where ``stored`` (the base DiT file, given only when no LoRA was merged) holds a layer's weight as F8_E4M3 with a
+    per-tensor or per-row scale — the ComfyUI fp8-scaled files — that payload is used as is: the fp8 GEMM then sees
+    exactly the file's weight and the only rounding the fp8 path adds is the activations'. Any other weight (a
+    bf16 file, a LoRA-merged one, the InfiniteTalk adapter from its fp16 patch) is quantised per output channel,
+    a second rounding of an fp8 file's values (bench/bench_fp8_source.py measures the difference).
+    """
+    from engine.fast import enable_fp8
+
+    converted = exact = 0
+    for i, block in enumerate(dit.blocks):  # type: ignore[arg-type]
+        if on_host:
+            block.to(device)
+        holder = torch.nn.Module()
+        holder.blocks = torch.nn.ModuleList([block])
+        weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if stored is not None:
+            keys = [f"blocks.{i}.{rel}.weight" for rel in targets]
+            for key, payload in wt.iter_fp8_weights(stored, keys, device=device):
+                weights["blocks.0." + key[len(f"blocks.{i}."):-len(".weight")]] = payload
+        converted += enable_fp8(holder, targets=targets, fast_accum=True, weights_fp8=weights)
+        exact += len(weights)
+        if on_host:
+            block.to("cpu")
+    log.info("fp8 GEMMs (fast accumulation) in %d DiT layers%s: %d with the file's own fp8 weights, %d quantised "
+             "per output channel", converted, " (streamed)" if on_host else "", exact, converted - exact)
 
 
 def patch_swapper(dit: torch.nn.Module, patches: Mapping[int, wt.FileInfo], current: int,
@@ -344,11 +367,14 @@ def load_models(options: Any) -> Any:
     log.info("loading DiT %s + %s on %s as %s (%s)", infos["dit"].path.name, patches[first].path.name, dev, dt,
              mode)
     fp8_targets: tuple[str, ...] = ()
-    if mode == "low" and options.fp8 and options.fast:
+    if options.fp8 and options.fast:
         from engine import fast
 
-        if fast.supports_fp8(dev):  # the resident engine converts in engine.load_engine instead
+        if fast.supports_fp8(dev):
             fp8_targets = fast.fp8_targets(adapter_swap=len(patches) == 2)
+        else:
+            log.info("engine.fp8 is set but %s has no fp8 GEMMs (CUDA compute capability 8.9+): the DiT stays %s",
+                     dev, dt)
     dit, report = load_dit(infos["dit"], patches[first], device=dev, dtype=dt, lora=lora,
                            lora_strength=options.lora_strength, memory_mode=mode, fp8_targets=fp8_targets)
     if report is not None:
@@ -388,8 +414,6 @@ def load_models(options: Any) -> Any:
         text_device=text_dev, speakers_supported=(1, 2),
         lora_strength=options.lora_strength if lora is not None else None, swap_patch=swap,
     )
-    # Read by engine.load_engine: the fast path (enable_fp8 replaces block Linears) must not run on streamed blocks.
-    setattr(models, "streamed", mode == "low")  # noqa: B010 (Models has no such field; render.py is not ours)
     return models
 
 

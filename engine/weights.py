@@ -54,7 +54,8 @@ if TYPE_CHECKING:
 # fmt: off
 __all__ = [
     "WeightsError", "TensorInfo", "FileInfo", "read_header", "detect_prefix", "logical_shapes", "iter_tensors",
-    "extra_tensor", "load_module", "load_network", "write_scaled_fp8", "file_identity", "DEFAULT_PREFIXES",
+    "iter_fp8_weights", "extra_tensor", "load_module", "load_network", "write_scaled_fp8", "file_identity",
+    "DEFAULT_PREFIXES",
 ]
 # fmt: on
 
@@ -439,6 +440,47 @@ def _iter_tensors(
     with safe_open(str(info.path), framework="pt", device="cpu") as f:
         for key in wanted:
             yield key, _materialise(f, info, key, _dtype_for(dtype, key), device)
+
+
+def iter_fp8_weights(
+    info: FileInfo, keys: Iterable[str], *, device: torch.device | str
+) -> Iterator[tuple[str, tuple[Tensor, Tensor]]]:
+    """The stored fp8 payload of those ``keys`` that the file holds as F8_E4M3: ``(logical key, (weight, scale))``
+    with the weight float8_e4m3fn on ``device`` exactly as stored and its scale as float32 ``[]`` (per tensor) or
+    ``[out]`` (1 when the file has none), so that ``weight.float() * scale`` is the file's weight with no second
+    rounding. Keys stored in another dtype (bf16, e5m2, ...) or absent from the file are skipped; a layer in a
+    non-fp8 comfy_quant format raises, as for :func:`iter_tensors`.
+    """
+    wanted = [k for k in keys if k in info.keys and info.tensors[info.keys[k]].dtype == "F8_E4M3"]
+    if not wanted:
+        return iter(())
+    return _iter_fp8(info, wanted, device)
+
+
+def _iter_fp8(info: FileInfo, wanted: list[str], device: torch.device | str
+              ) -> Iterator[tuple[str, tuple[Tensor, Tensor]]]:
+    _check_unchanged(info)
+    with safe_open(str(info.path), framework="pt", device="cpu") as f:
+        for key in wanted:
+            layer = key[: -len(".weight")] if key.endswith(".weight") else key
+            conf = info.layer_quant.get(layer)
+            if conf is not None and conf.get("format") not in _FP8_FORMATS:
+                raise WeightsError(f"{info.path}: layer {layer!r} uses quantisation format {conf.get('format')!r}, "
+                                   "which this engine cannot use. Use a bf16/fp16 or fp8-scaled file.")
+            w: Tensor = f.get_tensor(info.keys[key]).to(device)
+            scale_key = info.scales.get(key)
+            if scale_key is None:
+                s = torch.ones((), dtype=torch.float32, device=device)
+            else:
+                s = f.get_tensor(scale_key).to(device=device, dtype=torch.float32)
+                if s.numel() == 1:
+                    s = s.reshape(())
+                elif w.ndim == 2 and s.numel() == w.shape[0]:
+                    s = s.reshape(-1)
+                else:
+                    raise WeightsError(f"{info.path}: scale {scale_key!r} has shape {tuple(s.shape)}, which does not "
+                                       f"fit weight {info.keys[key]!r} {tuple(w.shape)}.")
+            yield key, (w, s)
 
 
 def extra_tensor(info: FileInfo, name: str) -> Tensor | None:

@@ -131,3 +131,68 @@ def test_a_patch_that_overlaps_the_base_is_refused(models: Path) -> None:
     with pytest.raises(wt.WeightsError) as e:
         md.load_dit(base, wt.read_header(path), device=torch.device("cpu"), dtype=torch.float32)
     assert path.name in str(e.value) and "head.head.bias" in str(e.value)
+
+
+def _dit_files(folder: Path) -> tuple[wt.FileInfo, wt.FileInfo, wt.FileInfo]:
+    return (wt.read_header(folder / "diffusion_models" / md.ROLE_BY_NAME["dit"].default),
+            wt.read_header(folder / "model_patches" / md.ROLE_BY_NAME["patch_single"].default),
+            wt.read_header(folder / "loras" / md.ROLE_BY_NAME["lora"].default))
+
+
+@pytest.mark.parametrize("mode", ["resident", "low"])
+def test_fp8_load_keeps_the_files_own_fp8_weights(tiny_models: Path, mode: str) -> None:
+    """engine.fp8 on an fp8-scaled DiT without LoRA: the GEMMs get the file's bytes and scale, not a re-rounding."""
+    from engine import fast
+
+    base, patch, _ = _dit_files(tiny_models)
+    dit, _ = md.load_dit(base, patch, device=torch.device("cpu"), dtype=torch.float32, memory_mode=mode,
+                         fp8_targets=fast.FP8_TARGETS)
+    block = dit.blocks[1]
+    with safe_open(str(base.path), "pt") as f:
+        for rel in ("self_attn.q", "cross_attn.k_img", "ffn.2"):
+            layer = block.get_submodule(rel)
+            assert isinstance(layer, fast.Fp8Linear)
+            raw = f.get_tensor(f"blocks.1.{rel}.weight")
+            scale = f.get_tensor(f"blocks.1.{rel}.scale_weight").float()
+            assert torch.equal(layer.weight.view(torch.uint8), raw.view(torch.uint8))
+            assert torch.equal(layer.weight_scale, scale.expand(raw.shape[0]))
+    # the audio adapter comes from the fp16 patch: quantised per output channel (one scale per row)
+    audio = block.audio_cross_attn.q_linear
+    assert isinstance(audio, fast.Fp8Linear) and audio.weight_scale.unique().numel() > 1
+
+
+def test_fp8_load_with_lora_quantises_the_merged_weight(tiny_models: Path) -> None:
+    from engine import fast
+
+    base, patch, lora = _dit_files(tiny_models)
+    args = dict(device=torch.device("cpu"), dtype=torch.float32, lora=lora, lora_strength=1.0)
+    merged, _ = md.load_dit(base, patch, **args)  # type: ignore[arg-type]
+    dit, _ = md.load_dit(base, patch, fp8_targets=fast.FP8_TARGETS, **args)  # type: ignore[arg-type]
+    layer = dit.blocks[1].self_attn.q
+    want = merged.blocks[1].self_attn.q.weight
+    assert isinstance(layer, fast.Fp8Linear) and layer.weight_scale.unique().numel() > 1  # per row, not the file's
+    got = layer.weight.float() * layer.weight_scale[:, None]
+    assert ((got - want).norm() / want.norm()).item() < 0.05  # the merged weight, rounded once to fp8
+
+
+def test_fp8_from_the_file_is_closer_than_requantised(tiny_models: Path) -> None:
+    """Against the float32 DiT of the same file, the fp8 forward that uses the file's fp8 weights is closer than
+    one that re-quantises the dequantised weights per channel (the only added rounding is the activations')."""
+    from engine import fast
+    from tests.conftest import dit_inputs
+
+    base, patch, _ = _dit_files(tiny_models)
+    # the layers the base file holds (the audio adapter comes from the fp16 patch and is re-quantised either way;
+    # with both patches present the engine leaves it in 16 bits: fast.fp8_targets(adapter_swap=True))
+    targets = fast.fp8_targets(adapter_swap=True)
+    args = dict(device=torch.device("cpu"), dtype=torch.float32)
+    ref, _ = md.load_dit(base, patch, **args)  # type: ignore[arg-type]
+    exact, _ = md.load_dit(base, patch, fp8_targets=targets, **args)  # type: ignore[arg-type]
+    requant, _ = md.load_dit(base, patch, **args)  # type: ignore[arg-type]
+    fast.enable_fp8(requant, targets=targets, fast_accum=True)
+    kw = dit_inputs(ref.cfg)
+    with torch.inference_mode():
+        want = ref(**kw)
+        err = {name: ((m(**kw) - want).norm() / want.norm()).item() for name, m in (("exact", exact),
+                                                                                 ("requant", requant))}
+    assert 0 < err["exact"] < 0.8 * err["requant"], err

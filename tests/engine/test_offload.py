@@ -252,7 +252,7 @@ def test_load_models_low_mode_streams_and_swaps_adapters(tiny_models: Path) -> N
     low, res = load("low"), load("resident")
     assert isinstance(low.dit._block_streamer, BlockStreamer) and getattr(res.dit, "_block_streamer", None) is None
     assert low.text_device == torch.device("cpu")
-    assert low.streamed and not res.streamed  # engine.load_engine keeps the fast path off streamed blocks
+    assert low.dit.blocks_streamed and not res.dit.blocks_streamed
     assert list(low.dit.state_dict()) == list(res.dit.state_dict())
     kw = _inputs(low.dit.cfg)
     kw["audio"] = torch.cat([kw["audio"], kw["audio"]], dim=1)
@@ -268,7 +268,7 @@ def test_load_models_low_mode_streams_and_swaps_adapters(tiny_models: Path) -> N
 
 def test_load_dit_low_mode_fp8_streams_fp8_blocks_identical_to_resident_fp8(tiny_models: Path) -> None:
     """fp8 in low-memory mode: blocks converted before packing (half the pinned bytes), same numbers as the
-    resident model converted afterwards (on the CPU, Fp8Linear runs its float32 reference of the fp8 GEMM)."""
+    resident fp8 model (on the CPU, Fp8Linear runs its float32 reference of the fp8 GEMM)."""
     from engine import fast
     from engine.models_dir import iter_roles, load_dit, locate
     from engine.weights import read_header
@@ -276,9 +276,11 @@ def test_load_dit_low_mode_fp8_streams_fp8_blocks_identical_to_resident_fp8(tiny
     infos = {role: read_header(path) for role, path in iter_roles(locate(tiny_models, {}))}
     args = dict(device=torch.device("cpu"), dtype=torch.float32)
     low, _ = load_dit(infos["dit"], infos["patch_single"], memory_mode="low", fp8_targets=fast.FP8_TARGETS, **args)
-    res, _ = load_dit(infos["dit"], infos["patch_single"], memory_mode="resident", **args)
-    bf16_bytes = sum(p.numel() * p.element_size() for p in res.blocks.parameters())
-    assert fast.enable_fp8(res, fast_accum=True) == len(fast.FP8_TARGETS) * len(res.blocks)
+    plain, _ = load_dit(infos["dit"], infos["patch_single"], memory_mode="resident", **args)
+    bf16_bytes = sum(p.numel() * p.element_size() for p in plain.blocks.parameters())
+    res, _ = load_dit(infos["dit"], infos["patch_single"], memory_mode="resident", fp8_targets=fast.FP8_TARGETS,
+                      **args)
+    assert fast.enable_fp8(res, fast_accum=True) == 0  # every target already converted while loading
     assert isinstance(low._block_streamer, BlockStreamer)
     assert all(isinstance(m, fast.Fp8Linear) for b in low.blocks for m in (b.ffn[0], b.self_attn.q))
     assert low._block_streamer.host_bytes < 0.5 * bf16_bytes  # fp32 test weights: fp8 is a quarter of them
@@ -335,10 +337,11 @@ def test_cuda_load_models_low_mode_fp8(tiny_models: Path) -> None:
     low = load_models(EngineOptions(memory_mode="low", **opts))
     res = load_models(EngineOptions(memory_mode="resident", **opts))
     assert isinstance(low.dit.blocks[0].ffn[0], fast.Fp8Linear)
-    # Both adapters are in the folder, so the audio layers stay bf16 (the swap writes bf16 weights into them), as
-    # engine.load_engine does for the resident engine.
+    # Both adapters are in the folder, so the audio layers stay bf16 (the swap writes bf16 weights into them), in
+    # both memory modes.
     assert res.swap_patch is not None and not isinstance(low.dit.blocks[0].audio_cross_attn.q_linear, fast.Fp8Linear)
-    fast.enable_fp8(res.dit, targets=fast.fp8_targets(adapter_swap=True), fast_accum=True)
+    assert isinstance(res.dit.blocks[0].ffn[0], fast.Fp8Linear)
+    assert not isinstance(res.dit.blocks[0].audio_cross_attn.q_linear, fast.Fp8Linear)
     kw = _inputs(low.dit.cfg, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
         a, b = low.dit(**kw), res.dit(**kw)

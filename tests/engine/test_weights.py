@@ -24,6 +24,7 @@ from engine.weights import (
     detect_prefix,
     extra_tensor,
     file_identity,
+    iter_fp8_weights,
     iter_tensors,
     load_module,
     load_network,
@@ -251,6 +252,38 @@ def test_comfy_quant_per_layer_json(tmp_path: Path) -> None:
 
     tensors["b.comfy_quant"] = blob({"format": "float8_e4m3fn", "full_precision_matrix_mult": True})
     assert not read_header(save(tmp_path / "cq2.safetensors", tensors)).fp8_gemm_allowed
+
+
+def test_iter_fp8_weights_gives_the_stored_payload(tmp_path: Path) -> None:
+    tensors = {
+        "a.weight": torch.tensor(STORED).to(F8),
+        "a.weight_scale": torch.tensor(0.25),
+        "a.comfy_quant": blob({"format": "float8_e4m3fn"}),
+        "r.weight": torch.tensor(STORED).to(F8),  # per-row scale
+        "r.weight_scale": torch.tensor([0.5, 2.0]),
+        "r.comfy_quant": blob({"format": "float8_e4m3fn"}),
+        "u.weight": torch.tensor(STORED).to(F8),  # no scale at all: 1
+        "c.weight": torch.ones(2, 2, dtype=torch.float16),
+    }
+    info = read_header(save(tmp_path / "cq.safetensors", tensors))
+    got = dict(iter_fp8_weights(info, ["a.weight", "r.weight", "u.weight", "c.weight", "absent.weight"],
+                                device="cpu"))
+    assert list(got) == ["a.weight", "r.weight", "u.weight"]  # the fp16 and the absent key are skipped
+    for key, (w, scale) in got.items():
+        assert w.dtype == F8 and torch.equal(w.view(torch.uint8), tensors[key].view(torch.uint8))
+        assert scale.dtype == torch.float32
+    assert got["a.weight"][1].item() == 0.25 and got["a.weight"][1].shape == ()
+    assert got["r.weight"][1].tolist() == [0.5, 2.0] and got["u.weight"][1].item() == 1.0
+    # the payload times its scale is what iter_tensors dequantises
+    full = load_all(info)
+    for key, (w, scale) in got.items():
+        assert torch.equal(w.float() * (scale if scale.ndim == 0 else scale[:, None]), full[key])
+    assert list(iter_fp8_weights(info, ["c.weight"], device="cpu")) == []
+
+    tensors["r.weight_scale"] = torch.tensor([0.5, 2.0, 3.0])
+    bad = read_header(save(tmp_path / "bad.safetensors", tensors))
+    with pytest.raises(WeightsError, match="does not fit weight"):
+        dict(iter_fp8_weights(bad, ["r.weight"], device="cpu"))
 
 
 def test_file_level_quantization_metadata(tmp_path: Path) -> None:
