@@ -196,3 +196,24 @@ def test_fp8_from_the_file_is_closer_than_requantised(tiny_models: Path) -> None
         err = {name: ((m(**kw) - want).norm() / want.norm()).item() for name, m in (("exact", exact),
                                                                                  ("requant", requant))}
     assert 0 < err["exact"] < 0.8 * err["requant"], err
+
+
+@pytest.mark.parametrize(("preset", "from_file"), [("quality", True), ("lightx2v", False)])
+def test_load_models_applies_engine_fp8(tiny_models: Path, monkeypatch: pytest.MonkeyPatch, preset: str,
+                                        from_file: bool) -> None:
+    """The wiring in load_models, on the CPU: pretend the device has fp8 GEMMs (Fp8Linear then runs its float32
+    reference). Without LoRA the file's bytes are used; with the lightx2v LoRA merged, per-channel scales."""
+    from engine import fast
+    from engine.api import EngineOptions
+
+    monkeypatch.setattr(fast, "supports_fp8", lambda *_: True)
+    models = md.load_models(EngineOptions(models_dir=tiny_models, device="cpu", dtype="float32", preset=preset,
+                                          fp8=True, fast=True))
+    layer = models.dit.blocks[0].ffn[0]
+    assert isinstance(layer, fast.Fp8Linear)
+    # both patches are in the folder: the swapped audio layers stay 16-bit
+    assert not isinstance(models.dit.blocks[0].audio_cross_attn.q_linear, fast.Fp8Linear)
+    base, _, _ = _dit_files(tiny_models)
+    with safe_open(str(base.path), "pt") as f:
+        raw = f.get_tensor("blocks.0.ffn.0.weight")
+    assert torch.equal(layer.weight.view(torch.uint8), raw.view(torch.uint8)) is from_file
