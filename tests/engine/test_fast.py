@@ -263,6 +263,21 @@ def test_compile_blocks_one_graph_for_all_blocks_no_recompiles() -> None:
     torch._dynamo.reset()
 
 
+def test_compile_blocks_compiles_every_bucket_not_just_eight() -> None:
+    """Dynamo's default recompile_limit (8 graphs per code object) would silently run the 9th bucket eagerly; the
+    two bucket families have 36 sizes, so compile_blocks raises the limit (aot_eager on CPU, 10 sizes)."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = _tiny()
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=8):
+        compile_blocks(model, backend="aot_eager")
+        assert torch._dynamo.config.recompile_limit >= 36
+        for h in range(2, 22, 2):  # ten token counts (the patch is 2x2)
+            model(**_inputs(h=h))
+        assert counters["frames"]["ok"] == 10, dict(counters["frames"])
+    torch._dynamo.reset()
+
+
 # 5. attention and device checks ---------------------------------------------------------------------------
 
 
