@@ -14,7 +14,7 @@ from typing import Literal, cast
 
 import yaml
 
-from engine.api import PRESETS, EngineOptions, InputError, request_from_settings
+from engine.api import BUCKET_TABLES, PRESETS, WARM_BUCKETS, EngineOptions, InputError, request_from_settings
 
 __all__ = [
     "ConfigError",
@@ -98,6 +98,7 @@ class EngineConfig:
     fast: bool = True
     fp8: bool = False
     cache_dir: Path | None = None
+    warm_buckets: tuple[tuple[int, int], ...] = WARM_BUCKETS  # (h, w)
 
     def options(self) -> EngineOptions:
         return EngineOptions(
@@ -111,6 +112,7 @@ class EngineConfig:
             fast=self.fast,
             fp8=self.fp8,
             memory_mode=self.memory_mode,
+            warm_buckets=self.warm_buckets,
         )
 
 
@@ -258,7 +260,7 @@ def parse_config(raw: object, *, base: Path, where: str = "config.yaml") -> Conf
 
     e = _Section(where, "engine", top.raw.get("engine"),
                  ("models_dir", "files", "device", "dtype", "preset", "lora_strength", "memory_mode", "fast",
-                  "fp8", "cache_dir"))
+                  "fp8", "cache_dir", "warm_buckets"))
     files_raw = e.raw.get("files") or {}
     if not isinstance(files_raw, dict):
         raise e.error("engine.files", "must be a mapping of role: file name")
@@ -284,6 +286,7 @@ def parse_config(raw: object, *, base: Path, where: str = "config.yaml") -> Conf
         fast=e.boolean("fast", True),
         fp8=e.boolean("fp8", False),
         cache_dir=None if cache_raw is None else e.path("cache_dir", None, base),
+        warm_buckets=_warm_buckets(e),
     )
 
     render_raw = top.raw.get("render") or {}
@@ -312,6 +315,30 @@ def parse_config(raw: object, *, base: Path, where: str = "config.yaml") -> Conf
     )
     return Config(source=Path(where), paths=paths, watch=watch, jobs=jobs, engine=engine,
                   render=dict(render_raw), logging=logging_cfg, metrics=metrics)
+
+
+def _warm_buckets(e: _Section) -> tuple[tuple[int, int], ...]:
+    """engine.warm_buckets: a list of [width, height] bucket sizes (like render.size); returned as (h, w)."""
+    raw = e.raw.get("warm_buckets")
+    if raw is None:
+        return WARM_BUCKETS
+    known = {hw for table in BUCKET_TABLES.values() for _, hw in table}
+    sizes = "; ".join(f"{family}: " + ", ".join(f"[{w}, {h}]" for _, (h, w) in table)
+                      for family, table in BUCKET_TABLES.items())
+    if not isinstance(raw, list):
+        raise e.error("engine.warm_buckets", "must be a list of [width, height] bucket sizes, e.g. [[896, 448]]")
+    out: list[tuple[int, int]] = []
+    for item in raw:
+        if (not isinstance(item, list) or len(item) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in item)):
+            raise e.error("engine.warm_buckets", f"each entry must be [width, height] in pixels (got {item!r})")
+        w, h = item
+        if (h, w) not in known:
+            raise e.error("engine.warm_buckets",
+                          f"[{w}, {h}] is not a resolution bucket; the buckets ([width, height]) are {sizes}")
+        if (h, w) not in out:
+            out.append((h, w))
+    return tuple(out)
 
 
 def load_config(path: Path) -> Config:

@@ -12,10 +12,6 @@ __version__ = "0.1.0"
 
 log = logging.getLogger("infinitetalkd.engine")
 
-# The bucket compiled at start-up when the fast path is on (the official 16:9 480p bucket); other
-# buckets compile on their first use (~15 s once per process, logged).
-WARM_BUCKETS = ((448, 896),)
-
 
 def load_engine(options: EngineOptions) -> Renderer:
     """Load every model for ``options`` onto its device and return a resident renderer."""
@@ -32,4 +28,4 @@ def load_engine(options: EngineOptions) -> Renderer:
         # session 2: rel L2 vs fp32 0.04845 vs 0.04846).
         compile_blocks(models.dit)
     return Engine(models, cache_dir=options.cache_dir, version=__version__, fast=fast,
-                  warm_buckets=WARM_BUCKETS if fast else ())
+                  warm_buckets=tuple(options.warm_buckets) if fast else ())

@@ -39,7 +39,38 @@ __all__ = [
     "parse_set_option",
     "DEFAULT_PROMPT",
     "DEFAULT_NEGATIVE_PROMPT",
+    "BUCKET_TABLES",
+    "WARM_BUCKETS",
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# Resolution buckets (data only; engine/frames.py chooses among them)
+# --------------------------------------------------------------------------------------------
+
+# (ratio key, (h, w)) in the order of upstream's dicts. The bucket is chosen by comparing the
+# source h/w ratio with the *rounded key* (e.g. 0.26 for 320/1216 = 0.263), not with the exact
+# h/w of the bucket, so the keys are kept verbatim. Source: MeiGen-AI/InfiniteTalk
+# wan/utils/multitalk_utils.py, ASPECT_RATIO_627 ("infinitetalk-480") and ASPECT_RATIO_960
+# ("infinitetalk-720").
+_BUCKETS_480: tuple[tuple[float, tuple[int, int]], ...] = (
+    (0.26, (320, 1216)), (0.38, (384, 1024)), (0.50, (448, 896)), (0.67, (512, 768)),
+    (0.82, (576, 704)), (1.00, (640, 640)), (1.22, (704, 576)), (1.50, (768, 512)),
+    (1.86, (832, 448)), (2.00, (896, 448)), (2.50, (960, 384)), (2.83, (1088, 384)),
+    (3.60, (1152, 320)), (3.80, (1216, 320)), (4.00, (1280, 320)),
+)
+_BUCKETS_720: tuple[tuple[float, tuple[int, int]], ...] = (
+    (0.22, (448, 2048)), (0.29, (512, 1792)), (0.36, (576, 1600)), (0.45, (640, 1408)),
+    (0.55, (704, 1280)), (0.63, (768, 1216)), (0.76, (832, 1088)), (0.88, (896, 1024)),
+    (1.00, (960, 960)), (1.14, (1024, 896)), (1.31, (1088, 832)), (1.50, (1152, 768)),
+    (1.58, (1216, 768)), (1.82, (1280, 704)), (1.91, (1344, 704)), (2.20, (1408, 640)),
+    (2.30, (1472, 640)), (2.67, (1536, 576)), (2.89, (1664, 576)), (3.62, (1856, 512)),
+    (3.75, (1920, 512)),
+)
+BUCKET_TABLES: dict[str, tuple[tuple[float, tuple[int, int]], ...]] = {"480p": _BUCKETS_480, "720p": _BUCKETS_720}
+
+# Buckets the fast engine compiles at start (EngineOptions.warm_buckets): the 16:9 landscape one of 480p.
+WARM_BUCKETS: tuple[tuple[int, int], ...] = ((448, 896),)
 
 
 class InputError(ValueError):
@@ -85,6 +116,8 @@ class EngineOptions:
     fast: bool = True  # on CUDA: compiled DiT blocks and the fastest attention kernel (numerically checked)
     fp8: bool = False  # fp8 GEMMs in the DiT blocks: faster, but not yet shown close enough (bench/RESULTS.md)
     memory_mode: str = "auto"  # "auto" | "resident" | "low" (stream DiT blocks from host memory)
+    # (h, w) buckets whose DiT graphs the fast engine compiles at start; others compile at their first job
+    warm_buckets: tuple[tuple[int, int], ...] = WARM_BUCKETS
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.api import InputError
+from engine.api import BUCKET_TABLES, InputError
 
 __all__ = [
     "BUCKETS_480",
@@ -47,26 +47,10 @@ __all__ = [
 # Resolution buckets
 # --------------------------------------------------------------------------------------------
 
-# (ratio key, (h, w)) in the order of upstream's dicts. The bucket is chosen by comparing the
-# source h/w ratio with the *rounded key* (e.g. 0.26 for 320/1216 = 0.263), not with the exact
-# h/w of the bucket, so the keys are kept verbatim. Source: MeiGen-AI/InfiniteTalk
-# wan/utils/multitalk_utils.py, ASPECT_RATIO_627 ("infinitetalk-480") and ASPECT_RATIO_960
-# ("infinitetalk-720").
-_TABLE_480: tuple[tuple[float, tuple[int, int]], ...] = (
-    (0.26, (320, 1216)), (0.38, (384, 1024)), (0.50, (448, 896)), (0.67, (512, 768)),
-    (0.82, (576, 704)), (1.00, (640, 640)), (1.22, (704, 576)), (1.50, (768, 512)),
-    (1.86, (832, 448)), (2.00, (896, 448)), (2.50, (960, 384)), (2.83, (1088, 384)),
-    (3.60, (1152, 320)), (3.80, (1216, 320)), (4.00, (1280, 320)),
-)
-_TABLE_720: tuple[tuple[float, tuple[int, int]], ...] = (
-    (0.22, (448, 2048)), (0.29, (512, 1792)), (0.36, (576, 1600)), (0.45, (640, 1408)),
-    (0.55, (704, 1280)), (0.63, (768, 1216)), (0.76, (832, 1088)), (0.88, (896, 1024)),
-    (1.00, (960, 960)), (1.14, (1024, 896)), (1.31, (1088, 832)), (1.50, (1152, 768)),
-    (1.58, (1216, 768)), (1.82, (1280, 704)), (1.91, (1344, 704)), (2.20, (1408, 640)),
-    (2.30, (1472, 640)), (2.67, (1536, 576)), (2.89, (1664, 576)), (3.62, (1856, 512)),
-    (3.75, (1920, 512)),
-)
-_TABLES = {"480p": _TABLE_480, "720p": _TABLE_720}
+# The tables (ratio key, (h, w)) live in engine/api.py (BUCKET_TABLES, torch-free, so the daemon's config can
+# check engine.warm_buckets); the choice rule is here.
+_TABLES = BUCKET_TABLES
+_TABLE_480, _TABLE_720 = BUCKET_TABLES["480p"], BUCKET_TABLES["720p"]
 
 BUCKETS_480: list[tuple[int, int]] = [hw for _, hw in _TABLE_480]  # (h, w), ~640^2 pixels
 BUCKETS_720: list[tuple[int, int]] = [hw for _, hw in _TABLE_720]  # (h, w), ~960^2 pixels

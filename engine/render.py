@@ -111,6 +111,7 @@ class Engine:
         self.version = version
         self.fast = fast  # compiled blocks + preferred attention (engine/fast.py)
         self.warm_buckets = warm_buckets
+        self._compiled_sizes: set[tuple[int, int]] = set(warm_buckets)  # (h, w) the compiled blocks have seen
         self.prompts = PromptCache(self._encode_prompts, models.identities.get("text_encoder", "?"), cache_dir)
         # I2V conditioning (y latent + CLIP features) of recent still portraits: bulk jobs often reuse one face.
         self._conditions: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
@@ -262,6 +263,11 @@ class Engine:
             H, W = req.size[1], req.size[0]
         else:
             H, W = fr.choose_bucket(src_hw[0], src_hw[1], req.resolution)
+        if self.fast and (H, W) not in self._compiled_sizes:
+            self._compiled_sizes.add((H, W))
+            log.info("first job at %dx%d (w x h) in this process: the DiT blocks compile for this size during its "
+                     "first step (15-20 s, a few seconds with Inductor's cache); list [%d, %d] in engine.warm_buckets "
+                     "to compile it at start instead", W, H, W, H)
         ref_img = fr.resize_cover_crop(first, (H, W))  # [H, W, 3] uint8, the colour reference
         lat_hw = (H // 8, W // 8)
 

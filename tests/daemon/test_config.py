@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from daemon.config import ConfigError, JobsConfig, LoggingConfig, MetricsConfig, WatchConfig, load_config
+from engine.api import WARM_BUCKETS
 from tests.daemon.conftest import REPO
 
 
@@ -30,6 +31,7 @@ def test_repository_config_parses_and_documents_the_code_defaults() -> None:
     assert cfg.logging == LoggingConfig()
     assert cfg.metrics == MetricsConfig()
     assert cfg.engine.options().models_dir == REPO / "models"
+    assert cfg.engine.warm_buckets == WARM_BUCKETS
 
 
 def test_empty_config_gives_defaults_relative_to_its_folder(tmp_path: Path) -> None:
@@ -54,6 +56,11 @@ def test_empty_config_gives_defaults_relative_to_its_folder(tmp_path: Path) -> N
         ({"engine": {"files": {"ditt": "x.safetensors"}}}, "engine.files.ditt: unknown role"),
         ({"engine": {"files": {"dit": "../x.safetensors"}}}, "engine.files.dit: must be a bare file name"),
         ({"engine": {"fast": "yes"}}, "engine.fast: must be true or false"),
+        ({"engine": {"warm_buckets": "896x448"}}, "engine.warm_buckets: must be a list of [width, height]"),
+        ({"engine": {"warm_buckets": [[896, 448, 1]]}}, "each entry must be [width, height]"),
+        ({"engine": {"warm_buckets": [[True, 448]]}}, "each entry must be [width, height]"),
+        ({"engine": {"warm_buckets": [[500, 500]]}},
+         "[500, 500] is not a resolution bucket; the buckets ([width, height]) are 480p: [1216, 320], [1024, 384]"),
         ({"render": {"sed": 1}}, "render: unknown setting 'sed'"),
         ({"render": {"seed": "x"}}, "render: setting 'seed': must be a whole number"),
         ({"render": {"audio2": "b.wav"}}, "render.audio2: is a per-job setting"),
@@ -70,6 +77,14 @@ def test_errors_name_the_key(tmp_path: Path, doc: object, message: str) -> None:
     assert message in str(err.value)
     assert str(path) in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_warm_buckets_are_width_height_pairs(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "")).engine.options().warm_buckets == ((448, 896),)  # 16:9 landscape
+    doc = {"engine": {"warm_buckets": [[448, 832], [896, 448], [448, 832], [960, 960]]}}
+    # stored as (h, w) like the engine's tables; duplicates dropped; a 720p bucket is fine
+    assert load_config(write(tmp_path, doc)).engine.options().warm_buckets == ((832, 448), (448, 896), (960, 960))
+    assert load_config(write(tmp_path, {"engine": {"warm_buckets": []}})).engine.options().warm_buckets == ()
 
 
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
