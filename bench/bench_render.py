@@ -8,6 +8,8 @@
    (text 5, audio 4) to time one quality step (x40 gives the quality chunk; said so in the output);
    then fast1 over 9.0 s of speech = 225 frames = exactly 3 chunks, where the mp4 encoding of a chunk
    overlaps the next chunk's GPU work: (3-chunk total - 1-chunk total) / 2 is the steady per-chunk cost.
+   Variants ``quality`` / ``qualityfp8`` load without the LoRA (preset quality) and time 2 steps of that preset;
+   with fp8 the block Linears then use the folder's own fp8 weights (engine/models_dir.py ``_to_fp8``).
 Prints per-stage timings (RenderResult.timings) and peak GPU memory.
 
     python3 bench/bench_render.py --models /tmp/models
@@ -59,8 +61,9 @@ def main() -> None:
     ap.add_argument("--models", type=Path, default=Path("/tmp/models"))
     ap.add_argument("--skip-write", action="store_true")
     ap.add_argument("--variant", action="append", default=None,
-                    choices=["eager", "compiled", "fp8", "low24", "low16", "low24fp8"],
-                    help="engine variants to load one after the other (default: compiled)")
+                    choices=["eager", "compiled", "fp8", "low24", "low16", "low24fp8", "quality", "qualityfp8"],
+                    help="engine variants to load one after the other (default: compiled); quality*: the engine "
+                         "loaded without the LoRA (preset quality), so fp8 takes the file's own fp8 weights")
     ap.add_argument("--case", action="append", default=None,
                     help="run only the cases whose name starts with this (repeatable), e.g. 'fast1'")
     args = ap.parse_args()
@@ -96,7 +99,8 @@ def run_variant(models: Path, variant: str, *, drop_cache: bool, out: dict,
         out["cap_gib"] = int(variant[3:5])
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    engine = load_engine(EngineOptions(models_dir=models, device="cuda", preset="lightx2v",
+    no_lora = variant.startswith("quality")
+    engine = load_engine(EngineOptions(models_dir=models, device="cuda", preset="quality" if no_lora else "lightx2v",
                                        fast=variant != "eager", fp8=variant.endswith("fp8"),
                                        memory_mode="low" if low else "auto"))
     torch.cuda.synchronize()
@@ -122,6 +126,9 @@ def run_variant(models: Path, variant: str, *, drop_cache: bool, out: dict,
                                                                         "text_guidance": 5.0, "audio_guidance": 4.0},
               wav),
              ("fast1, 3 chunks (9.0 s of speech)", {"preset": "fast1"}, wav3)]
+    if no_lora:  # the jobs must use the engine's LoRA policy: the official 40-step preset, 2 of its steps timed
+        cases = [("quality 3-pass guidance, 2 steps (x20 = 40-step quality chunk)", {"preset": "quality", "steps": 2},
+                  wav)]
     rows = []
     for name, settings, speech_file in cases:
         if only and not any(name.startswith(o) for o in only):
