@@ -383,6 +383,9 @@ def cmd_render(args: argparse.Namespace) -> int:
             options = dataclasses.replace(options, models_dir=Path(args.models_dir).resolve())
     else:
         options = EngineOptions(models_dir=Path(args.models_dir or "models").resolve())
+    # A one-shot engine serves this one job: load it with the job's LoRA policy (the daemon's resident engine
+    # instead refuses jobs whose preset needs the other policy).
+    options = dataclasses.replace(options, preset=request.preset)
     ok, lines = _models_check(options.models_dir, options.files, options.preset)
     if not ok:
         print("infinitetalkd render: model files missing or wrong:\n  " + "\n  ".join(lines), file=sys.stderr)

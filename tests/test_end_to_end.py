@@ -65,6 +65,17 @@ def test_render_command(tiny_models: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "x.mp4").exists()
 
 
+def test_render_command_loads_the_engine_for_the_jobs_preset(tiny_models: Path, tmp_path: Path) -> None:
+    """A one-shot render of a `quality` job (no LoRA) works without a config saying engine.preset: quality."""
+    img = make_portrait(tmp_path / "face.png")
+    wav = write_wav(tmp_path / "face.wav", speech_like(0.5))
+    out = tmp_path / "face.mp4"
+    done = cli("render", str(img), str(wav), "-o", str(out), "--models-dir", str(tiny_models),
+               "--set", "size=[64, 64]", "--set", "preset=quality", "--set", "steps=2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert out.stat().st_size > 0
+
+
 def test_daemon_process_with_the_real_engine(tiny_models: Path, tmp_path: Path) -> None:
     cfg = {
         "paths": {"inbox": str(tmp_path / "inbox"), "outbox": str(tmp_path / "outbox"),
