@@ -300,6 +300,14 @@ def parse_config(raw: object, *, base: Path, where: str = "config.yaml") -> Conf
         request_from_settings({}, audio=Path("a.wav"), image=Path("a.png"), defaults=render_raw)
     except InputError as exc:
         raise top.error("render", str(exc)) from None
+    # The engine loads with or without the step-distill LoRA (engine.preset); jobs must agree. Without a
+    # render.preset the jobs default to the engine's; a render.preset of the other policy would fail every job.
+    if "preset" not in render_raw:
+        render_raw = {**render_raw, "preset": engine.preset}
+    elif PRESETS[str(render_raw["preset"])].use_lora != PRESETS[engine.preset].use_lora:
+        raise top.error("render.preset", f"{render_raw['preset']!r} and engine.preset {engine.preset!r} disagree on "
+                        "the step-distill LoRA (quality renders without it, lightx2v and fast1 with it), so every "
+                        "job would fail; make them agree")
 
     lg = _Section(where, "logging", top.raw.get("logging"), ("level", "format"))
     logging_cfg = LoggingConfig(

@@ -65,6 +65,8 @@ def test_empty_config_gives_defaults_relative_to_its_folder(tmp_path: Path) -> N
         ({"render": {"seed": "x"}}, "render: setting 'seed': must be a whole number"),
         ({"render": {"audio2": "b.wav"}}, "render.audio2: is a per-job setting"),
         ({"metrics": {"port": 70000}}, "metrics.port: must be >= 1 and <= 65535"),
+        ({"engine": {"preset": "quality"}, "render": {"preset": "fast1"}},
+         "render.preset: 'fast1' and engine.preset 'quality' disagree on the step-distill LoRA"),
         ({"paths": {"inbox": "./x", "outbox": "./x"}}, "must be different folders"),
         ({"paths": "inbox"}, "paths: must be a mapping"),
         ("watch: [1, 2", "not valid YAML"),
@@ -85,6 +87,13 @@ def test_warm_buckets_are_width_height_pairs(tmp_path: Path) -> None:
     # stored as (h, w) like the engine's tables; duplicates dropped; a 720p bucket is fine
     assert load_config(write(tmp_path, doc)).engine.options().warm_buckets == ((832, 448), (448, 896), (960, 960))
     assert load_config(write(tmp_path, {"engine": {"warm_buckets": []}})).engine.options().warm_buckets == ()
+
+
+def test_jobs_default_to_the_engines_preset(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "")).render["preset"] == "lightx2v"
+    assert load_config(write(tmp_path, {"engine": {"preset": "quality"}})).render["preset"] == "quality"
+    both = load_config(write(tmp_path, {"engine": {"preset": "lightx2v"}, "render": {"preset": "fast1"}}))
+    assert both.render["preset"] == "fast1"  # same LoRA policy: fine
 
 
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
