@@ -3,7 +3,11 @@
 Times (CUDA events, median of --repeat after one warm-up) the encode of the 81-frame conditioning clip, the
 encode of 9 motion frames and of 1 frame, and the decode of 21 latents, at the given bucket, in bf16 and fp32.
 
-    python3 bench/bench_vae.py --bucket 448x896
+    python3 bench/bench_vae.py --bucket 448x896 [--cudnn-benchmark]
+
+``--cudnn-benchmark`` sets ``torch.backends.cudnn.benchmark`` (cuDNN times its Conv3d algorithms per shape and
+keeps the fastest; the engine does not set it): run both ways to decide whether the engine should, and watch the
+extra peak memory (workspaces) next to a 16/24 GiB cap. Added in session 3, not yet run.
 """
 
 from __future__ import annotations
@@ -54,11 +58,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bucket", default="448x896")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--cudnn-benchmark", action="store_true")
+    ap.add_argument("--dtype", choices=["bf16", "fp32", "both"], default="both")
     args = ap.parse_args()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     h, w = (int(v) for v in args.bucket.split("x"))
-    print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, bucket {h}x{w}")
+    print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, bucket {h}x{w}, "
+          f"cudnn.benchmark={args.cudnn_benchmark}")
     print("| dtype | operation | s | extra peak GiB |")
-    for dtype in (torch.bfloat16, torch.float32):
+    dtypes = {"bf16": (torch.bfloat16,), "fp32": (torch.float32,), "both": (torch.bfloat16, torch.float32)}
+    for dtype in dtypes[args.dtype]:
         run(dtype, h, w, args.repeat)
         torch.cuda.empty_cache()
 
@@ -75,6 +84,7 @@ def run(dtype: torch.dtype, h: int, w: int, repeat: int) -> None:
         with torch.no_grad():
             sec, peak = timed(fn, repeat)
         print(f"| {str(dtype).removeprefix('torch.')} | {name} | {sec:.3f} | {peak:.2f} |", flush=True)
+
 
 if __name__ == "__main__":
     main()
