@@ -3,7 +3,9 @@
 - ``infinitetalkd_jobs{status}``: jobs in the table by status (queue depth is status="queued");
 - ``infinitetalkd_render_seconds``: histogram of render wall time of finished jobs;
 - ``infinitetalkd_failures_total{kind}``: failed jobs by kind (input, render, oom, device, disk, internal);
-- ``infinitetalkd_last_success_timestamp_seconds``: when the last job finished well.
+- ``infinitetalkd_last_success_timestamp_seconds``: when the last job finished well;
+- ``infinitetalkd_running_job_progress``: fraction done of the running job (0 when none runs);
+- ``infinitetalkd_running_job_seconds_left``: its estimated time left (NaN until known, and when none runs).
 """
 
 from __future__ import annotations
@@ -28,12 +30,23 @@ class Metrics:
         self.failures = Counter("infinitetalkd_failures", "Failed jobs by kind", ["kind"], registry=self.registry)
         self.last_success = Gauge("infinitetalkd_last_success_timestamp_seconds",
                                   "Unix time of the last successful job", registry=self.registry)
+        self.running_progress = Gauge("infinitetalkd_running_job_progress",
+                                      "Fraction done of the running job (0 when none runs)", registry=self.registry)
+        self.running_seconds_left = Gauge("infinitetalkd_running_job_seconds_left",
+                                          "Estimated seconds left in the running job (NaN until known or when idle)",
+                                          registry=self.registry)
+        self.running_seconds_left.set(float("nan"))
         self._server: WSGIServer | None = None
         self._thread: Thread | None = None
 
     def set_counts(self, counts: Mapping[str, int]) -> None:
         for status, n in counts.items():
             self.jobs.labels(status=status).set(n)
+
+    def set_running(self, fraction: float, seconds_left: float | None) -> None:
+        """The running job's progress; ``set_running(0.0, None)`` when it ends."""
+        self.running_progress.set(fraction)
+        self.running_seconds_left.set(float("nan") if seconds_left is None else seconds_left)
 
     def serve(self, host: str, port: int) -> None:
         self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)

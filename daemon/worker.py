@@ -151,6 +151,7 @@ class _Monitor:
     def progress(self, p: Progress) -> None:
         self.latest = p
         self.eta_s = self.eta.update(p)
+        self.w.metrics.set_running(p.fraction, self.eta_s)
         self.w.notifier.watchdog()
         now = time.monotonic()
         if now - self._last_status >= 0.5:
@@ -263,7 +264,10 @@ class Worker:
         log_path = tmp / f"{job.stem}.log"
         with structlog.contextvars.bound_contextvars(job_id=job.id, stem=job.stem):
             with job_log(log_path, job.id):
-                outcome = self._attempt(job, tmp, log_path)
+                try:
+                    outcome = self._attempt(job, tmp, log_path)
+                finally:
+                    self.metrics.set_running(0.0, None)
             try:
                 self._finalize(job, log_path, outcome)
             except StaleJob as exc:

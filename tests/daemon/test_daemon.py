@@ -290,6 +290,29 @@ def test_metrics_endpoint(make_env: Callable[..., Env]) -> None:
     assert 'infinitetalkd_failures_total{kind="input"} 1.0' in body
     assert "infinitetalkd_render_seconds_count 1.0" in body
     assert "infinitetalkd_last_success_timestamp_seconds" in body
+    assert "infinitetalkd_running_job_progress 0.0" in body  # nothing runs now
+    assert "infinitetalkd_running_job_seconds_left NaN" in body
+    assert env.stop() == 0
+
+
+def test_metrics_show_the_running_jobs_progress_and_time_left(make_env: Callable[..., Env]) -> None:
+    port = _free_port()
+    env = make_env({"metrics": {"enabled": True, "port": port}})
+    env.start(steps=200, step_s=0.025)
+    env.drop("long")
+
+    def scrape() -> str:
+        try:
+            body: str = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        except OSError:  # the endpoint starts after the engine is ready
+            return ""
+        m = re.search(r"^infinitetalkd_running_job_seconds_left ([0-9.]+)$", body, re.M)
+        return body if m and float(m[1]) > 0 else ""
+
+    body = wait_for(scrape, timeout=15, what="a time left in /metrics")
+    progress = re.search(r"^infinitetalkd_running_job_progress ([0-9.]+)$", body, re.M)
+    assert progress and 0 < float(progress[1]) < 1
+    env.wait_status("long", JobStatus.DONE, timeout=30)
     assert env.stop() == 0
 
 
