@@ -644,6 +644,7 @@ class WanInfiniteTalk(nn.Module):
         context_emb: Tensor | None = None,
         audio_emb: Tensor | None = None,
         context_kv: ContextKV | None = None,
+        block_cache: Callable[[Tensor, Tensor, Callable[[Tensor], Tensor]], Tensor] | None = None,
     ) -> Tensor:
         """Predict the flow velocity.
 
@@ -655,6 +656,8 @@ class WanInfiniteTalk(nn.Module):
         embeddings: the blocks then attend to the precomputed K/V instead of projecting the context on every
         step. Bit-identical to passing the embeddings it was built from (at the same batch; a batch-1 text cache
         is expanded to B, which is the same math but may round differently from projecting an expanded context).
+        block_cache (engine.teacache.TeaCache) is called as ``block_cache(tokens, e0, run_blocks)`` in place of
+        running the block stack and may return an estimate instead (an approximation, used only when given).
         Returns [B, out_dim, F, h, w] float32.
         """
         cfg = self.cfg
@@ -716,8 +719,12 @@ class WanInfiniteTalk(nn.Module):
             ref_masks = token_masks(ref_target_masks.to(x.device), grid[1:]).expand(b, -1, -1)
         cos, sin = self.rope_tables(grid, x.device)
 
-        for block, kv in zip(self.blocks, block_kv):
-            tokens = block(tokens, e0, cos, sin, context_in, n_img, audio_tokens, grid[0], ref_masks, kv)
+        def run_blocks(tokens: Tensor) -> Tensor:
+            for block, kv in zip(self.blocks, block_kv):
+                tokens = block(tokens, e0, cos, sin, context_in, n_img, audio_tokens, grid[0], ref_masks, kv)
+            return tokens
+
+        tokens = run_blocks(tokens) if block_cache is None else block_cache(tokens, e0, run_blocks)
 
         out = self.head(tokens, e)  # [B, L, pt·ph·pw·C] fp32, C fastest
         out = out.view(b, *grid, pt, ph, pw, cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)

@@ -55,6 +55,7 @@ from engine.audio import audio_features, frames_for_duration
 from engine.dit import ContextKV
 from engine.image_encoder import encode_image
 from engine.prompts import PromptCache
+from engine.teacache import TeaCache, coefficients_for
 from engine.text_encoder import encode_text
 
 log = logging.getLogger("infinitetalkd.engine")
@@ -328,6 +329,7 @@ class Engine:
         writer = media.VideoWriter(out_path, width=W, height=H, fps=FPS, crf=req.crf,
                                    audio=out_audio, audio_rate=OUTPUT_AUDIO_RATE, background=True)
         written = 0
+        dit_calls = blocks_skipped = 0
         context_frames: torch.Tensor | None = None  # [3, motion, H, W] in [-1, 1]
         try:
             for chunk in plan:
@@ -372,6 +374,9 @@ class Engine:
                     kvs = {name: ContextKV(text_kv[id(c)], audio_kv[id(a)]) for name, (c, a) in conds.items()}
                     del text_kv, audio_kv  # kvs holds the only references
                 apg_state = sampling.APGState() if req.apg else None
+                # TeaCache (opt-in approximation): one cache per pass, fresh each chunk, as upstream
+                caches = {name: TeaCache(req.teacache, coefficients_for(H, W)) for name in pass_names} \
+                    if req.teacache > 0 else {}
                 for i in range(req.steps):
                     if should_stop():
                         raise RenderStopped()
@@ -381,16 +386,21 @@ class Engine:
                     for name in pass_names:
                         c_emb, a_emb = conds[name]
                         mk = masks_t if a_emb.shape[1] == 2 else None  # the real audio of two speakers
+                        cache = caches.get(name)
                         if kvs is not None:
-                            out = dit(z[None], t, y=y, ref_target_masks=mk, context_kv=kvs[name])
+                            out = dit(z[None], t, y=y, ref_target_masks=mk, context_kv=kvs[name], block_cache=cache)
                         else:
-                            out = dit(z[None], t, y=y, ref_target_masks=mk, context_emb=c_emb, audio_emb=a_emb)
+                            out = dit(z[None], t, y=y, ref_target_masks=mk, context_emb=c_emb, audio_emb=a_emb,
+                                      block_cache=cache)
                         preds[name] = out[0].float()
+                        dit_calls += 1
                     v = sampling.combine(g, preds, apg_state)
                     z = sampling.euler_step(z, v, ts[i], ts[i + 1])
                     z[:, :k] = ctx_lat
                     progress(Progress("denoise", ci, len(plan), i + 1, req.steps,
                                       (chunk.index + (i + 1) / (req.steps + 1)) / len(plan)))
+                blocks_skipped += sum(c.skipped for c in caches.values())
+                caches = {}  # and the cached residuals (one token tensor per pass)
                 kvs = None  # free this chunk's K/V before the VAE decode (and before the next chunk's)
                 lap("denoise")
 
@@ -418,7 +428,8 @@ class Engine:
             raise RenderError(f"internal: wrote {written} frames for {n_frames} audio frames")
         return RenderResult(frames=written, fps=FPS, width=W, height=H, duration_s=written / FPS,
                             chunks=len(plan), seed=req.seed, timings={k: round(v, 3) for k, v in timings.items()},
-                            model_files=dict(self.m.identities))
+                            model_files=dict(self.m.identities), dit_calls=dit_calls,
+                            blocks_skipped=blocks_skipped)
 
     def _output_audio(self, req: RenderRequest) -> np.ndarray:
         """The speech as it goes into the mp4: the original tracks at 48 kHz (mixed for two speakers)."""

@@ -30,3 +30,14 @@ def test_folder_without_the_patch_is_named(tiny_models: Path, tmp_path: Path) ->
         p.unlink()
     with pytest.raises(FileNotFoundError, match="no patch_single file"):
         folder_dit(copy, "cpu", torch.float32)
+
+
+def test_teacache_schedule_reads_the_dits_own_modulations(tiny_models: Path) -> None:
+    from bench.teacache_schedule import modulations
+    from engine import sampling
+
+    base = tiny_models / "diffusion_models" / "Wan2_1-I2V-14B-480p_fp8_e4m3fn_scaled_KJ.safetensors"
+    e0s = modulations(base, steps=6, shift=7.0)
+    model = folder_dit(tiny_models, "cpu", torch.float32)
+    for t, e0 in zip(sampling.timesteps(6, 7.0), e0s, strict=False):
+        torch.testing.assert_close(e0, model.embed_time(torch.tensor([t]), 1)[1], rtol=1e-5, atol=1e-6)
