@@ -312,34 +312,8 @@ def main() -> None:
                 del holder
             gc.collect()
 
-        # (b) compiled bf16 --------------------------------------------------------------------------
-        try:
-            counters.clear()
-            fast.compile_blocks(model, backend=backend)
-            first_s, _ = wall_once(lambda: model(**kw))
-            n_frames = frames_ok()
-            graphs = int(counters["stats"]["unique_graphs"])
-            with torch._dynamo.config.patch(error_on_recompile=True):
-                reset_peak()
-                sec_b, out = timed(lambda: model(**kw), args.repeat)
-                peak_b = peak_gib()
-                model(**kw_next)
-            c = closeness(out.float(), ref)
-            add_row(out=out, config="compiled bf16", bucket=main_b, tokens=tokens(main_b),
-                    s_per_forward=round(sec_b, 3), peak_gib=peak_b, weights_gib=report["env"]["weights_gib_bf16"],
-                    compile_s=round(first_s - sec_b, 1), rel_l2=round(c["rel_l2"], 5), cos=round(c["cos"], 6),
-                    frames_compiled=n_frames, unique_graphs=graphs, recompiles=frames_ok() - n_frames,
-                    graph_breaks=sum(counters["graph_break"].values()))
-            sec, y = timed(lambda: blk(*bargs), args.block_repeat)
-            add_block("block 0, compiled bf16", sec, y, x_in, delta32)
-        except Exception:
-            report["errors"].append("compiled bf16: " + traceback.format_exc())
-            print(report["errors"][-1], flush=True)
-            save()
-        torch._dynamo.reset()
-
-        # (c) fp8 ------------------------------------------------------------------------------------
-        def compiled_fp8(label: str, weights_gib: float | None) -> None:
+        def compiled_row(label: str, weights_gib: float | None) -> None:
+            """Compile the blocks afresh, time the forward, check that another chunk does not recompile."""
             counters.clear()
             torch._dynamo.reset()
             fast.compile_blocks(model, backend=backend)
@@ -360,11 +334,21 @@ def main() -> None:
             sec, y = timed(lambda: blk(*bargs), args.block_repeat)
             add_block(f"block 0, {label}", sec, y, x_in, delta32)
 
+        # (b) compiled bf16 --------------------------------------------------------------------------
+        try:
+            compiled_row("compiled bf16", report["env"]["weights_gib_bf16"])
+        except Exception:
+            report["errors"].append("compiled bf16: " + traceback.format_exc())
+            print(report["errors"][-1], flush=True)
+            save()
+        torch._dynamo.reset()
+
+        # (c) fp8 ------------------------------------------------------------------------------------
         if args.fp8_subsets:  # first the large-M layers only, then (below) the remaining 5 per block as well
             try:
                 fast.enable_fp8(model, targets=LARGE_M)
                 report["env"]["weights_gib_fp8_large_m"] = alloc_gib()
-                compiled_fp8("compiled fp8, large-M layers only", report["env"]["weights_gib_fp8_large_m"])
+                compiled_row("compiled fp8, large-M layers only", report["env"]["weights_gib_fp8_large_m"])
             except Exception:
                 report["errors"].append("compiled fp8 large-M: " + traceback.format_exc())
                 print(report["errors"][-1], flush=True)
@@ -382,7 +366,7 @@ def main() -> None:
             report["errors"].append("eager fp8 block: " + traceback.format_exc())
             print(report["errors"][-1], flush=True)
         try:
-            compiled_fp8("compiled fp8", w8)
+            compiled_row("compiled fp8", w8)
         except Exception:
             report["errors"].append("compiled fp8: " + traceback.format_exc())
             print(report["errors"][-1], flush=True)
@@ -417,7 +401,7 @@ def main() -> None:
                 for m in model.modules():
                     if isinstance(m, fast.Fp8Linear):
                         m.fast_accum = True
-                compiled_fp8("compiled fp8 + fast accum", w8)
+                compiled_row("compiled fp8 + fast accum", w8)
             except Exception:
                 report["errors"].append("fast accum: " + traceback.format_exc())
                 print(report["errors"][-1], flush=True)
