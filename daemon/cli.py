@@ -33,6 +33,7 @@ from typing import Any, cast
 
 from daemon.config import EX_CONFIG, Config, ConfigError, load_config
 from daemon.jobs import Job, JobStatus
+from daemon.progress import format_duration
 from daemon.store import Store, StoreError
 from engine.api import (
     PRESETS,
@@ -140,6 +141,12 @@ def _job_brief(j: Job) -> dict[str, Any]:
     }
 
 
+def _recent_render_s(done: list[Job]) -> float | None:
+    """Mean wall time (start to finish) of recently finished jobs; None when there are none."""
+    spans = [j.finished_at - j.started_at for j in done if j.finished_at and j.started_at]
+    return round(sum(spans) / len(spans), 1) if spans else None
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = _config(args.config)
     store = _store(cfg)
@@ -148,6 +155,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         running = store.list_jobs([JobStatus.RUNNING], limit=10)
         queued = sorted(store.list_jobs([JobStatus.QUEUED], limit=20), key=lambda j: j.id)
         recent = store.list_jobs([JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED], limit=10)
+        done = store.list_jobs([JobStatus.DONE], limit=10)
         last = store.last_success()
     finally:
         store.close()
@@ -158,10 +166,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             inbox = json.loads(status_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             inbox = {}
+    per_job = _recent_render_s(done)
+    queue_s = None if per_job is None else per_job * counts.get(JobStatus.QUEUED.value, 0)
     if args.json:
         doc = {"counts": counts, "running": [_job_brief(j) for j in running],
                "queued": [_job_brief(j) for j in queued], "recent": [_job_brief(j) for j in recent],
-               "last_success": last, "inbox": inbox}
+               "last_success": last, "inbox": inbox, "recent_render_s": per_job, "queue_estimate_s": queue_s}
         print(json.dumps(doc, indent=2))
         return 0
     print("jobs: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f"; last success {_fmt_time(last)}")
@@ -169,6 +179,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         cancel = " (cancel requested)" if j.cancel_requested else ""
         print(f"running  #{j.id} {j.stem}: {j.progress_text or 'starting'}{cancel}, "
               f"attempt {j.attempts}/{j.max_attempts}, since {_fmt_time(j.started_at)}")
+    if queue_s and per_job is not None:
+        print(f"queue    about {format_duration(queue_s)} of rendering at the recent average of "
+              f"{format_duration(per_job)} per job")
     for j in queued:
         cancel = " (cancel requested)" if j.cancel_requested else ""
         print(f"queued   #{j.id} {j.stem}{cancel}, attempts used {j.attempts}/{j.max_attempts}")

@@ -44,6 +44,27 @@ def test_status_json_shows_progress(env: Env, capsys: pytest.CaptureFixture[str]
     assert "running  #1 alice: denoise chunk 1/2 step 2/4 (50%)" in out and "queued   #2 bob" in out
 
 
+def test_status_estimates_the_queue_from_recent_jobs(env: Env, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr("daemon.store.time.time", lambda: now[0])
+    s = env.store
+    for stem in ("a", "b", "c", "d"):
+        s.add(fingerprint=stem, stem=stem, inputs=[], params={}, identity="x", max_attempts=3)
+    cfg = str(env.config_path)
+    code, out, _ = run_cli(capsys, "status", "--config", cfg)
+    assert code == 0 and "queue    about" not in out  # nothing finished yet: no estimate
+    for span in (60.0, 120.0):  # two jobs done, 60 s and 120 s from start to finish
+        job = s.claim("h:1", 600)
+        assert job is not None
+        now[0] += span
+        s.finish(job, "h:1", JobStatus.DONE, outputs={"mp4": f"{job.stem}.mp4"})
+    code, out, _ = run_cli(capsys, "status", "--config", cfg)
+    assert "queue    about 3 min 00 s of rendering at the recent average of 1 min 30 s per job" in out, out
+    doc = json.loads(run_cli(capsys, "status", "--json", "--config", cfg)[1])
+    assert doc["recent_render_s"] == 90.0 and doc["queue_estimate_s"] == 180.0
+
+
 def test_status_without_database(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "config.yaml").write_text("")
     code, _, err = run_cli(capsys, "status", "--config", str(tmp_path / "config.yaml"))
