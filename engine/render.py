@@ -121,6 +121,11 @@ class Engine:
     def identity(self) -> str:
         parts = [f"infinitetalkd-engine={self.version}"]
         parts += [f"{k}={v}" for k, v in sorted(self.m.identities.items())]
+        # fp8 GEMMs change the numbers (not bit-identical to bf16): a job rendered with them is another result
+        from engine.fast import Fp8Linear
+
+        if any(isinstance(m, Fp8Linear) for m in self.m.dit.modules()):
+            parts.append("dit_gemm=fp8")
         return ";".join(parts)
 
     def warmup(self) -> None:

@@ -217,3 +217,16 @@ def test_load_models_applies_engine_fp8(tiny_models: Path, monkeypatch: pytest.M
     with safe_open(str(base.path), "pt") as f:
         raw = f.get_tensor("blocks.0.ffn.0.weight")
     assert torch.equal(layer.weight.view(torch.uint8), raw.view(torch.uint8)) is from_file
+
+
+def test_engine_identity_names_fp8(tiny_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp8 output differs from bf16, so it is part of the identity that job fingerprints include."""
+    from engine import fast
+    from engine.api import EngineOptions
+    from engine.render import Engine
+
+    opts = dict(models_dir=tiny_models, device="cpu", dtype="float32", preset="quality")
+    plain = Engine(md.load_models(EngineOptions(**opts))).identity()  # type: ignore[arg-type]
+    monkeypatch.setattr(fast, "supports_fp8", lambda *_: True)
+    fp8 = Engine(md.load_models(EngineOptions(fp8=True, **opts))).identity()  # type: ignore[arg-type]
+    assert "dit_gemm=fp8" not in plain and fp8 == plain + ";dit_gemm=fp8"
