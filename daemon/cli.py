@@ -320,9 +320,12 @@ def _doctor_gpu(device: str) -> int:
         print(f"{'ok ' if ok else 'BAD'}  CUDA not available to torch {torch.__version__}"
               + ("; engine.device = auto falls back to the CPU (very slow)" if ok else ""))
         return 0 if ok else 1
+    fast = _engine("engine.fast")
     for i in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(i)
-        print(f"ok   cuda:{i} {props.name}, {props.total_memory / 2**30:.0f} GiB, torch {torch.__version__}")
+        fp8 = "fp8 GEMMs available" if fast.supports_fp8(i) else "no fp8 GEMMs (engine.fp8 needs compute 8.9+)"
+        print(f"ok   cuda:{i} {props.name}, {props.total_memory / 2**30:.0f} GiB, compute {props.major}.{props.minor}, "
+              f"{fp8}, cuDNN {torch.backends.cudnn.version()}, torch {torch.__version__}")
     return 0
 
 
