@@ -87,12 +87,14 @@ class CudnnFp8:
         out = torch.empty(self.shape, device="cuda", dtype=torch.float8_e4m3fn if self.out_fp8 else torch.bfloat16)
         one = torch.ones(1, device="cuda")
         s_o = torch.full((1,), 1.0, device="cuda")
+        self._keep = (one, s_o)  # alive until the (asynchronous) kernel has read them
         pack = {self.q: qf, self.k: kf, self.v: vf, self.scal["descale_q"]: sq, self.scal["descale_k"]: sk,
                 self.scal["descale_v"]: sv, self.scal["descale_s"]: one / FP8_MAX,
                 self.scal["scale_s"]: one * FP8_MAX, self.scal["scale_o"]: s_o,
                 self.o: out, self.amax_s: self.amax_buf[0:1], self.amax_o: self.amax_buf[1:2]}
         self.cudnn.set_stream(handle=self.handle, stream=torch.cuda.current_stream().cuda_stream)
-        self.g.execute(pack, self.ws, handle=self.handle)
+        # raw device pointers (the binding accepts ints): no dtype negotiation for the fp8 tensors
+        self.g.execute({k: v.data_ptr() for k, v in pack.items()}, self.ws.data_ptr(), handle=self.handle)
         return out
 
 
