@@ -21,6 +21,10 @@ PFLOP per 480p forward -> 1.85 s at the bf16 and 0.92 s at the fp8 dense datashe
 
 ``--models DIR``: the DiT and single-speaker patch of a real ComfyUI models folder (the engine's loader) instead of
 random weights; with real weights the closeness columns judge fp8 and the 8-bit attention for real.
+``--fp8-grid``: first round the random block weights onto a per-tensor e4m3 grid, as the users' fp8-scaled files
+store them, and give the fp8 variants that stored payload (what the engine does since session 3 when no LoRA is
+merged): every variant then computes with the weights a user's file holds. With ``--models`` and an fp8-scaled
+file the grid is the file's own and is used the same way.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from bench.bench_fast import (  # noqa: E402
     timed,
     wall_once,
 )
-from bench.common import bench_dit  # noqa: E402
+from bench.common import bench_dit, folder_fp8_payload, round_to_file_fp8  # noqa: E402
 from engine import dit, fast  # noqa: E402
 from engine.attention import attention  # noqa: E402
 
@@ -83,6 +87,7 @@ def main() -> None:
     ap.add_argument("--skip", action="append", default=[], help="variant name prefix to skip")
     ap.add_argument("--out", default=None)
     ap.add_argument("--models", type=Path, default=None, help="a ComfyUI models folder (default: random weights)")
+    ap.add_argument("--fp8-grid", action="store_true", help="weights on the fp8-scaled file grid; fp8 uses them")
     args = ap.parse_args()
     out_dir = Path(args.out or os.environ.get("OUT") or "bench/out")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -90,6 +95,10 @@ def main() -> None:
     torch.set_float32_matmul_precision("highest")
     model = bench_dit(args.models, "cuda", torch.bfloat16)
     cfg = model.cfg
+    stored: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if args.fp8_grid:
+        stored = (folder_fp8_payload(args.models, cfg.num_layers, fast.FP8_TARGETS, "cuda") if args.models
+                  else round_to_file_fp8(model, fast.FP8_TARGETS))
     h, w = (int(v) for v in args.bucket.split("x"))
     grid = ((args.frames - 1) // 4 + 1, h // 16, w // 16)
     given = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
@@ -165,7 +174,8 @@ def main() -> None:
             fast.enable_int8_attention(model, pv_fp8=pv_fp8)
             compiled(f"compiled bf16 + int8 attention ({label})")
         fast.enable_int8_attention(model, on=False)
-        fast.enable_fp8(model)
+        fast.enable_fp8(model, weights_fp8=stored)
+        report["env"]["fp8_layers_from_file_grid"] = len(stored)
         compiled("compiled fp8")
         fast.enable_int8_attention(model, pv_fp8=True)
         compiled("compiled fp8 + int8 attention (fp8 PV)")

@@ -51,3 +51,38 @@ def bench_dit(models_dir: Path | None, device: str, dtype: torch.dtype) -> dit.W
     if models_dir is not None:
         return folder_dit(models_dir, device, dtype)
     return random_dit(dit.RELEASED, device, dtype)
+
+
+def round_to_file_fp8(model: dit.WanInfiniteTalk, targets: tuple[str, ...]) -> dict[str, tuple[torch.Tensor,
+                                                                                                torch.Tensor]]:
+    """Put the ``targets`` Linears of every block on a per-tensor e4m3 grid, as a ComfyUI fp8-scaled file stores
+    them (engine.weights.write_scaled_fp8: scale = absmax / 448), in place: afterwards the 16-bit weights hold
+    the file's dequantised values, like a model loaded from such a file. Returns the stored payload per layer
+    (``"blocks.3.ffn.0"`` -> (e4m3 weight, scale [])) for engine.fast.enable_fp8(weights_fp8=...), so random
+    weights can show the fp8 path the way it runs on a user's file (bench_speedup.py ``--fp8-grid``)."""
+    stored: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    with torch.no_grad():
+        for i, block in enumerate(model.blocks):
+            for rel in targets:
+                layer = block.get_submodule(rel)
+                w = layer.weight.float()
+                absmax = w.abs().max()
+                scale = torch.where(absmax > 0, absmax / torch.finfo(torch.float8_e4m3fn).max, torch.ones_like(absmax))
+                q = (w / scale).to(torch.float8_e4m3fn)
+                layer.weight.copy_(q.float() * scale)
+                stored[f"blocks.{i}.{rel}"] = (q, scale.float())
+    return stored
+
+
+def folder_fp8_payload(models_dir: Path, num_blocks: int, targets: tuple[str, ...],
+                       device: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The e4m3 payload a real fp8-scaled DiT file stores for the ``targets`` of every block (empty for a bf16
+    file), keyed for engine.fast.enable_fp8(weights_fp8=...)."""
+    from engine import weights as wt
+    from engine.models_dir import locate
+
+    path = locate(models_dir)["dit"]
+    if path is None:
+        raise FileNotFoundError(f"{models_dir}: no dit file")
+    keys = [f"blocks.{i}.{rel}.weight" for i in range(num_blocks) for rel in targets]
+    return {k[: -len(".weight")]: v for k, v in wt.iter_fp8_weights(wt.read_header(path), keys, device=device)}
