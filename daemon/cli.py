@@ -33,7 +33,7 @@ from typing import Any, cast
 
 from daemon.config import EX_CONFIG, Config, ConfigError, load_config
 from daemon.jobs import Job, JobStatus
-from daemon.progress import format_duration
+from daemon.progress import Eta, describe_progress, format_duration
 from daemon.store import Store, StoreError
 from engine.api import (
     PRESETS,
@@ -340,15 +340,11 @@ class _Bar:
     """Progress on stderr: one redrawn line on a terminal, plain lines otherwise."""
 
     def __init__(self) -> None:
-        from daemon.progress import Eta
-
         self.tty = sys.stderr.isatty()
         self._last = ""
         self._eta = Eta()
 
     def __call__(self, p: Progress) -> None:
-        from daemon.progress import describe_progress
-
         text = describe_progress(p, self._eta.update(p))
         if self.tty:
             filled = int(p.fraction * 30)

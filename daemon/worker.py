@@ -62,7 +62,7 @@ from engine.api import (
 )
 
 __all__ = ["run_daemon", "Worker", "RendererFactory", "EXIT_OK", "EXIT_FAILURE", "EXIT_DEVICE_FAULT",
-           "describe_progress", "move_to_failed"]
+           "move_to_failed"]
 
 log = get_logger("infinitetalkd.worker")
 

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from engine.api import EngineOptions, Renderer
 
 __version__ = "0.1.0"
-
-log = logging.getLogger("infinitetalkd.engine")
 
 
 def load_engine(options: EngineOptions) -> Renderer:
@@ -23,9 +20,7 @@ def load_engine(options: EngineOptions) -> Renderer:
     if fast:
         from engine.fast import compile_blocks
 
-        # engine.fp8 was applied by load_models (models_dir._to_fp8), block by block while loading: fast
-        # accumulation, 6 % faster forwards at the same error as fp32 promotion (bench/RESULTS.md, 2026-11-25
-        # session 2: rel L2 vs fp32 0.04845 vs 0.04846).
+        # engine.fp8, if on, was applied by load_models while loading (models_dir._to_fp8)
         compile_blocks(models.dit)
     return Engine(models, cache_dir=options.cache_dir, version=__version__, fast=fast,
                   warm_buckets=tuple(options.warm_buckets) if fast else ())

@@ -23,6 +23,7 @@ import queue
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -599,13 +600,19 @@ class VideoWriter:
         for packet in self._audio_stream.encode(frame):
             self._container.mux(packet)
 
-    def _encode(self, frames: np.ndarray) -> None:
-        """Encode checked ``[N, H, W, 3]`` uint8 frames, audio interleaved; stops early once ``_drop`` is set."""
+    @contextlib.contextmanager
+    def _timed(self) -> Iterator[None]:
+        """Adds the wall time of the block to ``encode_s`` (in whichever thread encodes)."""
         t0 = time.perf_counter()
         try:
-            self._encode_frames(frames)
+            yield
         finally:
             self.encode_s += time.perf_counter() - t0
+
+    def _encode(self, frames: np.ndarray) -> None:
+        """Encode checked ``[N, H, W, 3]`` uint8 frames, audio interleaved; stops early once ``_drop`` is set."""
+        with self._timed():
+            self._encode_frames(frames)
 
     def _encode_frames(self, frames: np.ndarray) -> None:
         for img in frames:
@@ -686,19 +693,13 @@ class VideoWriter:
             raise RuntimeError("the mp4 writer thread stopped unexpectedly")
 
     def _flush(self) -> None:
-        t0 = time.perf_counter()
-        try:
-            self._flush_encoders()
-        finally:
-            self.encode_s += time.perf_counter() - t0
-
-    def _flush_encoders(self) -> None:
-        for packet in self._video.encode(None):
-            self._container.mux(packet)
-        if self._audio_stream is not None:
-            self._send_audio(round(self.frames_written * self._audio_rate / self.fps))
-            for packet in self._audio_stream.encode(None):
+        with self._timed():
+            for packet in self._video.encode(None):
                 self._container.mux(packet)
+            if self._audio_stream is not None:
+                self._send_audio(round(self.frames_written * self._audio_rate / self.fps))
+                for packet in self._audio_stream.encode(None):
+                    self._container.mux(packet)
 
     def close(self) -> None:
         """Flush the encoders, finish the audio at exactly the video duration, write the index.

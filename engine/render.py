@@ -272,7 +272,7 @@ class Engine:
         if self.fast and (H, W) not in self._compiled_sizes:
             self._compiled_sizes.add((H, W))
             log.info("first job at %dx%d (w x h) in this process: the DiT blocks compile for this size during its "
-                     "first step (15-20 s, a few seconds with Inductor's cache); list [%d, %d] in engine.warm_buckets "
+                     "first step (11-22 s measured, 3-4 s with Inductor's cache); list [%d, %d] in engine.warm_buckets "
                      "to compile it at start instead", W, H, W, H)
         ref_img = fr.resize_cover_crop(first, (H, W))  # [H, W, 3] uint8, the colour reference
         lat_hw = (H // 8, W // 8)

@@ -90,8 +90,7 @@ class TeaCache:
             self.skipped += 1
             return tokens + self._residual
         out = run(tokens)
-        with torch.no_grad():
-            self._residual = (out - tokens).detach()
+        self._residual = (out - tokens).detach()
         return out
 
 

@@ -381,32 +381,45 @@ def _check_unchanged(info: FileInfo) -> None:
         raise WeightsError(f"{info.path}: file size changed from {info.size} to {size} since its header was read.")
 
 
-def _materialise(f: Any, info: FileInfo, key: str, dtype: torch.dtype, device: torch.device | str) -> Tensor:
-    """Read one logical tensor through an open ``safe_open`` handle, dequantise, cast, move to ``device``."""
-    rawk = info.keys[key]
-    t: Tensor = f.get_tensor(rawk)
+def _check_layer_format(info: FileInfo, key: str) -> None:
+    """Refuse a layer whose comfy_quant format is not one of the fp8 formats this engine reads."""
     layer = key[: -len(".weight")] if key.endswith(".weight") else key
     conf = info.layer_quant.get(layer)
-    scale_key = info.scales.get(key)
     if conf is not None and conf.get("format") not in _FP8_FORMATS:
         raise WeightsError(
             f"{info.path}: layer {layer!r} uses quantisation format {conf.get('format')!r}, which this engine "
             f"cannot dequantise (supported: {', '.join(_FP8_FORMATS)}). Use a bf16/fp16 or fp8-scaled file."
         )
-    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) or scale_key is not None:
+
+
+def _read_scale(f: Any, info: FileInfo, key: str, weight_shape: tuple[int, ...],
+                device: torch.device | str) -> Tensor | None:
+    """The stored scale of ``key`` as float32 on ``device``: ``[]`` (per tensor) or ``[out]`` (per output channel,
+    not seen in Wan files); None when the file has none. Any other shape is an error naming the file."""
+    scale_key = info.scales.get(key)
+    if scale_key is None:
+        return None
+    s: Tensor = f.get_tensor(scale_key).to(device=device, dtype=torch.float32)
+    if s.numel() == 1:
+        return s.reshape(())
+    if len(weight_shape) >= 1 and s.numel() == weight_shape[0]:
+        return s.reshape(-1)
+    raise WeightsError(
+        f"{info.path}: scale {scale_key!r} has shape {tuple(s.shape)}, which does not fit weight {info.keys[key]!r} "
+        f"{weight_shape} (expected one value per tensor)."
+    )
+
+
+def _materialise(f: Any, info: FileInfo, key: str, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """Read one logical tensor through an open ``safe_open`` handle, dequantise, cast, move to ``device``."""
+    t: Tensor = f.get_tensor(info.keys[key])
+    _check_layer_format(info, key)
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) or key in info.scales:
         # Move the 1-byte payload first, dequantise on the device: W = W_fp8.float() * scale, in fp32.
         w = t.to(device).float()
-        if scale_key is not None:
-            s = f.get_tensor(scale_key).to(device=device, dtype=torch.float32)
-            if s.numel() == 1:
-                w = w * s.reshape(())
-            elif w.ndim >= 1 and s.numel() == w.shape[0]:  # per-output-channel scale (not seen in Wan files)
-                w = w * s.reshape(-1, *([1] * (w.ndim - 1)))
-            else:
-                raise WeightsError(
-                    f"{info.path}: scale {scale_key!r} has shape {tuple(s.shape)}, which does not fit weight {rawk!r} "
-                    f"{tuple(w.shape)} (expected one value per tensor)."
-                )
+        s = _read_scale(f, info, key, tuple(w.shape), device)
+        if s is not None:
+            w = w * s.reshape(-1, *([1] * (w.ndim - 1))) if s.ndim else w * s
         return w.to(dtype)
     t = t.to(device)
     return t.to(dtype) if t.is_floating_point() else t
@@ -462,25 +475,10 @@ def _iter_fp8(info: FileInfo, wanted: list[str], device: torch.device | str
     _check_unchanged(info)
     with safe_open(str(info.path), framework="pt", device="cpu") as f:
         for key in wanted:
-            layer = key[: -len(".weight")] if key.endswith(".weight") else key
-            conf = info.layer_quant.get(layer)
-            if conf is not None and conf.get("format") not in _FP8_FORMATS:
-                raise WeightsError(f"{info.path}: layer {layer!r} uses quantisation format {conf.get('format')!r}, "
-                                   "which this engine cannot use. Use a bf16/fp16 or fp8-scaled file.")
+            _check_layer_format(info, key)
             w: Tensor = f.get_tensor(info.keys[key]).to(device)
-            scale_key = info.scales.get(key)
-            if scale_key is None:
-                s = torch.ones((), dtype=torch.float32, device=device)
-            else:
-                s = f.get_tensor(scale_key).to(device=device, dtype=torch.float32)
-                if s.numel() == 1:
-                    s = s.reshape(())
-                elif w.ndim == 2 and s.numel() == w.shape[0]:
-                    s = s.reshape(-1)
-                else:
-                    raise WeightsError(f"{info.path}: scale {scale_key!r} has shape {tuple(s.shape)}, which does not "
-                                       f"fit weight {info.keys[key]!r} {tuple(w.shape)}.")
-            yield key, (w, s)
+            s = _read_scale(f, info, key, tuple(w.shape), device)
+            yield key, (w, torch.ones((), dtype=torch.float32, device=device) if s is None else s)
 
 
 def extra_tensor(info: FileInfo, name: str) -> Tensor | None:
