@@ -3,6 +3,7 @@ from a real ComfyUI models folder through the engine's own loader."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -86,3 +87,35 @@ def folder_fp8_payload(models_dir: Path, num_blocks: int, targets: tuple[str, ..
         raise FileNotFoundError(f"{models_dir}: no dit file")
     keys = [f"blocks.{i}.{rel}.weight" for i in range(num_blocks) for rel in targets]
     return {k[: -len(".weight")]: v for k, v in wt.iter_fp8_weights(wt.read_header(path), keys, device=device)}
+
+
+def kernel_breakdown(fn: Callable[[], object], top: int = 25) -> dict[str, object]:
+    """Run ``fn`` once under torch.profiler (CUDA activity) and sum the device time of its kernels by kind:
+    attention (SDPA / flash / fmha / cuDNN graph kernels), GEMM (cuBLAS / CUTLASS / scaled_mm), Triton (the fused
+    elementwise kernels Inductor writes), other. Returns the sums in ms and the ``top`` kernels by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kinds = {"attention": 0.0, "gemm": 0.0, "triton": 0.0, "other": 0.0}
+    rows = []
+    for evt in prof.key_averages():
+        us = float(getattr(evt, "self_device_time_total", 0.0) or getattr(evt, "self_cuda_time_total", 0.0))
+        if us <= 0:
+            continue
+        name = evt.key.lower()
+        if any(s in name for s in ("fmha", "flash", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")):
+            kind = "attention"
+        elif name.startswith("triton"):
+            kind = "triton"
+        elif any(s in name for s in ("gemm", "cutlass", "xmma", "nvjet", "scaled_mm", "matmul", "gmma")):
+            kind = "gemm"
+        else:
+            kind = "other"
+        kinds[kind] += us / 1e3
+        rows.append((us / 1e3, evt.count, kind, evt.key[:120]))
+    rows.sort(reverse=True)
+    return {"ms_by_kind": {k: round(v, 1) for k, v in kinds.items()},
+            "top": [{"ms": round(ms, 2), "calls": n, "kind": k, "kernel": name} for ms, n, k, name in rows[:top]]}

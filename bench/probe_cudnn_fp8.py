@@ -130,36 +130,41 @@ def fp8_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return _fp8_attend(q8, k8, v8, sq, sk, sv).to(q.dtype)
 
 
-def forward_probe(rep: dict[str, Any], models: Path | None) -> None:
-    """Full-size DiT, fp8 GEMMs + fast accumulation, compiled: cuDNN bf16 SDPA vs cuDNN fp8 attention."""
+def forward_probe(rep: dict[str, Any], models: Path | None, profile: bool) -> None:
+    """Full-size DiT compiled, cuDNN bf16 SDPA vs cuDNN fp8 attention, with bf16 GEMMs and with fp8 GEMMs (fast
+    accumulation); ``profile``: each variant's kernel time by kind (bench.common.kernel_breakdown)."""
     from bench.bench_fast import closeness, make_inputs, timed, wall_once  # noqa: PLC0415
-    from bench.common import bench_dit  # noqa: PLC0415
+    from bench.common import bench_dit, kernel_breakdown  # noqa: PLC0415
     from engine import fast  # noqa: PLC0415
+    from engine.attention import attention  # noqa: PLC0415
 
     model = bench_dit(models, "cuda", torch.bfloat16)
     kw = make_inputs(model.cfg, 448, 896, 81, "cuda", torch.bfloat16, seed=0)
-    fast.enable_fp8(model)
-    for m in model.modules():
-        if isinstance(m, fast.Fp8Linear):
-            m.fast_accum = True
     outs: dict[str, Tensor] = {}
+    variants = (("bf16 GEMMs + cuDNN fp8 attention", False, fp8_attention),
+                ("fp8 GEMMs + cuDNN bf16 SDPA", True, attention),
+                ("fp8 GEMMs + cuDNN fp8 attention", True, fp8_attention))
     with torch.no_grad(), fast.preferred_attention():
-        for name, kernel in (("fp8 GEMMs + cuDNN bf16 SDPA", None), ("fp8 GEMMs + cuDNN fp8 attention", fp8_attention)):
+        for name, gemm_fp8, kernel in variants:
             try:
-                if kernel is not None:
-                    for block in model.blocks:
-                        block.self_attn.kernel = kernel
+                if gemm_fp8 and not any(isinstance(m, fast.Fp8Linear) for m in model.modules()):
+                    fast.enable_fp8(model, fast_accum=True)
+                for block in model.blocks:
+                    block.self_attn.kernel = kernel
                 torch._dynamo.reset()
                 fast.compile_blocks(model)
+                torch.cuda.reset_peak_memory_stats()
                 first, _ = wall_once(lambda: model(**kw))
                 sec, out = timed(lambda: model(**kw), 3)
                 outs[name] = out.float().clone()
                 row: dict[str, Any] = {"forward": name, "s_per_forward": round(sec, 3),
                                        "compile_s": round(first - sec, 1),
                                        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
-                if len(outs) == 2:
-                    c = closeness(*outs.values())
+                if name.startswith("fp8 GEMMs + cuDNN fp8") and "fp8 GEMMs + cuDNN bf16 SDPA" in outs:
+                    c = closeness(outs[name], outs["fp8 GEMMs + cuDNN bf16 SDPA"])
                     row.update(rel_l2_vs_bf16_attention=round(c["rel_l2"], 5), cos=round(c["cos"], 6))
+                if profile:
+                    row["profile"] = kernel_breakdown(lambda: model(**kw), top=12)
             except Exception:  # noqa: BLE001
                 row = {"forward": name, "error": traceback.format_exc()[-2000:]}
             print(json.dumps(row), flush=True)
@@ -184,6 +189,7 @@ def main() -> None:
     ap.add_argument("--check-queries", type=int, default=1024)
     ap.add_argument("--forward", action="store_true", help="also time the full DiT forward with it (compiled, fp8)")
     ap.add_argument("--models", type=Path, default=None, help="--forward on a real ComfyUI models folder's DiT")
+    ap.add_argument("--profile", action="store_true", help="--forward: each variant's kernel time by kind")
     args = ap.parse_args()
     import cudnn  # noqa: PLC0415
 
@@ -266,7 +272,7 @@ def main() -> None:
     if args.forward:
         del graphs
         torch.cuda.empty_cache()
-        forward_probe(rep, args.models)
+        forward_probe(rep, args.models, args.profile)
         (args.out / "probe_cudnn_fp8.json").write_text(json.dumps(rep, indent=1))
 
 
