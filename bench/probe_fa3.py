@@ -1,0 +1,194 @@
+# ruff: noqa: B023
+"""Probe: FlashAttention-3 (Hopper) at the DiT's self-attention shapes, bf16 and fp8, against cuDNN bf16 SDPA.
+
+Needs an FA3 build importable as ``flash_attn_interface`` (bench/build_fa3.sh builds a minimal one). Two parts:
+
+1. Kernels, 40 heads x 128, batch 1, at 32 928 tokens (448x896x81) and 75 600 (960x960x81): seconds per call
+   and TF/s (4·L²·D·H) for cuDNN bf16, FA3 bf16 (called directly and through torch's SDPA with the FA3 flash
+   implementation active, the route ``engine.fast.preferred_attention`` takes), FA3 fp8 e4m3 with per-head
+   descales (quantisation timed too). Closeness to an fp32 reference on the first --check-queries queries for three
+   input distributions (unit variance; peaky logits; outlier K channels), fp8 plain and with K's token mean removed
+   (softmax-invariant, SageAttention's smoothing).
+2. ``--forward``: the full-size DiT (random weights unless --models), compiled, at 448x896x81: bf16 GEMMs + FA3
+   bf16; fp8 GEMMs (fast accumulation) + cuDNN bf16; fp8 GEMMs + FA3 bf16; fp8 GEMMs + FA3 fp8; with ``--profile``
+   each variant's kernel time by kind (bench.common.kernel_breakdown).
+
+    PYTHONPATH=$FA3/hopper python bench/probe_fa3.py --out $OUT [--forward --profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+def quant_per_head(x: Tensor) -> tuple[Tensor, Tensor]:
+    """[B, L, H, D] -> (e4m3 [B, L, H, D], descale [B, H] float32): one scale per head, abs-max to 448."""
+    scale = x.float().abs().amax(dim=(1, 3)).clamp_min(1e-12) / FP8_MAX
+    return (x.float() / scale[:, None, :, None]).to(FP8), scale
+
+
+def fa3(q: Tensor, k: Tensor, v: Tensor, **kw: Any) -> Tensor:
+    from flash_attn_interface import flash_attn_func  # noqa: PLC0415
+
+    out = flash_attn_func(q, k, v, **kw)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def fa3_fp8_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Drop-in for engine.attention.attention: K's token mean removed, per-head fp8, FA3's fp8 kernel, bf16 out."""
+    k = k - k.float().mean(dim=1, keepdim=True).to(k.dtype)
+    (q8, sq), (k8, sk), (v8, sv) = quant_per_head(q), quant_per_head(k), quant_per_head(v)
+    return fa3(q8, k8, v8, q_descale=sq, k_descale=sk, v_descale=sv).to(q.dtype)
+
+
+def bench(fn: Callable[[], Any], iters: int = 10) -> float:
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def kernels(rep: dict[str, Any], lengths: list[int], nq: int) -> None:
+    from engine import fast  # noqa: PLC0415
+
+    h, d = 40, 128
+    for length in lengths:
+        flops = 4 * length * length * d * h
+        g = torch.Generator(device="cuda").manual_seed(length)
+        base_q = torch.randn(1, length, h, d, device="cuda", generator=g)
+        base_k = torch.randn(1, length, h, d, device="cuda", generator=g)
+        v = torch.randn(1, length, h, d, device="cuda", generator=g).bfloat16()
+        chan_bias = torch.randn(1, 1, h, d, device="cuda", generator=g)
+        outl = torch.ones(1, 1, h, d, device="cuda")
+        outl[..., :4] = 12.0
+        cases = {"unit": (base_q, base_k), "peaky": (base_q * 1.8, base_k * 1.8 + 2 * chan_bias),
+                 "outliers": (base_q * outl.flip(-1) * 0.7, base_k * outl * 0.7 + 3 * chan_bias)}
+        for cname, (qf, kf) in cases.items():
+            q, k = qf.bfloat16(), kf.bfloat16()
+            ref = sdpa(q[:, :nq].float(), k.float(), v.float())
+            row: dict[str, Any] = {"length": length, "case": cname}
+
+            def rel(o: Tensor) -> float:
+                o = o[:, :nq].float()
+                return round(((o - ref).norm() / ref.norm()).item(), 5)
+
+            def record(name: str, fn: Callable[[], Tensor], timed: bool) -> None:
+                try:
+                    row[f"{name}_rel"] = rel(fn())
+                    if timed:
+                        t = bench(fn)
+                        row[f"{name}_ms"], row[f"{name}_tfs"] = round(t * 1e3, 2), round(flops / t / 1e12, 1)
+                except Exception as e:  # noqa: BLE001
+                    row[f"{name}_error"] = repr(e)[:400]
+
+            timed = cname == "unit"
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                record("cudnn_bf16", lambda: sdpa(q, k, v), timed)
+            record("fa3_bf16", lambda: fa3(q, k, v), timed)
+            try:
+                with fast.preferred_attention(fa3=True):
+                    record("sdpa_fa3_route", lambda: sdpa(q, k, v), timed)
+            except Exception as e:  # noqa: BLE001
+                row["sdpa_fa3_route_error"] = repr(e)[:400]
+            (q8, sq), (k8, sk), (v8, sv) = quant_per_head(q), quant_per_head(k), quant_per_head(v)
+            record("fa3_fp8_kernel", lambda: fa3(q8, k8, v8, q_descale=sq, k_descale=sk, v_descale=sv), timed)
+            record("fa3_fp8_smooth_with_quant", lambda: fa3_fp8_attention(q, k, v), timed)
+            print(json.dumps(row), flush=True)
+            rep["kernels"].append(row)
+            torch.cuda.empty_cache()
+
+
+def forward(rep: dict[str, Any], models: Path | None, profile: bool) -> None:
+    from bench.bench_fast import closeness, make_inputs, timed, wall_once  # noqa: PLC0415
+    from bench.common import bench_dit, kernel_breakdown  # noqa: PLC0415
+    from engine import fast  # noqa: PLC0415
+    from engine.attention import attention  # noqa: PLC0415
+
+    model = bench_dit(models, "cuda", torch.bfloat16)
+    kw = make_inputs(model.cfg, 448, 896, 81, "cuda", torch.bfloat16, seed=0)
+    outs: dict[str, Tensor] = {}
+    # (name, fp8 GEMMs, self-attention kernel, FA3 routing of torch's flash SDPA)
+    variants = (("bf16 GEMMs + FA3 bf16 (SDPA route)", False, attention, True),
+                ("fp8 GEMMs + cuDNN bf16", True, attention, False),
+                ("fp8 GEMMs + FA3 bf16 (SDPA route)", True, attention, True),
+                ("fp8 GEMMs + FA3 fp8", True, fa3_fp8_attention, False))
+    with torch.no_grad():
+        for name, gemm_fp8, kernel, route in variants:
+            try:
+                if gemm_fp8 and not any(isinstance(m, fast.Fp8Linear) for m in model.modules()):
+                    fast.enable_fp8(model, fast_accum=True)
+                for block in model.blocks:
+                    block.self_attn.kernel = kernel
+                with fast.preferred_attention(fa3=route):
+                    torch._dynamo.reset()
+                    fast.compile_blocks(model)
+                    torch.cuda.reset_peak_memory_stats()
+                    first, _ = wall_once(lambda: model(**kw))
+                    sec, out = timed(lambda: model(**kw), 3)
+                    outs[name] = out.float().clone()
+                    row: dict[str, Any] = {"forward": name, "s_per_forward": round(sec, 3),
+                                           "compile_s": round(first - sec, 1),
+                                           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+                    base = "fp8 GEMMs + cuDNN bf16"
+                    if name != base and name.startswith("fp8") and base in outs:
+                        c = closeness(outs[name], outs[base])
+                        row.update(rel_l2_vs_cudnn=round(c["rel_l2"], 5), cos=round(c["cos"], 6))
+                    if profile:
+                        row["profile"] = kernel_breakdown(lambda: model(**kw), top=8)
+            except Exception:  # noqa: BLE001
+                row = {"forward": name, "error": traceback.format_exc()[-2000:]}
+            print(json.dumps(row), flush=True)
+            rep["forward"].append(row)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path("."))
+    ap.add_argument("--lengths", default="32928,75600")
+    ap.add_argument("--check-queries", type=int, default=1024)
+    ap.add_argument("--forward", action="store_true")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--models", type=Path, default=None)
+    args = ap.parse_args()
+    import flash_attn_interface  # noqa: PLC0415, F401
+
+    rep: dict[str, Any] = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "kernels": [],
+                           "forward": []}
+    print(json.dumps(rep), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        kernels(rep, [int(x) for x in args.lengths.split(",") if x], args.check_queries)
+    finally:
+        (args.out / "probe_fa3.json").write_text(json.dumps(rep, indent=1))
+    if args.forward:
+        forward(rep, args.models, args.profile)
+        (args.out / "probe_fa3.json").write_text(json.dumps(rep, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
