@@ -198,7 +198,9 @@ def env_info(device: str) -> dict[str, Any]:
         from torch.nn.attention import list_flash_attention_impls
 
         info["flash_impls"] = list_flash_attention_impls()
-    info["fa3_used"] = fast._fa3_available()
+    from engine.attention import flash3_available
+
+    info["fa3_available"] = flash3_available(device) if device != "cpu" else False
     info["recompile_limit"] = getattr(torch._dynamo.config, "recompile_limit", None) or getattr(
         torch._dynamo.config, "cache_size_limit", None
     )

@@ -111,6 +111,7 @@ def run_variant(models: Path, variant: str, *, drop_cache: bool, out: dict,
     out["warmup_s"] = round(time.perf_counter() - t1, 1)
     out["cold_start_s"] = round(time.perf_counter() - t0, 1)
     out["resident_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
+    out["identity_tail"] = engine.identity().split(";")[-2:]  # dit_gemm=fp8 / dit_attention=fa3 when used
     streamer = getattr(getattr(getattr(engine, "m", None), "dit", None), "_block_streamer", None)
     if streamer is not None:  # low-memory mode: the blocks at rest in (pinned) host memory
         out["host_block_gib"] = round(streamer.host_bytes / 2**30, 2)

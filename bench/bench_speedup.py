@@ -56,7 +56,7 @@ from bench.bench_fast import (  # noqa: E402
 )
 from bench.common import bench_dit, folder_fp8_payload, round_to_file_fp8  # noqa: E402
 from engine import dit, fast  # noqa: E402
-from engine.attention import attention  # noqa: E402
+from engine.attention import attention, flash3_available  # noqa: E402
 
 PFLOP_480P = 1.825  # performance.md §2, per forward at 448x896x81
 BF16_PEAK_TFS, FP8_PEAK_TFS = 989.0, 1979.0  # H100 SXM dense datasheet
@@ -170,6 +170,10 @@ def main() -> None:
             report["rows"][-1].update(rel_l2_vs_fp32=round(c["rel_l2"], 5), cos_vs_fp32=round(c["cos"], 6))
 
         compiled("compiled bf16 (default)")
+        if flash3_available():
+            fast.use_flash3(model)
+            compiled("compiled bf16 + FA3 (default where installed)")
+            fast.use_flash3(model, on=False)
         for pv_fp8, label in ((True, "fp8 PV"), (False, "bf16 PV")):
             fast.enable_int8_attention(model, pv_fp8=pv_fp8)
             compiled(f"compiled bf16 + int8 attention ({label})")
@@ -185,6 +189,9 @@ def main() -> None:
         compiled("compiled fp8 fast-accum + int8 attention (fp8 PV)")
         fast.enable_int8_attention(model, on=False)
         compiled("compiled fp8 fast-accum")
+        if flash3_available():
+            fast.use_flash3(model)
+            compiled("compiled fp8 fast-accum + FA3")
 
     ref_s = report["rows"][0]["s_per_forward"]
     for r in report["rows"]:

@@ -4,9 +4,8 @@
 Needs an FA3 build importable as ``flash_attn_interface`` (bench/build_fa3.sh builds a minimal one). Two parts:
 
 1. Kernels, 40 heads x 128, batch 1, at 32 928 tokens (448x896x81) and 75 600 (960x960x81): seconds per call
-   and TF/s (4·L²·D·H) for cuDNN bf16, FA3 bf16 (called directly and through torch's SDPA with the FA3 flash
-   implementation active, the route ``engine.fast.preferred_attention`` takes), FA3 fp8 e4m3 with per-head
-   descales (quantisation timed too). Closeness to an fp32 reference on the first --check-queries queries for three
+   and TF/s (4·L²·D·H) for cuDNN bf16, FA3 bf16, FA3 fp8 e4m3 with per-head descales (quantisation timed too).
+   Closeness to an fp32 reference on the first --check-queries queries for three
    input distributions (unit variance; peaky logits; outlier K channels), fp8 plain and with K's token mean removed
    (softmax-invariant, SageAttention's smoothing).
 2. ``--forward``: the full-size DiT (random weights unless --models), compiled, at 448x896x81: bf16 GEMMs + FA3
@@ -74,8 +73,6 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def kernels(rep: dict[str, Any], lengths: list[int], nq: int) -> None:
-    from engine import fast  # noqa: PLC0415
-
     h, d = 40, 128
     for length in lengths:
         flops = 4 * length * length * d * h
@@ -110,11 +107,6 @@ def kernels(rep: dict[str, Any], lengths: list[int], nq: int) -> None:
             with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
                 record("cudnn_bf16", lambda: sdpa(q, k, v), timed)
             record("fa3_bf16", lambda: fa3(q, k, v), timed)
-            try:
-                with fast.preferred_attention(fa3=True):
-                    record("sdpa_fa3_route", lambda: sdpa(q, k, v), timed)
-            except Exception as e:  # noqa: BLE001
-                row["sdpa_fa3_route_error"] = repr(e)[:400]
             (q8, sq), (k8, sk), (v8, sv) = quant_per_head(q), quant_per_head(k), quant_per_head(v)
             record("fa3_fp8_kernel", lambda: fa3(q8, k8, v8, q_descale=sq, k_descale=sk, v_descale=sv), timed)
             record("fa3_fp8_smooth_with_quant", lambda: fa3_fp8_attention(q, k, v), timed)
@@ -127,24 +119,24 @@ def forward(rep: dict[str, Any], models: Path | None, profile: bool) -> None:
     from bench.bench_fast import closeness, make_inputs, timed, wall_once  # noqa: PLC0415
     from bench.common import bench_dit, kernel_breakdown  # noqa: PLC0415
     from engine import fast  # noqa: PLC0415
-    from engine.attention import attention  # noqa: PLC0415
+    from engine.attention import attention, flash3_attention  # noqa: PLC0415
 
     model = bench_dit(models, "cuda", torch.bfloat16)
     kw = make_inputs(model.cfg, 448, 896, 81, "cuda", torch.bfloat16, seed=0)
     outs: dict[str, Tensor] = {}
-    # (name, fp8 GEMMs, self-attention kernel, FA3 routing of torch's flash SDPA)
-    variants = (("bf16 GEMMs + FA3 bf16 (SDPA route)", False, attention, True),
-                ("fp8 GEMMs + cuDNN bf16", True, attention, False),
-                ("fp8 GEMMs + FA3 bf16 (SDPA route)", True, attention, True),
-                ("fp8 GEMMs + FA3 fp8", True, fa3_fp8_attention, False))
+    # (name, fp8 GEMMs, self-attention kernel)
+    variants = (("bf16 GEMMs + FA3 bf16", False, flash3_attention),
+                ("fp8 GEMMs + cuDNN bf16", True, attention),
+                ("fp8 GEMMs + FA3 bf16", True, flash3_attention),
+                ("fp8 GEMMs + FA3 fp8", True, fa3_fp8_attention))
     with torch.no_grad():
-        for name, gemm_fp8, kernel, route in variants:
+        for name, gemm_fp8, kernel in variants:
             try:
                 if gemm_fp8 and not any(isinstance(m, fast.Fp8Linear) for m in model.modules()):
                     fast.enable_fp8(model, fast_accum=True)
                 for block in model.blocks:
                     block.self_attn.kernel = kernel
-                with fast.preferred_attention(fa3=route):
+                with fast.preferred_attention():
                     torch._dynamo.reset()
                     fast.compile_blocks(model)
                     torch.cuda.reset_peak_memory_stats()

@@ -321,11 +321,18 @@ def _doctor_gpu(device: str) -> int:
               + ("; engine.device = auto falls back to the CPU (very slow)" if ok else ""))
         return 0 if ok else 1
     fast = _engine("engine.fast")
+    attention = _engine("engine.attention")
     for i in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(i)
         fp8 = "fp8 GEMMs available" if fast.supports_fp8(i) else "no fp8 GEMMs (engine.fp8 needs compute 8.9+)"
+        if attention.flash3_available(f"cuda:{i}"):
+            fa3 = "FlashAttention-3 installed"
+        elif props.major == 9:
+            fa3 = "no FlashAttention-3 (optional: build flash-attention's hopper/ folder, README 'Speed')"
+        else:
+            fa3 = "SDPA attention (FlashAttention-3 is Hopper-only)"
         print(f"ok   cuda:{i} {props.name}, {props.total_memory / 2**30:.0f} GiB, compute {props.major}.{props.minor}, "
-              f"{fp8}, cuDNN {torch.backends.cudnn.version()}, torch {torch.__version__}")
+              f"{fp8}, {fa3}, cuDNN {torch.backends.cudnn.version()}, torch {torch.__version__}")
     return 0
 
 

@@ -97,6 +97,7 @@ class EngineConfig:
     memory_mode: str = "auto"
     fast: bool = True
     fp8: bool = False
+    attention: str = "auto"
     cache_dir: Path | None = None
     warm_buckets: tuple[tuple[int, int], ...] = WARM_BUCKETS  # (h, w)
 
@@ -111,6 +112,7 @@ class EngineConfig:
             cache_dir=self.cache_dir,
             fast=self.fast,
             fp8=self.fp8,
+            attention=self.attention,
             memory_mode=self.memory_mode,
             warm_buckets=self.warm_buckets,
         )
@@ -260,7 +262,7 @@ def parse_config(raw: object, *, base: Path, where: str = "config.yaml") -> Conf
 
     e = _Section(where, "engine", top.raw.get("engine"),
                  ("models_dir", "files", "device", "dtype", "preset", "lora_strength", "memory_mode", "fast",
-                  "fp8", "cache_dir", "warm_buckets"))
+                  "fp8", "attention", "cache_dir", "warm_buckets"))
     files_raw = e.raw.get("files") or {}
     if not isinstance(files_raw, dict):
         raise e.error("engine.files", "must be a mapping of role: file name")
@@ -285,6 +287,7 @@ def parse_config(raw: object, *, base: Path, where: str = "config.yaml") -> Conf
         memory_mode=e.choice("memory_mode", "auto", ("auto", "resident", "low")),
         fast=e.boolean("fast", True),
         fp8=e.boolean("fp8", False),
+        attention=e.choice("attention", "auto", ("auto", "sdpa", "fa3")),
         cache_dir=None if cache_raw is None else e.path("cache_dir", None, base),
         warm_buckets=_warm_buckets(e),
     )

@@ -115,6 +115,9 @@ class EngineOptions:
     cache_dir: Path | None = None  # prompt-embedding cache on disk
     fast: bool = True  # on CUDA: compiled DiT blocks and the fastest attention kernel (numerically checked)
     fp8: bool = False  # fp8 GEMMs in the DiT blocks: faster, but not yet shown close enough (bench/RESULTS.md)
+    # the DiT self-attention kernel on the fast path: "auto" (FlashAttention-3 where installed on a Hopper GPU,
+    # else SDPA with cuDNN first) | "sdpa" | "fa3" (an error at start when FA3 cannot run)
+    attention: str = "auto"
     memory_mode: str = "auto"  # "auto" | "resident" | "low" (stream DiT blocks from host memory)
     # (h, w) buckets whose DiT graphs the fast engine compiles at start; others compile at their first job
     warm_buckets: tuple[tuple[int, int], ...] = WARM_BUCKETS

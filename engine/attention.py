@@ -10,18 +10,24 @@ is a thin wrapper over :func:`torch.nn.attention.sdpa_kernel`. There is no modul
 
 Official InfiniteTalk uses flash-attention for the DiT and xformers' memory-efficient kernel for
 the audio attention; both compute the same softmax attention as SDPA (only rounding differs).
+
+:func:`flash3_attention` is the same function through FlashAttention-3 (``flash_attn_interface``, built from
+flash-attention's ``hopper/`` folder), which the fast path uses for the DiT's self-attention on Hopper GPUs when it
+is installed: 706 vs 581 TF/s for cuDNN at 32 928 tokens on an H100, identical error against fp32
+(bench/RESULTS.md, 2026-11-25 session 4).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["attention", "sdpa_backend", "BACKENDS"]
+__all__ = ["attention", "flash3_attention", "flash3_available", "sdpa_backend", "BACKENDS"]
 
 # Names accepted by :func:`sdpa_backend` (the settings/CLI spelling) -> torch's enum.
 BACKENDS: dict[str, SDPBackend] = {
@@ -44,6 +50,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     # which all SDPA kernels accept without a copy.
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
+
+
+def flash3_available(device: torch.device | str | None = None) -> bool:
+    """True where :func:`flash3_attention` can run: a CUDA GPU of compute capability 9.x (Hopper; FA3's kernels
+    are sm90-only) and an importable ``flash_attn_interface`` module. Imports nothing."""
+    if not torch.cuda.is_available() or torch.version.hip:
+        return False
+    dev = torch.device(device or "cuda")
+    if dev.type != "cuda":
+        return False
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    if torch.cuda.get_device_capability(index)[0] != 9:
+        return False
+    return importlib.util.find_spec("flash_attn_interface") is not None
+
+
+def flash3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """:func:`attention` computed by FlashAttention-3 (bf16/fp16 CUDA tensors, [B, L, H, D] in and out, scale
+    ``1/sqrt(D)``, no mask). FA3 registers its kernel as a torch custom op, so ``torch.compile`` keeps it whole."""
+    from flash_attn_interface import flash_attn_func
+
+    out = flash_attn_func(q, k, v)
+    return out[0] if isinstance(out, tuple) else out  # some FA3 versions return (out, lse)
 
 
 @contextlib.contextmanager

@@ -13,8 +13,8 @@ Three independent switches, each applied to a built and loaded :class:`engine.di
   parameters of identical shapes, so one graph serves all of them; a new resolution bucket (token count)
   compiles once more, and later steps, chunks and jobs of a seen bucket reuse the cached graphs.
 - :func:`preferred_attention` puts cuDNN SDPA first (593 vs 353 TF/s for the FA2-class kernel at 32K tokens,
-  performance.md 4.2 / 7), and routes the flash backend to FlashAttention-3 when ``flash_attn_interface``
-  is importable.
+  performance.md 4.2 / 7); :func:`use_flash3` runs the blocks' self-attention on FlashAttention-3 instead where it
+  is installed on a Hopper GPU (706 TF/s, same error; bench/RESULTS.md session 4).
 
 Measured on an H100 at 448x896x81 (bench/bench_fast.py, bench/RESULTS.md 2026-11-25, random weights): eager bf16
 4.42-4.49 s per forward; compiled bf16 3.14-3.20 s (closer to an fp32 forward than eager: rel L2 0.99e-2 vs
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
@@ -52,6 +51,8 @@ __all__ = [
     "enable_int8_attention",
     "fp8_targets",
     "preferred_attention",
+    "use_flash3",
+    "uses_flash3",
     "quantize_rowwise",
     "quantize_weight",
     "scaled_mm_reference",
@@ -353,45 +354,47 @@ def enable_int8_attention(dit: nn.Module, *, pv_fp8: bool = True, on: bool = Tru
     return len(blocks)
 
 
-def _fa3_available() -> bool:
-    """FlashAttention-3 can back torch's flash SDPA backend: Hopper GPU, ``flash_attn_interface`` importable,
-    and this torch knows the ``FA3`` implementation (``torch.nn.attention.list_flash_attention_impls``)."""
-    try:
-        from torch.nn.attention import list_flash_attention_impls
-    except ImportError:
-        return False
-    if "FA3" not in list_flash_attention_impls() or not torch.cuda.is_available():
-        return False
-    if torch.cuda.get_device_capability()[0] != 9:
-        return False
-    return importlib.util.find_spec("flash_attn_interface") is not None
+def use_flash3(dit: nn.Module, *, on: bool = True) -> int:
+    """Route every block's self-attention through :func:`engine.attention.flash3_attention` (FlashAttention-3;
+    ``on=False``: back to SDPA). Returns the number of blocks changed. Call before :func:`compile_blocks`.
+
+    Only the self-attention changes: it is ~97 % of the DiT's attention time at 480p (32 928 queries x 32 928
+    keys); the cross-attentions (512 text, 257 image, 32-per-frame audio keys) stay on SDPA. The kernel is chosen
+    here, per module, instead of by re-routing torch's flash SDPA backend: that routing is process-wide, and
+    Inductor's on-disk graph cache does not key on it (a graph compiled under cuDNN was served again under the
+    FA3 routing in the H100 probe), while a different kernel function is a different graph.
+
+    Raises RuntimeError where FA3 cannot run (see :func:`engine.attention.flash3_available`).
+    """
+    from engine.attention import attention, flash3_attention, flash3_available
+
+    if on and not flash3_available():
+        raise RuntimeError(
+            "FlashAttention-3 is not available: it needs a Hopper GPU (compute capability 9.x) and the "
+            "'flash_attn_interface' module (build flash-attention's hopper/ folder: cd flash-attention/hopper && "
+            "pip install --no-build-isolation .); set engine.attention: auto or sdpa to run without it")
+    blocks = list(dit.blocks)  # type: ignore[union-attr]
+    for block in blocks:
+        block.self_attn.kernel = flash3_attention if on else attention
+    return len(blocks)
+
+
+def uses_flash3(dit: nn.Module) -> bool:
+    """True when the blocks' self-attention runs on FlashAttention-3 (:func:`use_flash3`)."""
+    from engine.attention import flash3_attention
+
+    return any(block.self_attn.kernel is flash3_attention for block in dit.blocks)  # type: ignore[union-attr]
 
 
 @contextlib.contextmanager
-def preferred_attention(*, fa3: bool | None = None) -> Iterator[None]:
+def preferred_attention() -> Iterator[None]:
     """SDPA backends in order of speed for the DiT's shapes: cuDNN, flash, memory-efficient, math.
 
     Every backend stays allowed (the 32-key audio attention or an fp32 run may need a fallback); only the
-    priority changes. With ``fa3`` (default: whenever available, see :func:`_fa3_available`) the flash backend
-    is routed to FlashAttention-3 and put first (648 TF/s published vs cuDNN's 593 measured at hd 128,
-    performance.md 7; not measured here). The FA3 routing is process-wide in torch, so it is undone on exit.
-    Under torch.compile the backend is chosen when a graph is traced: compile inside this context.
+    priority changes (cuDNN 581 TF/s vs the FA2-class flash kernel's 357 at 32K tokens on the H100,
+    bench/RESULTS.md). Under torch.compile the backend is chosen when a graph is traced: compile inside this
+    context. FlashAttention-3 is not routed through here but set per module (:func:`use_flash3`).
     """
-    use_fa3 = _fa3_available() if fa3 is None else fa3
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    with contextlib.ExitStack() as stack:
-        if use_fa3:
-            from torch.nn.attention import (
-                activate_flash_attention_impl,
-                current_flash_attention_impl,
-                restore_flash_attention_impl,
-            )
-
-            previous = current_flash_attention_impl()
-            activate_flash_attention_impl("FA3")
-            stack.callback(
-                lambda: activate_flash_attention_impl(previous) if previous else restore_flash_attention_impl()
-            )
-            order = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, *order[2:]]
-        stack.enter_context(sdpa_kernel(order, set_priority=True))
+    with sdpa_kernel(order, set_priority=True):
         yield

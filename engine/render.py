@@ -122,10 +122,12 @@ class Engine:
         parts = [f"infinitetalkd-engine={self.version}"]
         parts += [f"{k}={v}" for k, v in sorted(self.m.identities.items())]
         # fp8 GEMMs change the numbers (not bit-identical to bf16): a job rendered with them is another result
-        from engine.fast import Fp8Linear
+        from engine.fast import Fp8Linear, uses_flash3
 
         if any(isinstance(m, Fp8Linear) for m in self.m.dit.modules()):
             parts.append("dit_gemm=fp8")
+        if uses_flash3(self.m.dit):  # same error as SDPA against fp32, but other bits
+            parts.append("dit_attention=fa3")
         return ";".join(parts)
 
     def warmup(self) -> None:

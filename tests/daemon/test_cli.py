@@ -173,12 +173,12 @@ def test_render_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.
 
 def test_doctor_gpu_lines_say_what_the_fast_path_gets(monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    """On a (pretended) GPU: name, memory, compute capability, fp8 support, cuDNN version per device."""
+    """On a (pretended) GPU: name, memory, compute capability, fp8 and FA3 support, cuDNN version per device."""
     import types
 
     import torch
 
-    from engine import fast
+    from engine import attention, fast
 
     props = [types.SimpleNamespace(name="NVIDIA H100 80GB HBM3", total_memory=80 * 2**30, major=9, minor=0),
              types.SimpleNamespace(name="NVIDIA A100-SXM4-40GB", total_memory=40 * 2**30, major=8, minor=0)]
@@ -186,7 +186,13 @@ def test_doctor_gpu_lines_say_what_the_fast_path_gets(monkeypatch: pytest.Monkey
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props[i])
     monkeypatch.setattr(fast, "supports_fp8", lambda i: props[i].major * 10 + props[i].minor >= 89)
+    monkeypatch.setattr(attention, "flash3_available", lambda device: False)
     assert cli._doctor_gpu("cuda") == 0
     out = capsys.readouterr().out
-    assert "cuda:0 NVIDIA H100 80GB HBM3, 80 GiB, compute 9.0, fp8 GEMMs available, cuDNN" in out
-    assert "cuda:1 NVIDIA A100-SXM4-40GB, 40 GiB, compute 8.0, no fp8 GEMMs (engine.fp8 needs compute 8.9+)" in out
+    assert ("cuda:0 NVIDIA H100 80GB HBM3, 80 GiB, compute 9.0, fp8 GEMMs available, no FlashAttention-3 (optional: "
+            "build flash-attention's hopper/ folder, README 'Speed'), cuDNN") in out
+    assert ("cuda:1 NVIDIA A100-SXM4-40GB, 40 GiB, compute 8.0, no fp8 GEMMs (engine.fp8 needs compute 8.9+), SDPA "
+            "attention (FlashAttention-3 is Hopper-only), cuDNN") in out
+    monkeypatch.setattr(attention, "flash3_available", lambda device: device == "cuda:0")
+    assert cli._doctor_gpu("cuda") == 0
+    assert "compute 9.0, fp8 GEMMs available, FlashAttention-3 installed, cuDNN" in capsys.readouterr().out

@@ -32,6 +32,7 @@ def test_repository_config_parses_and_documents_the_code_defaults() -> None:
     assert cfg.metrics == MetricsConfig()
     assert cfg.engine.options().models_dir == REPO / "models"
     assert cfg.engine.warm_buckets == WARM_BUCKETS
+    assert cfg.engine.attention == "auto" and cfg.engine.options().attention == "auto"
 
 
 def test_empty_config_gives_defaults_relative_to_its_folder(tmp_path: Path) -> None:
@@ -56,6 +57,7 @@ def test_empty_config_gives_defaults_relative_to_its_folder(tmp_path: Path) -> N
         ({"engine": {"files": {"ditt": "x.safetensors"}}}, "engine.files.ditt: unknown role"),
         ({"engine": {"files": {"dit": "../x.safetensors"}}}, "engine.files.dit: must be a bare file name"),
         ({"engine": {"fast": "yes"}}, "engine.fast: must be true or false"),
+        ({"engine": {"attention": "flash"}}, "engine.attention: must be one of auto, sdpa, fa3"),
         ({"engine": {"warm_buckets": "896x448"}}, "engine.warm_buckets: must be a list of [width, height]"),
         ({"engine": {"warm_buckets": [[896, 448, 1]]}}, "each entry must be [width, height]"),
         ({"engine": {"warm_buckets": [[True, 448]]}}, "each entry must be [width, height]"),

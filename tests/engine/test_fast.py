@@ -288,8 +288,6 @@ def test_preferred_attention_context() -> None:
     with preferred_attention():
         torch.testing.assert_close(attention(q, k, v), ref)  # CPU: falls through to an allowed CPU kernel
         assert torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
-    if not torch.cuda.is_available():
-        assert fast._fa3_available() is False
 
 
 def test_supports_fp8() -> None:
@@ -336,3 +334,51 @@ def test_fp8_targets_keep_the_swapped_audio_layers_in_bf16() -> None:
     assert fast.fp8_targets(adapter_swap=False) == fast.FP8_TARGETS
     kept = set(fast.FP8_TARGETS) - set(fast.fp8_targets(adapter_swap=True))
     assert kept == {"audio_cross_attn.q_linear", "audio_cross_attn.kv_linear", "audio_cross_attn.proj"}
+
+
+# 6. FlashAttention-3 for the blocks' self-attention -------------------------------------------------------------
+
+
+def test_use_flash3_refuses_where_fa3_cannot_run_and_says_what_to_do() -> None:
+    from engine.attention import flash3_available
+
+    model = _tiny()
+    if flash3_available():
+        pytest.skip("FA3 is installed on this Hopper GPU")
+    with pytest.raises(RuntimeError, match="Hopper GPU .*flash_attn_interface.*engine.attention: auto or sdpa"):
+        fast.use_flash3(model)
+    assert not fast.uses_flash3(model)
+
+
+def test_use_flash3_routes_every_self_attention_through_fa3(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wiring, on the CPU: a stand-in for FA3's Python module (the library boundary) computes attention with
+    SDPA in FA3's [B, L, H, D] layout and returns (out, lse) like some FA3 versions; the DiT's output must equal the
+    SDPA path's, every block must call it, and use_flash3(on=False) must restore SDPA."""
+    import sys
+    import types
+
+    from engine import attention as attention_mod
+
+    calls: list[tuple[int, ...]] = []
+
+    def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(tuple(q.shape))
+        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                               v.transpose(1, 2)).transpose(1, 2)
+        return out, torch.zeros(q.shape[0], q.shape[2], q.shape[1])
+
+    monkeypatch.setitem(sys.modules, "flash_attn_interface",
+                        types.SimpleNamespace(flash_attn_func=flash_attn_func))  # type: ignore[arg-type]
+    monkeypatch.setattr(attention_mod, "flash3_available", lambda device=None: True)
+    model = _tiny()
+    kw = _inputs()
+    with torch.no_grad():
+        ref = model(**kw)
+        assert fast.use_flash3(model) == len(model.blocks) and fast.uses_flash3(model)
+        got = model(**kw)
+        assert len(calls) == len(model.blocks)
+        torch.testing.assert_close(got, ref)
+        fast.use_flash3(model, on=False)
+        assert not fast.uses_flash3(model)
+        torch.testing.assert_close(model(**kw), ref)
+    assert len(calls) == len(model.blocks)

@@ -230,3 +230,21 @@ def test_engine_identity_names_fp8(tiny_models: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(fast, "supports_fp8", lambda *_: True)
     fp8 = Engine(md.load_models(EngineOptions(fp8=True, **opts))).identity()  # type: ignore[arg-type]
     assert "dit_gemm=fp8" not in plain and fp8 == plain + ";dit_gemm=fp8"
+
+
+def test_engine_identity_names_fa3_and_fa3_needs_the_fast_path(tiny_models: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """FA3 gives other bits than SDPA (same error against fp32), so it is part of the identity; asking for it where
+    the fast path does not run (CPU) is an error at start that says what to use instead."""
+    from engine import attention, fast, load_engine
+    from engine.api import EngineOptions
+    from engine.render import Engine
+
+    opts = dict(models_dir=tiny_models, device="cpu", dtype="float32", preset="quality")
+    with pytest.raises(ValueError, match="engine.attention: fa3 needs the fast path on a CUDA GPU.*auto or sdpa"):
+        load_engine(EngineOptions(attention="fa3", **opts))  # type: ignore[arg-type]
+    models = md.load_models(EngineOptions(**opts))  # type: ignore[arg-type]
+    plain = Engine(models).identity()
+    monkeypatch.setattr(attention, "flash3_available", lambda device=None: True)
+    fast.use_flash3(models.dit)
+    assert "dit_attention" not in plain and Engine(models).identity() == plain + ";dit_attention=fa3"
