@@ -382,3 +382,33 @@ def test_use_flash3_routes_every_self_attention_through_fa3(monkeypatch: pytest.
         assert not fast.uses_flash3(model)
         torch.testing.assert_close(model(**kw), ref)
     assert len(calls) == len(model.blocks)
+
+
+def _fa3_gpu() -> bool:
+    from engine.attention import flash3_available
+
+    return torch.cuda.is_available() and flash3_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _fa3_gpu(), reason="needs FlashAttention-3 on a Hopper GPU")
+def test_cuda_flash3_matches_sdpa_per_call_and_in_the_compiled_tiny_dit() -> None:
+    from engine.attention import flash3_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 777, 4, 128, device="cuda", generator=g).bfloat16() for _ in range(3))
+    exact = attention(q.float(), k.float(), v.float())
+    # bf16 inputs: both kernels land at bf16 rounding of the exact answer
+    assert _rel_l2(flash3_attention(q, k, v).float(), exact) < 1e-2
+    assert _rel_l2(attention(q, k, v).float(), exact) < 1e-2
+    torch._dynamo.reset()
+    model = _tiny(torch.bfloat16, "cuda")
+    kw = _inputs(device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad(), preferred_attention():
+        ref = model(**kw)
+        fast.use_flash3(model)
+        eager = model(**kw)
+        compile_blocks(model)
+        out = model(**kw)
+    assert _rel_l2(eager, ref) < 1e-2 and _rel_l2(out, ref) < 2e-2
+    torch._dynamo.reset()
