@@ -10,8 +10,9 @@ once with cuDNN bf16 SDPA (the engine's fp8 option today) and once with this fp8
 ``SelfAttention.kernel`` (an opaque custom op for torch.compile; the per-tensor quantisation is left to Inductor),
 timed on the same inputs, with the closeness of the two outputs.
 
-Status: written 2026-11-25 (session 3) and NOT YET RUN — this session had no device time left. Needs the
-``nvidia-cudnn-frontend`` wheel (carried, e.g. 1.14.0 or 1.32.0 for cp312) on the GPU machine:
+Run 2026-11-25 (session 4, bench/RESULTS.md): with cuDNN 9.19 on an H100 only the fp8-*output* graph builds
+(813-830 TF/s, 8-21 % error per call), so the ``--forward`` part fails on Hopper. Needs the
+``nvidia-cudnn-frontend`` wheel (1.14.0 worked; carried) on the GPU machine:
 
     python bench/probe_cudnn_fp8.py --out $OUT [--forward [--models DIR]]
 """
