@@ -22,8 +22,9 @@ Measured on an H100 at 448x896x81 (bench/bench_fast.py, bench/RESULTS.md 2026-11
 default yet); with ``fast_accum`` 2.69-2.71 s at the same error, which is what ``engine.fp8`` uses. One graph
 serves all 40 blocks; compile 11-22 s per bucket (3-4 s from Inductor's on-disk cache on a restart); no recompiles
 across steps, chunks or buckets. With FlashAttention-3 for the self-attention (:func:`use_flash3`, session 4):
-2.89 s compiled bf16, 2.41 s compiled fp8 with fast accumulation. :func:`enable_int8_attention` swaps in the 8-bit self-attention kernel of
-engine/attention_int8.py (benchmarks only: 1-2 % faster per forward, 17x cuDNN's attention error).
+2.89 s compiled bf16, 2.41 s compiled fp8 with fast accumulation (fp8 from the file's grid: 3.1e-2 vs fp32).
+:func:`enable_int8_attention` swaps in the 8-bit self-attention kernel of engine/attention_int8.py (benchmarks
+only: 1-2 % faster per forward, 17x cuDNN's attention error).
 
 Order of use: load (LoRAs merged into the dequantised weights first, formats.md 3.4), cast with ``.to()``,
 then :func:`enable_fp8`, then :func:`compile_blocks`, then run the forwards inside
