@@ -6,7 +6,7 @@
 #
 #   bench/build_fa3.sh SRC          SRC holds hopper/ and csrc/cutlass/include of a flash-attention checkout
 #                                   (its cutlass submodule at the commit it pins); the .so lands in SRC/hopper
-# then:  PYTHONPATH=SRC/hopper python3 bench/probe_fa3.py --out DIR
+# then:  PYTHONPATH=SRC/hopper python3 bench/probe_attention_libs.py --out DIR
 #
 # CUDA 13 toolkits work with flash-attention's setup.py since it stopped downloading nvcc 12.x for them (2026).
 set -euo pipefail

@@ -1,18 +1,22 @@
 # ruff: noqa: B023
-"""Probe: FlashAttention-3 (Hopper) at the DiT's self-attention shapes, bf16 and fp8, against cuDNN bf16 SDPA.
+"""Probe: attention libraries at the DiT's self-attention shapes against cuDNN bf16 SDPA: FlashAttention-3 (bf16
+and fp8) and SageAttention 2 (int8 Q·Kᵀ, fp8 P·V with fp32 accumulation, Hopper kernel).
 
-Needs an FA3 build importable as ``flash_attn_interface`` (bench/build_fa3.sh builds a minimal one). Two parts:
+Needs FA3 importable as ``flash_attn_interface`` (bench/build_fa3.sh builds a minimal one); SageAttention is used
+when ``sageattention`` imports (bench/build_sage.sh). Two parts:
 
 1. Kernels, 40 heads x 128, batch 1, at 32 928 tokens (448x896x81) and 75 600 (960x960x81): seconds per call
-   and TF/s (4·L²·D·H) for cuDNN bf16, FA3 bf16, FA3 fp8 e4m3 with per-head descales (quantisation timed too).
+   and TF/s (4·L²·D·H) for cuDNN bf16, FA3 bf16, FA3 fp8 e4m3 with per-head descales (quantisation timed too),
+   SageAttention's sm90 kernel (its own per-thread int8 quantisation and K smoothing included).
    Closeness to an fp32 reference on the first --check-queries queries for three
    input distributions (unit variance; peaky logits; outlier K channels), fp8 plain and with K's token mean removed
    (softmax-invariant, SageAttention's smoothing).
 2. ``--forward``: the full-size DiT (random weights unless --models), compiled, at 448x896x81: bf16 GEMMs + FA3
-   bf16; fp8 GEMMs (fast accumulation) + cuDNN bf16; fp8 GEMMs + FA3 bf16; fp8 GEMMs + FA3 fp8; with ``--profile``
+   bf16; fp8 GEMMs (fast accumulation) + cuDNN bf16; fp8 GEMMs + FA3 bf16; fp8 GEMMs + FA3 fp8; and with
+   SageAttention: bf16 GEMMs + Sage, fp8 GEMMs + Sage; ``--only NAME`` (repeatable) picks variants; with ``--profile``
    each variant's kernel time by kind (bench.common.kernel_breakdown).
 
-    PYTHONPATH=$FA3/hopper python bench/probe_fa3.py --out $OUT [--forward --profile]
+    PYTHONPATH=$FA3/hopper:$SAGE python bench/probe_attention_libs.py --out $OUT [--forward --profile]
 """
 
 from __future__ import annotations
@@ -55,6 +59,19 @@ def fa3_fp8_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     k = k - k.float().mean(dim=1, keepdim=True).to(k.dtype)
     (q8, sq), (k8, sk), (v8, sv) = quant_per_head(q), quant_per_head(k), quant_per_head(v)
     return fa3(q8, k8, v8, q_descale=sq, k_descale=sk, v_descale=sv).to(q.dtype)
+
+
+def sage_available() -> bool:
+    import importlib.util  # noqa: PLC0415
+
+    return importlib.util.find_spec("sageattention") is not None
+
+
+def sage_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Drop-in for engine.attention.attention: SageAttention 2's Hopper kernel on [B, L, H, D] ("NHD")."""
+    from sageattention import sageattn_qk_int8_pv_fp8_cuda_sm90  # noqa: PLC0415
+
+    return sageattn_qk_int8_pv_fp8_cuda_sm90(q, k, v, tensor_layout="NHD", pv_accum_dtype="fp32+fp32")
 
 
 def bench(fn: Callable[[], Any], iters: int = 10) -> float:
@@ -110,12 +127,14 @@ def kernels(rep: dict[str, Any], lengths: list[int], nq: int) -> None:
             (q8, sq), (k8, sk), (v8, sv) = quant_per_head(q), quant_per_head(k), quant_per_head(v)
             record("fa3_fp8_kernel", lambda: fa3(q8, k8, v8, q_descale=sq, k_descale=sk, v_descale=sv), timed)
             record("fa3_fp8_smooth_with_quant", lambda: fa3_fp8_attention(q, k, v), timed)
+            if sage_available():
+                record("sage_sm90_with_quant", lambda: sage_attention(q, k, v), timed)
             print(json.dumps(row), flush=True)
             rep["kernels"].append(row)
             torch.cuda.empty_cache()
 
 
-def forward(rep: dict[str, Any], models: Path | None, profile: bool) -> None:
+def forward(rep: dict[str, Any], models: Path | None, profile: bool, only: list[str]) -> None:
     from bench.bench_fast import closeness, make_inputs, timed, wall_once  # noqa: PLC0415
     from bench.common import bench_dit, kernel_breakdown  # noqa: PLC0415
     from engine import fast  # noqa: PLC0415
@@ -125,10 +144,15 @@ def forward(rep: dict[str, Any], models: Path | None, profile: bool) -> None:
     kw = make_inputs(model.cfg, 448, 896, 81, "cuda", torch.bfloat16, seed=0)
     outs: dict[str, Tensor] = {}
     # (name, fp8 GEMMs, self-attention kernel)
-    variants = (("bf16 GEMMs + FA3 bf16", False, flash3_attention),
+    variants = [("bf16 GEMMs + FA3 bf16", False, flash3_attention),
                 ("fp8 GEMMs + cuDNN bf16", True, attention),
                 ("fp8 GEMMs + FA3 bf16", True, flash3_attention),
-                ("fp8 GEMMs + FA3 fp8", True, fa3_fp8_attention))
+                ("fp8 GEMMs + FA3 fp8", True, fa3_fp8_attention)]
+    if sage_available():
+        variants.insert(1, ("bf16 GEMMs + SageAttention", False, sage_attention))
+        variants.append(("fp8 GEMMs + SageAttention", True, sage_attention))
+    bases = ("bf16 GEMMs + FA3 bf16", "fp8 GEMMs + cuDNN bf16")  # the bf16-exact attention of each GEMM kind
+    variants = [v for v in variants if not only or v[0] in only or v[0] in bases]
     with torch.no_grad():
         for name, gemm_fp8, kernel in variants:
             try:
@@ -146,10 +170,10 @@ def forward(rep: dict[str, Any], models: Path | None, profile: bool) -> None:
                     row: dict[str, Any] = {"forward": name, "s_per_forward": round(sec, 3),
                                            "compile_s": round(first - sec, 1),
                                            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
-                    base = "fp8 GEMMs + cuDNN bf16"
-                    if name != base and name.startswith("fp8") and base in outs:
+                    base = ("fp8 GEMMs + cuDNN bf16" if gemm_fp8 else "bf16 GEMMs + FA3 bf16")
+                    if name != base and base in outs:  # same GEMMs, bf16-exact attention
                         c = closeness(outs[name], outs[base])
-                        row.update(rel_l2_vs_cudnn=round(c["rel_l2"], 5), cos=round(c["cos"], 6))
+                        row.update(rel_l2_vs_bf16_attention=round(c["rel_l2"], 5), cos=round(c["cos"], 6))
                     if profile:
                         row["profile"] = kernel_breakdown(lambda: model(**kw), top=8)
             except Exception:  # noqa: BLE001
@@ -166,6 +190,7 @@ def main() -> None:
     ap.add_argument("--forward", action="store_true")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--models", type=Path, default=None)
+    ap.add_argument("--only", action="append", default=[], help="--forward variants to run (and the two baselines)")
     args = ap.parse_args()
     import flash_attn_interface  # noqa: PLC0415, F401
 
@@ -176,10 +201,10 @@ def main() -> None:
     try:
         kernels(rep, [int(x) for x in args.lengths.split(",") if x], args.check_queries)
     finally:
-        (args.out / "probe_fa3.json").write_text(json.dumps(rep, indent=1))
+        (args.out / "probe_attention_libs.json").write_text(json.dumps(rep, indent=1))
     if args.forward:
-        forward(rep, args.models, args.profile)
-        (args.out / "probe_fa3.json").write_text(json.dumps(rep, indent=1))
+        forward(rep, args.models, args.profile, args.only)
+        (args.out / "probe_attention_libs.json").write_text(json.dumps(rep, indent=1))
 
 
 if __name__ == "__main__":
