@@ -106,10 +106,10 @@ def kernel_breakdown(fn: Callable[[], object], top: int = 25) -> dict[str, objec
         if us <= 0:
             continue
         name = evt.key.lower()
-        if any(s in name for s in ("fmha", "flash", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")):
-            kind = "attention"
-        elif name.startswith("triton"):
+        if name.startswith("triton"):  # before attention: Inductor names fused kernels after the ops they feed
             kind = "triton"
+        elif any(s in name for s in ("fmha", "flash", "attention", "attn", "sdpa")):
+            kind = "attention"
         elif any(s in name for s in ("gemm", "cutlass", "xmma", "nvjet", "scaled_mm", "matmul", "gmma")):
             kind = "gemm"
         else:
