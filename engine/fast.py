@@ -55,6 +55,7 @@ __all__ = [
     "preferred_attention",
     "use_flash3",
     "uses_flash3",
+    "wants_flash3",
     "quantize_rowwise",
     "quantize_weight",
     "scaled_mm_reference",
@@ -356,6 +357,11 @@ def enable_int8_attention(dit: nn.Module, *, pv_fp8: bool = True, on: bool = Tru
     return len(blocks)
 
 
+FA3_MISSING = ("FlashAttention-3 is not available: it needs a Hopper GPU (compute capability 9.x) and the "
+               "'flash_attn_interface' module (build flash-attention's hopper/ folder: cd flash-attention/hopper && "
+               "pip install --no-build-isolation .); set engine.attention: auto or sdpa to run without it")
+
+
 def use_flash3(dit: nn.Module, *, on: bool = True) -> int:
     """Route every block's self-attention through :func:`engine.attention.flash3_attention` (FlashAttention-3;
     ``on=False``: back to SDPA). Returns the number of blocks changed. Call before :func:`compile_blocks`.
@@ -371,14 +377,34 @@ def use_flash3(dit: nn.Module, *, on: bool = True) -> int:
     from engine.attention import attention, flash3_attention, flash3_available
 
     if on and not flash3_available():
-        raise RuntimeError(
-            "FlashAttention-3 is not available: it needs a Hopper GPU (compute capability 9.x) and the "
-            "'flash_attn_interface' module (build flash-attention's hopper/ folder: cd flash-attention/hopper && "
-            "pip install --no-build-isolation .); set engine.attention: auto or sdpa to run without it")
+        raise RuntimeError(FA3_MISSING)
     blocks = list(dit.blocks)  # type: ignore[union-attr]
     for block in blocks:
         block.self_attn.kernel = flash3_attention if on else attention
     return len(blocks)
+
+
+def wants_flash3(setting: str, *, fast: bool, available: bool, dtype: torch.dtype) -> bool:
+    """Whether the engine runs the DiT self-attention on FlashAttention-3, for ``engine.attention`` = ``setting``
+    ("auto" | "sdpa" | "fa3") on the fast path (``fast``: compiled on a CUDA GPU), FA3 ``available`` there
+    (:func:`engine.attention.flash3_available`) and the DiT's ``dtype`` (FA3 has bf16/fp16 kernels only).
+
+    "auto" takes FA3 whenever it can run; "fa3" where it cannot is a ValueError saying why and what to use instead.
+    """
+    if setting not in ("auto", "sdpa", "fa3"):
+        raise ValueError(f"engine.attention must be auto, sdpa or fa3 (got {setting!r})")
+    half = dtype in (torch.bfloat16, torch.float16)
+    if setting != "fa3":
+        return setting == "auto" and fast and available and half
+    if not fast:
+        raise ValueError("engine.attention: fa3 needs the fast path on a CUDA GPU (engine.fast: true and a CUDA "
+                         "engine.device); use auto or sdpa here")
+    if not half:
+        raise ValueError(f"engine.attention: fa3 needs engine.dtype bfloat16 or float16 (FlashAttention-3 has no "
+                         f"{dtype} kernels); use auto or sdpa, or another dtype")
+    if not available:
+        raise ValueError(FA3_MISSING)
+    return True
 
 
 def uses_flash3(dit: nn.Module) -> bool:

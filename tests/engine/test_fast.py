@@ -412,3 +412,28 @@ def test_cuda_flash3_matches_sdpa_per_call_and_in_the_compiled_tiny_dit() -> Non
         out = model(**kw)
     assert _rel_l2(eager, ref) < 1e-2 and _rel_l2(out, ref) < 2e-2
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    ("setting", "fast_path", "available", "dtype", "expected"),
+    [
+        ("auto", True, True, torch.bfloat16, True),
+        ("auto", True, True, torch.float16, True),
+        ("auto", True, False, torch.bfloat16, False),  # not installed / not Hopper: SDPA, no error
+        ("auto", True, True, torch.float32, False),  # FA3 has no fp32 kernels
+        ("auto", False, True, torch.bfloat16, False),  # CPU or engine.fast: false
+        ("sdpa", True, True, torch.bfloat16, False),
+        ("fa3", True, True, torch.bfloat16, True),
+        ("fa3", False, True, torch.bfloat16, "needs the fast path on a CUDA GPU"),
+        ("fa3", True, True, torch.float32, "needs engine.dtype bfloat16 or float16"),
+        ("fa3", True, False, torch.bfloat16, "needs a Hopper GPU .*pip install"),
+        ("flash", True, True, torch.bfloat16, "must be auto, sdpa or fa3"),
+    ],
+)
+def test_wants_flash3_decides_or_says_why_not(setting: str, fast_path: bool, available: bool, dtype: torch.dtype,
+                                              expected: bool | str) -> None:
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=expected):
+            fast.wants_flash3(setting, fast=fast_path, available=available, dtype=dtype)
+    else:
+        assert fast.wants_flash3(setting, fast=fast_path, available=available, dtype=dtype) is expected

@@ -235,7 +235,7 @@ def test_engine_identity_names_fp8(tiny_models: Path, monkeypatch: pytest.Monkey
 def test_engine_identity_names_fa3_and_fa3_needs_the_fast_path(tiny_models: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """FA3 gives other bits than SDPA (same error against fp32), so it is part of the identity; asking for it where
-    the fast path does not run (CPU) is an error at start that says what to use instead."""
+    the fast path does not run (CPU) is an error at start, before loading, that says what to use instead."""
     from engine import attention, fast, load_engine
     from engine.api import EngineOptions
     from engine.render import Engine
