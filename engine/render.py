@@ -411,15 +411,24 @@ class Engine:
                 kvs = None  # free this chunk's K/V before the VAE decode (and before the next chunk's)
                 lap("denoise")
 
-                # decode, colour-match (on the device, before quantising, as upstream), stream out; the
-                # matched float frames' last `motion` frames are the next chunk's context
-                decoded = torch.cat(list(self.m.vae.decode_iter(z[None].to(self.m.vae.dtype))), dim=2)[0]
-                if req.color_correction > 0:
-                    decoded = fr.match_colors_model(decoded, ref_t.to(decoded.device), req.color_correction)
-                new = fr.from_model(decoded[:, chunk.keep_from:][:, : max(0, n_frames - written)])
-                writer.write(new)
-                written += len(new)
-                context_frames = decoded[:, -motion:].float().cpu()
+                # decode one latent frame at a time, colour-match (on the device, before quantising, as
+                # upstream) and hand each piece to the writer at once, so the mp4 encoding runs while the VAE
+                # decodes the rest; the matched float frames' last `motion` frames are the next chunk's context
+                pieces: list[torch.Tensor] = []
+                seen = 0  # frames of this chunk decoded so far
+                for part in self.m.vae.decode_iter(z[None].to(self.m.vae.dtype)):
+                    part = part[0]  # [3, 1 or 4, H, W]
+                    if req.color_correction > 0:
+                        part = fr.match_colors_model(part, ref_t.to(part.device), req.color_correction)
+                    pieces.append(part)
+                    keep = part[:, max(chunk.keep_from - seen, 0):][:, : max(0, n_frames - written)]
+                    seen += part.shape[1]
+                    if keep.shape[1]:
+                        new = fr.from_model(keep)
+                        writer.write(new)
+                        written += len(new)
+                context_frames = torch.cat(pieces, dim=1)[:, -motion:].float().cpu()
+                del pieces
                 lap("decode")
                 progress(Progress("decode", ci, len(plan), req.steps, req.steps, (chunk.index + 1) / len(plan)))
                 if written >= n_frames:

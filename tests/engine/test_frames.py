@@ -280,3 +280,15 @@ def test_match_colors_agrees_with_the_official_skimage_formulation() -> None:
         expected.append(0.3 * f + 0.7 * corrected)
     got = fr.match_colors((frames * 2 - 1).astype(np.float32), (ref * 2 - 1).astype(np.float32), 0.7)
     assert np.abs((got + 1) / 2 - np.stack(expected)).max() < 2e-3
+
+
+def test_match_colors_piecewise_equals_whole_video() -> None:
+    """The render colour-matches each latent's frames as the VAE yields them (1, then 4 at a time) and streams
+    them to the writer; that must give the frames matching the whole chunk at once gives (per-frame statistics)."""
+    g = torch.Generator().manual_seed(3)
+    video = torch.rand(3, 13, 24, 32, generator=g) * 1.6 - 0.8
+    ref = torch.rand(3, 24, 32, generator=g) * 2 - 1
+    whole = fr.match_colors_model(video, ref, 0.7)
+    pieces = [fr.match_colors_model(video[:, a:b], ref, 0.7) for a, b in ((0, 1), (1, 5), (5, 9), (9, 13))]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=0, atol=1e-6)
+    assert np.array_equal(np.concatenate([fr.from_model(p) for p in pieces]), fr.from_model(whole))
