@@ -411,13 +411,20 @@ class Engine:
                 kvs = None  # free this chunk's K/V before the VAE decode (and before the next chunk's)
                 lap("denoise")
 
-                # decode one latent frame at a time, colour-match (on the device, before quantising, as
-                # upstream) and hand each piece to the writer at once, so the mp4 encoding runs while the VAE
-                # decodes the rest; the matched float frames' last `motion` frames are the next chunk's context
+                # decode, colour-match (on the device, before quantising, as upstream) and hand the frames to the
+                # writer; the matched float frames' last `motion` frames are the next chunk's context. The last
+                # chunk goes to the writer one latent frame at a time, so its encoding runs while the VAE decodes
+                # the rest (nothing else is left to overlap it with); earlier chunks are decoded whole, without
+                # the per-piece syncs and the writer's competition, since their encoding overlaps the next
+                # chunk's denoising (H100, bench/RESULTS.md session 4: streaming every chunk saved 0.8 s on a
+                # one-chunk job but cost 1.1 s on each further chunk).
+                parts = self.m.vae.decode_iter(z[None].to(self.m.vae.dtype))
+                if ci < len(plan):
+                    parts = iter([torch.cat(list(parts), dim=2)])
                 pieces: list[torch.Tensor] = []
                 seen = 0  # frames of this chunk decoded so far
-                for part in self.m.vae.decode_iter(z[None].to(self.m.vae.dtype)):
-                    part = part[0]  # [3, 1 or 4, H, W]
+                for part in parts:
+                    part = part[0]  # [3, n, H, W]
                     if req.color_correction > 0:
                         part = fr.match_colors_model(part, ref_t.to(part.device), req.color_correction)
                     pieces.append(part)
