@@ -3,7 +3,7 @@ from a real ComfyUI models folder through the engine's own loader."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -119,3 +119,76 @@ def kernel_breakdown(fn: Callable[[], object], top: int = 25) -> dict[str, objec
     rows.sort(reverse=True)
     return {"ms_by_kind": {k: round(v, 1) for k, v in kinds.items()},
             "top": [{"ms": round(ms, 2), "calls": n, "kind": k, "kernel": name} for ms, n, k, name in rows[:top]]}
+
+
+def attention_cases(length: int, heads: int = 40, head_dim: int = 128,
+                    ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """Self-attention inputs [1, length, heads, head_dim] on the GPU for the kernel probes: (q, k) in fp32 for three
+    distributions — "unit" (unit variance: near-uniform softmax), "peaky" (larger logits plus a per-channel K
+    offset), "outliers" (4 K channels 12x larger, the mirror channels of Q, plus a larger offset) — and one bf16 V."""
+    g = torch.Generator(device="cuda").manual_seed(length)
+    shape = (1, length, heads, head_dim)
+    q = torch.randn(*shape, device="cuda", generator=g)
+    k = torch.randn(*shape, device="cuda", generator=g)
+    v = torch.randn(*shape, device="cuda", generator=g).bfloat16()
+    chan_bias = torch.randn(1, 1, heads, head_dim, device="cuda", generator=g)
+    outl = torch.ones(1, 1, heads, head_dim, device="cuda")
+    outl[..., :4] = 12.0
+    return {"unit": (q, k), "peaky": (q * 1.8, k * 1.8 + 2 * chan_bias),
+            "outliers": (q * outl.flip(-1) * 0.7, k * outl * 0.7 + 3 * chan_bias)}, v
+
+
+def compare_forwards(models: Path | None, variants: list[tuple[str, bool, Callable[..., torch.Tensor]]],
+                     baselines: dict[bool, str], *, profile: bool, top: int = 8) -> Iterator[dict[str, object]]:
+    """The full-size DiT (random weights unless ``models``) compiled at 448x896x81 once per variant (name, fp8 GEMMs
+    with fast accumulation?, self-attention kernel), in order; the bf16 -> fp8 conversion happens at the first fp8
+    variant. Yields one row per variant: s / forward (median of 3), compile s, peak GiB, closeness to the variant
+    named in ``baselines[fp8 GEMMs]`` when that ran before (same GEMMs, other attention), and with ``profile`` the
+    kernel time by kind. A variant that raises yields its traceback instead."""
+    import traceback
+
+    from bench.bench_fast import closeness, make_inputs, timed, wall_once
+    from engine import fast
+
+    model = bench_dit(models, "cuda", torch.bfloat16)
+    kw = make_inputs(model.cfg, 448, 896, 81, "cuda", torch.bfloat16, seed=0)
+    outs: dict[str, torch.Tensor] = {}
+    with torch.no_grad(), fast.preferred_attention():
+        for name, gemm_fp8, kernel in variants:
+            row: dict[str, object] = {"forward": name}
+            try:
+                if gemm_fp8 and not any(isinstance(m, fast.Fp8Linear) for m in model.modules()):
+                    fast.enable_fp8(model, fast_accum=True)
+                for block in model.blocks:
+                    block.self_attn.kernel = kernel
+                torch._dynamo.reset()
+                fast.compile_blocks(model)
+                torch.cuda.reset_peak_memory_stats()
+                first, _ = wall_once(lambda: model(**kw))
+                sec, out = timed(lambda: model(**kw), 3)
+                outs[name] = out.float().clone()
+                row.update(s_per_forward=round(sec, 3), compile_s=round(first - sec, 1),
+                           peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+                base = baselines.get(gemm_fp8)
+                if base and name != base and base in outs:
+                    c = closeness(outs[name], outs[base])
+                    row.update(rel_l2_vs_bf16_attention=round(c["rel_l2"], 5), cos=round(c["cos"], 6))
+                if profile:
+                    row["profile"] = kernel_breakdown(lambda: model(**kw), top=top)
+            except Exception:  # noqa: BLE001
+                row["error"] = traceback.format_exc()[-2000:]
+            yield row
+
+
+def mean_call_s(fn: Callable[[], object], iters: int = 10) -> float:
+    """Seconds per call of a GPU function: 2 warm-up calls, then the mean of ``iters`` between synchronisations."""
+    import time
+
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters

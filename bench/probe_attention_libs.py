@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,8 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import attention_cases, mean_call_s  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -74,15 +74,7 @@ def sage_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return sageattn_qk_int8_pv_fp8_cuda_sm90(q, k, v, tensor_layout="NHD", pv_accum_dtype="fp32+fp32")
 
 
-def bench(fn: Callable[[], Any], iters: int = 10) -> float:
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / iters
+bench = mean_call_s
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -93,15 +85,7 @@ def kernels(rep: dict[str, Any], lengths: list[int], nq: int) -> None:
     h, d = 40, 128
     for length in lengths:
         flops = 4 * length * length * d * h
-        g = torch.Generator(device="cuda").manual_seed(length)
-        base_q = torch.randn(1, length, h, d, device="cuda", generator=g)
-        base_k = torch.randn(1, length, h, d, device="cuda", generator=g)
-        v = torch.randn(1, length, h, d, device="cuda", generator=g).bfloat16()
-        chan_bias = torch.randn(1, 1, h, d, device="cuda", generator=g)
-        outl = torch.ones(1, 1, h, d, device="cuda")
-        outl[..., :4] = 12.0
-        cases = {"unit": (base_q, base_k), "peaky": (base_q * 1.8, base_k * 1.8 + 2 * chan_bias),
-                 "outliers": (base_q * outl.flip(-1) * 0.7, base_k * outl * 0.7 + 3 * chan_bias)}
+        cases, v = attention_cases(length, h, d)
         for cname, (qf, kf) in cases.items():
             q, k = qf.bfloat16(), kf.bfloat16()
             ref = sdpa(q[:, :nq].float(), k.float(), v.float())
@@ -135,15 +119,9 @@ def kernels(rep: dict[str, Any], lengths: list[int], nq: int) -> None:
 
 
 def forward(rep: dict[str, Any], models: Path | None, profile: bool, only: list[str]) -> None:
-    from bench.bench_fast import closeness, make_inputs, timed, wall_once  # noqa: PLC0415
-    from bench.common import bench_dit, kernel_breakdown  # noqa: PLC0415
-    from engine import fast  # noqa: PLC0415
+    from bench.common import compare_forwards  # noqa: PLC0415
     from engine.attention import attention, flash3_attention  # noqa: PLC0415
 
-    model = bench_dit(models, "cuda", torch.bfloat16)
-    kw = make_inputs(model.cfg, 448, 896, 81, "cuda", torch.bfloat16, seed=0)
-    outs: dict[str, Tensor] = {}
-    # (name, fp8 GEMMs, self-attention kernel)
     variants = [("bf16 GEMMs + FA3 bf16", False, flash3_attention),
                 ("fp8 GEMMs + cuDNN bf16", True, attention),
                 ("fp8 GEMMs + FA3 bf16", True, flash3_attention),
@@ -151,35 +129,11 @@ def forward(rep: dict[str, Any], models: Path | None, profile: bool, only: list[
     if sage_available():
         variants.insert(1, ("bf16 GEMMs + SageAttention", False, sage_attention))
         variants.append(("fp8 GEMMs + SageAttention", True, sage_attention))
-    bases = ("bf16 GEMMs + FA3 bf16", "fp8 GEMMs + cuDNN bf16")  # the bf16-exact attention of each GEMM kind
-    variants = [v for v in variants if not only or v[0] in only or v[0] in bases]
-    with torch.no_grad():
-        for name, gemm_fp8, kernel in variants:
-            try:
-                if gemm_fp8 and not any(isinstance(m, fast.Fp8Linear) for m in model.modules()):
-                    fast.enable_fp8(model, fast_accum=True)
-                for block in model.blocks:
-                    block.self_attn.kernel = kernel
-                with fast.preferred_attention():
-                    torch._dynamo.reset()
-                    fast.compile_blocks(model)
-                    torch.cuda.reset_peak_memory_stats()
-                    first, _ = wall_once(lambda: model(**kw))
-                    sec, out = timed(lambda: model(**kw), 3)
-                    outs[name] = out.float().clone()
-                    row: dict[str, Any] = {"forward": name, "s_per_forward": round(sec, 3),
-                                           "compile_s": round(first - sec, 1),
-                                           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
-                    base = ("fp8 GEMMs + cuDNN bf16" if gemm_fp8 else "bf16 GEMMs + FA3 bf16")
-                    if name != base and base in outs:  # same GEMMs, bf16-exact attention
-                        c = closeness(outs[name], outs[base])
-                        row.update(rel_l2_vs_bf16_attention=round(c["rel_l2"], 5), cos=round(c["cos"], 6))
-                    if profile:
-                        row["profile"] = kernel_breakdown(lambda: model(**kw), top=8)
-            except Exception:  # noqa: BLE001
-                row = {"forward": name, "error": traceback.format_exc()[-2000:]}
-            print(json.dumps(row), flush=True)
-            rep["forward"].append(row)
+    bases = {False: "bf16 GEMMs + FA3 bf16", True: "fp8 GEMMs + cuDNN bf16"}  # bf16-exact attention, same GEMMs
+    variants = [v for v in variants if not only or v[0] in only or v[0] in bases.values()]
+    for row in compare_forwards(models, variants, bases, profile=profile, top=8):
+        print(json.dumps(row), flush=True)
+        rep["forward"].append(row)
 
 
 def main() -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,8 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import attention_cases, mean_call_s  # noqa: E402
 
 FP8_MAX = 448.0
 
@@ -134,53 +135,18 @@ def fp8_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 def forward_probe(rep: dict[str, Any], models: Path | None, profile: bool) -> None:
     """Full-size DiT compiled, cuDNN bf16 SDPA vs cuDNN fp8 attention, with bf16 GEMMs and with fp8 GEMMs (fast
     accumulation); ``profile``: each variant's kernel time by kind (bench.common.kernel_breakdown)."""
-    from bench.bench_fast import closeness, make_inputs, timed, wall_once  # noqa: PLC0415
-    from bench.common import bench_dit, kernel_breakdown  # noqa: PLC0415
-    from engine import fast  # noqa: PLC0415
+    from bench.common import compare_forwards  # noqa: PLC0415
     from engine.attention import attention  # noqa: PLC0415
 
-    model = bench_dit(models, "cuda", torch.bfloat16)
-    kw = make_inputs(model.cfg, 448, 896, 81, "cuda", torch.bfloat16, seed=0)
-    outs: dict[str, Tensor] = {}
-    variants = (("bf16 GEMMs + cuDNN fp8 attention", False, fp8_attention),
+    variants = [("bf16 GEMMs + cuDNN fp8 attention", False, fp8_attention),
                 ("fp8 GEMMs + cuDNN bf16 SDPA", True, attention),
-                ("fp8 GEMMs + cuDNN fp8 attention", True, fp8_attention))
-    with torch.no_grad(), fast.preferred_attention():
-        for name, gemm_fp8, kernel in variants:
-            try:
-                if gemm_fp8 and not any(isinstance(m, fast.Fp8Linear) for m in model.modules()):
-                    fast.enable_fp8(model, fast_accum=True)
-                for block in model.blocks:
-                    block.self_attn.kernel = kernel
-                torch._dynamo.reset()
-                fast.compile_blocks(model)
-                torch.cuda.reset_peak_memory_stats()
-                first, _ = wall_once(lambda: model(**kw))
-                sec, out = timed(lambda: model(**kw), 3)
-                outs[name] = out.float().clone()
-                row: dict[str, Any] = {"forward": name, "s_per_forward": round(sec, 3),
-                                       "compile_s": round(first - sec, 1),
-                                       "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
-                if name.startswith("fp8 GEMMs + cuDNN fp8") and "fp8 GEMMs + cuDNN bf16 SDPA" in outs:
-                    c = closeness(outs[name], outs["fp8 GEMMs + cuDNN bf16 SDPA"])
-                    row.update(rel_l2_vs_bf16_attention=round(c["rel_l2"], 5), cos=round(c["cos"], 6))
-                if profile:
-                    row["profile"] = kernel_breakdown(lambda: model(**kw), top=12)
-            except Exception:  # noqa: BLE001
-                row = {"forward": name, "error": traceback.format_exc()[-2000:]}
-            print(json.dumps(row), flush=True)
-            rep.setdefault("forward", []).append(row)
+                ("fp8 GEMMs + cuDNN fp8 attention", True, fp8_attention)]
+    for row in compare_forwards(models, variants, {True: "fp8 GEMMs + cuDNN bf16 SDPA"}, profile=profile, top=12):
+        print(json.dumps(row), flush=True)
+        rep.setdefault("forward", []).append(row)
 
 
-def bench(fn: Any, iters: int = 10) -> float:
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / iters
+bench = mean_call_s
 
 
 def main() -> None:
@@ -202,18 +168,7 @@ def main() -> None:
     rot = hadamard(d, "cuda")
     for length in [int(x) for x in args.lengths.split(",")]:
         flops = 4 * length * length * d * h
-        g = torch.Generator(device="cuda").manual_seed(length)
-        base_q = torch.randn(1, length, h, d, device="cuda", generator=g)
-        base_k = torch.randn(1, length, h, d, device="cuda", generator=g)
-        v = torch.randn(1, length, h, d, device="cuda", generator=g).bfloat16()
-        chan_bias = torch.randn(1, 1, h, d, device="cuda", generator=g)
-        outl = torch.ones(1, 1, h, d, device="cuda")
-        outl[..., :4] = 12.0
-        cases = {
-            "unit": (base_q, base_k),
-            "peaky": (base_q * 1.8, base_k * 1.8 + 2 * chan_bias),
-            "outliers": (base_q * outl.flip(-1) * 0.7, base_k * outl * 0.7 + 3 * chan_bias),
-        }
+        cases, v = attention_cases(length, h, d)
 
         def torch_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
