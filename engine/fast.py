@@ -366,8 +366,9 @@ def use_flash3(dit: nn.Module, *, on: bool = True) -> int:
     """Route every block's self-attention through :func:`engine.attention.flash3_attention` (FlashAttention-3;
     ``on=False``: back to SDPA). Returns the number of blocks changed. Call before :func:`compile_blocks`.
 
-    Only the self-attention changes: it is ~97 % of the DiT's attention time at 480p (32 928 queries x 32 928
-    keys); the cross-attentions (512 text, 257 image, 32-per-frame audio keys) stay on SDPA. The kernel is chosen
+    Only the self-attention changes: it is ~95 % of the DiT's attention time at 480p (32 928 queries x 32 928
+    keys; H100 profile, bench/RESULTS.md session 4); the cross-attentions (512 text, 257 image, 32-per-frame audio
+    keys) stay on SDPA. The kernel is chosen
     here, per module, instead of by re-routing torch's flash SDPA backend: that routing is process-wide, and
     Inductor's on-disk graph cache does not key on it (a graph compiled under cuDNN was served again under the
     FA3 routing in the H100 probe), while a different kernel function is a different graph.
