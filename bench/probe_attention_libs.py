@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import attention_cases, mean_call_s  # noqa: E402
+from engine.attention import attention as sdpa  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -75,10 +75,6 @@ def sage_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 bench = mean_call_s
-
-
-def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
 def kernels(rep: dict[str, Any], lengths: list[int], nq: int) -> None:

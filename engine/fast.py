@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -350,7 +350,11 @@ def enable_int8_attention(dit: nn.Module, *, pv_fp8: bool = True, on: bool = Tru
 
     if on and not available():
         raise RuntimeError("int8 attention needs a CUDA GPU of compute capability 8.9+ and Triton")
-    kernel = functools.partial(int8_attention, pv_fp8=pv_fp8) if on else attention
+    return _set_self_attention(dit, functools.partial(int8_attention, pv_fp8=pv_fp8) if on else attention)
+
+
+def _set_self_attention(dit: nn.Module, kernel: Callable[[Tensor, Tensor, Tensor], Tensor]) -> int:
+    """Every block's self-attention function (``SelfAttention.kernel``); returns the number of blocks."""
     blocks = list(dit.blocks)  # type: ignore[union-attr]
     for block in blocks:
         block.self_attn.kernel = kernel
@@ -368,10 +372,10 @@ def use_flash3(dit: nn.Module, *, on: bool = True) -> int:
 
     Only the self-attention changes: it is ~95 % of the DiT's attention time at 480p (32 928 queries x 32 928
     keys; H100 profile, bench/RESULTS.md session 4); the cross-attentions (512 text, 257 image, 32-per-frame audio
-    keys) stay on SDPA. The kernel is chosen
-    here, per module, instead of by re-routing torch's flash SDPA backend: that routing is process-wide, and
-    Inductor's on-disk graph cache does not key on it (a graph compiled under cuDNN was served again under the
-    FA3 routing in the H100 probe), while a different kernel function is a different graph.
+    keys) stay on SDPA. The kernel is chosen here, per module, instead of by re-routing torch's flash SDPA
+    backend: that routing is process-wide, and in the H100 probe a forward compiled under it still ran cuDNN's
+    kernel (seen in the profile; a 1.8 s compile suggests a cached graph was reused, not proven), while a
+    different kernel function is a different graph.
 
     Raises RuntimeError where FA3 cannot run (see :func:`engine.attention.flash3_available`).
     """
@@ -379,10 +383,7 @@ def use_flash3(dit: nn.Module, *, on: bool = True) -> int:
 
     if on and not flash3_available():
         raise RuntimeError(FA3_MISSING)
-    blocks = list(dit.blocks)  # type: ignore[union-attr]
-    for block in blocks:
-        block.self_attn.kernel = flash3_attention if on else attention
-    return len(blocks)
+    return _set_self_attention(dit, flash3_attention if on else attention)
 
 
 def wants_flash3(setting: str, *, fast: bool, available: bool, dtype: torch.dtype) -> bool:

@@ -325,6 +325,7 @@ class Engine:
         plan = sampling.plan_chunks(n_frames, window, motion)
         ts = sampling.timesteps(req.steps, req.shift)
         ref_t = fr.to_model(ref_img[None])[:, 0]  # [3, H, W]
+        ref_match = ref_t.to(self.m.device)  # the colour-matching reference, where the VAE decodes
         y = clip_fea = None
         if reader is None:
             y, clip_fea = self._still_condition(ref_img, ref_t, window)
@@ -426,7 +427,7 @@ class Engine:
                 for part in parts:
                     part = part[0]  # [3, n, H, W]
                     if req.color_correction > 0:
-                        part = fr.match_colors_model(part, ref_t.to(part.device), req.color_correction)
+                        part = fr.match_colors_model(part, ref_match, req.color_correction)
                     pieces.append(part)
                     keep = part[:, max(chunk.keep_from - seen, 0):][:, : max(0, n_frames - written)]
                     seen += part.shape[1]
