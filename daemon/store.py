@@ -1,117 +1,48 @@
-"""The only code that talks to the database (SQLAlchemy 2 Core over the table in jobs.py).
+"""The only code that talks to the database (SQLAlchemy 2 Core over the tables in jobs.py and db_models.py).
 
-SQLite rules (daemon.md section 4): the file lives on a local disk; WAL; a busy timeout; every
-transaction starts with ``BEGIN IMMEDIATE`` so a read-then-write never fails with "database is
-locked" half-way; transactions are tiny and never held across GPU work.
+One coordinator for one host or a fleet (docs/daemon.md §4): SQLite on a local disk, or PostgreSQL
+shared by several hosts. Connection settings live in :mod:`daemon.db`, schema changes in
+:mod:`daemon.migrations`, the fleet's tables (workers, leases, output names, the scanner's waiting
+list) in :mod:`daemon.store_fleet`.
 
-Every status change is a guarded UPDATE that names the expected current status (and, for a running
-job, the worker and attempt that claimed it: fencing) and checks that a row matched.
+Rules:
+- every status change is one entry of :data:`daemon.jobs.TRANSITIONS`, applied as a guarded UPDATE
+  that names the statuses it may start from (and, for a running job, the worker and attempt that
+  claimed it: fencing) and checks that a row matched;
+- every timestamp and every lease is computed by the database (:func:`daemon.db.db_now`), never from
+  the clock of the host that runs this code;
+- transactions are tiny and never held across GPU work.
 
-Portability: statements are plain SQLAlchemy Core. The dialect-specific part of claiming lives in
-:func:`_claim_statement` (PostgreSQL adds ``FOR UPDATE SKIP LOCKED``); the SQLite connection
-set-up lives in :func:`_sqlite_engine`.
+The dialect-specific part of claiming lives in :meth:`Store.claim` (PostgreSQL adds
+``FOR UPDATE SKIP LOCKED``; on SQLite ``BEGIN IMMEDIATE`` already makes writers take turns).
 """
 
 from __future__ import annotations
 
-import sqlite3
-import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, Table, create_engine, delete, event, func, insert, select, update
-from sqlalchemy.engine import Row
+from sqlalchemy import ColumnElement, Engine, Table, and_, delete, func, insert, or_, select, update
+from sqlalchemy.engine import URL, Row
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.sql import Update
 
-from daemon.jobs import TERMINAL, Base, Job, JobRow, JobStatus, SchemaMeta
+from daemon.db import StoreError, StoreOptions, StoreSettings, build_url, db_now, make_engine, redacted
+from daemon.jobs import TERMINAL, TRANSITIONS, Job, JobRow, JobStatus
+from daemon.migrations import SCHEMA_VERSION, read_version
+from daemon.migrations import migrate as run_migrations
+from daemon.store_fleet import FleetOps
 
 __all__ = ["Store", "StoreError", "StaleJob", "SCHEMA_VERSION"]
 
 _T = cast(Table, JobRow.__table__)
-_META = cast(Table, SchemaMeta.__table__)
-
-
-class StoreError(RuntimeError):
-    """The database cannot be used (unreadable, or a schema newer than this program)."""
 
 
 class StaleJob(RuntimeError):
     """A guarded update matched no row: the job is no longer in the state this worker holds."""
-
-
-# --------------------------------------------------------------------------------------------
-# Schema migrations. Each function brings the schema from version i to i + 1 inside one
-# transaction. When migration 2 is added, freeze migration 1's DDL (today it is create_all of
-# the current models) as literal Table definitions, and make migration 2 an ALTER.
-# --------------------------------------------------------------------------------------------
-
-
-def _migration_1(conn: Connection) -> None:
-    Base.metadata.create_all(conn, tables=[_T])
-
-
-_MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1]
-SCHEMA_VERSION = len(_MIGRATIONS)
-
-
-def _sqlite_engine(path: Path, busy_timeout_ms: int) -> Engine:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(f"sqlite:///{path}", connect_args={"check_same_thread": False})
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        # Take transaction control away from the sqlite3 module (it would emit a deferred BEGIN
-        # only before DML); _on_begin below emits BEGIN IMMEDIATE instead (SQLAlchemy's
-        # documented pysqlite recipe, with IMMEDIATE).
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        cur.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-        # Switching to WAL needs a moment alone with the file and does not wait on busy_timeout:
-        # retry while another process (a CLI command, the daemon) creates or opens it too.
-        deadline = time.monotonic() + busy_timeout_ms / 1000
-        while cur.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-            try:
-                cur.execute("PRAGMA journal_mode = WAL")
-            except sqlite3.OperationalError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        cur.execute("PRAGMA synchronous = NORMAL")  # durable at checkpoints; WAL keeps it consistent
-        cur.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-    return engine
-
-
-def _claim_statement(dialect: str, worker_id: str, now: float, lease_s: float) -> Update:
-    """UPDATE the oldest queued job to running and return it.
-
-    SQLite: exclusivity comes from BEGIN IMMEDIATE (one writer at a time; SKIP LOCKED would mean
-    nothing). PostgreSQL: the candidate row is locked with FOR UPDATE SKIP LOCKED so several
-    hosts claim different jobs.
-    """
-    candidate = (
-        select(_T.c.id)
-        .where(_T.c.status == JobStatus.QUEUED.value, _T.c.cancel_requested.is_(False))
-        .order_by(_T.c.id)
-        .limit(1)
-    )
-    if dialect == "postgresql":
-        candidate = candidate.with_for_update(skip_locked=True)
-    return (
-        update(_T)
-        .where(_T.c.id == candidate.scalar_subquery(), _T.c.status == JobStatus.QUEUED.value)
-        .values(status=JobStatus.RUNNING.value, worker_id=worker_id, attempts=_T.c.attempts + 1,
-                lease_until=now + lease_s, heartbeat_at=now, started_at=now, updated_at=now,
-                progress=0.0, progress_text="", error=None)
-        .returning(*_T.c)
-    )
 
 
 def _job(row: Row[Any]) -> Job:
@@ -123,47 +54,97 @@ def _job(row: Row[Any]) -> Job:
     return Job(**data)
 
 
-class Store:
+def _guarded(name: str, *where: Any, **values: Any) -> Update:
+    """UPDATE jobs per transition ``name``: only rows in one of its source statuses and matching
+    ``where``; SET exactly what the transition allows (see :class:`daemon.jobs.Transition`)."""
+    tr = TRANSITIONS[name]
+    return (update(_T).where(_T.c.status.in_(sorted(s.value for s in tr.sources)), *where)
+            .values(tr.values(**values)))
+
+
+_GIVE_UP = ("interrupted {attempts} times (the process died during each render); "
+            "giving up after jobs.max_attempts={max_attempts}")
+
+
+class Store(FleetOps):
     """Job persistence. Safe to share between threads (each call takes its own connection)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
     @classmethod
-    def open(cls, database: Path | str, *, busy_timeout_ms: int = 10_000) -> Store:
-        """Open (creating and migrating) a database: a file path for SQLite, or a SQLAlchemy URL."""
+    def open(cls, database: Path | str, *, busy_timeout_ms: int = 10_000, options: StoreOptions | None = None,
+             migrate: bool = True) -> Store:
+        """Open a database: a file path for SQLite, or a URL (``options`` adds the password and timeouts).
+
+        With ``migrate`` (the default) the schema is brought to :data:`SCHEMA_VERSION` first; without,
+        an older schema is refused with a pointer to ``infinitetalkd migrate``."""
+        if options is None:
+            options = StoreOptions(busy_timeout_s=busy_timeout_ms / 1000)
         if isinstance(database, Path):
-            engine = _sqlite_engine(database, busy_timeout_ms)
+            url = build_url(replace(options, url=None), database)
         else:
-            engine = create_engine(database)
-        store = cls(engine)
-        store._migrate()
+            url = build_url(replace(options, url=database), Path())
+        return cls._start(url, options, migrate)
+
+    @classmethod
+    def connect(cls, settings: StoreSettings | None, sqlite_path: Path, *, migrate: bool = True) -> Store:
+        """Open the store ``cfg.store`` describes (None or no url: SQLite at ``sqlite_path``)."""
+        opts = StoreOptions() if settings is None else StoreOptions.from_settings(settings)
+        return cls._start(build_url(opts, sqlite_path), opts, migrate)
+
+    @classmethod
+    def _start(cls, url: URL, opts: StoreOptions, migrate: bool) -> Store:
+        store = cls(make_engine(url, opts))
+        try:
+            if migrate:
+                store.migrate()
+            else:
+                store.check_schema()
+        except BaseException:
+            store.close()
+            raise
         return store
 
     def close(self) -> None:
         self.engine.dispose()
 
+    @property
+    def url(self) -> str:
+        """Where the store is, without the password (for logs, ``status`` and ``doctor``)."""
+        return redacted(self.engine.url)
+
+    @property
+    def backend(self) -> str:
+        return self.engine.dialect.name
+
+    def __repr__(self) -> str:
+        return f"Store({self.url})"
+
+    def _now(self) -> ColumnElement[float]:
+        return db_now(self.engine.dialect.name)
+
     # -- schema -------------------------------------------------------------------------------
 
-    def _migrate(self) -> None:
+    def migrate(self) -> tuple[int, int]:
+        """Bring the schema to :data:`SCHEMA_VERSION`; returns (version found, version now)."""
+        return run_migrations(self.engine)
+
+    def check_schema(self) -> int:
+        """The schema version, or :class:`StoreError` if it is not the one this program uses."""
         with self.engine.begin() as conn:
-            Base.metadata.create_all(conn, tables=[_META])
-            current = conn.execute(select(_META.c.version).where(_META.c.id == 1)).scalar()
-            if current is None:
-                conn.execute(insert(_META).values(id=1, version=0))
-                current = 0
-            if current > SCHEMA_VERSION:
-                raise StoreError(
-                    f"the job database has schema version {current}, newer than this infinitetalkd "
-                    f"({SCHEMA_VERSION}); upgrade infinitetalkd or point paths.state elsewhere"
-                )
-            for version in range(current, SCHEMA_VERSION):
-                _MIGRATIONS[version](conn)
-            conn.execute(update(_META).where(_META.c.id == 1).values(version=SCHEMA_VERSION))
+            found = read_version(conn) or 0
+        if found > SCHEMA_VERSION:
+            raise StoreError(f"the job database has schema version {found}, newer than this infinitetalkd "
+                             f"({SCHEMA_VERSION}); upgrade infinitetalkd")
+        if found < SCHEMA_VERSION:
+            raise StoreError(f"the job database has schema version {found}; this infinitetalkd needs "
+                             f"{SCHEMA_VERSION}: run 'infinitetalkd migrate'")
+        return found
 
     def schema_version(self) -> int:
         with self.engine.begin() as conn:
-            return int(conn.execute(select(_META.c.version).where(_META.c.id == 1)).scalar_one())
+            return read_version(conn) or 0
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -218,18 +199,22 @@ class Store:
     def add(self, *, fingerprint: str, stem: str, inputs: list[dict[str, Any]], params: dict[str, Any],
             identity: str, max_attempts: int) -> tuple[Job, bool]:
         """Insert a queued job unless its fingerprint exists. Returns (job, created)."""
-        now = time.time()
+        return self._insert_once(fingerprint, stem=stem, status=JobStatus.QUEUED.value, max_attempts=max_attempts,
+                                 inputs=inputs, params=params, engine_identity=identity)
+
+    def _insert_once(self, fingerprint: str, **values: Any) -> tuple[Job, bool]:
+        """INSERT a job row unless ``fingerprint`` exists: (job, created). Exactly one of several
+        concurrent callers (hosts) gets created=True; only it may move the files."""
         try:
             with self.engine.begin() as conn:
                 row = conn.execute(select(_T).where(_T.c.fingerprint == fingerprint)).first()
                 if row is not None:
                     return _job(row), False
+                now = self._now()
                 row = conn.execute(
-                    insert(_T).values(fingerprint=fingerprint, stem=stem, status=JobStatus.QUEUED.value,
-                                      attempts=0, max_attempts=max_attempts, cancel_requested=False,
-                                      created_at=now, updated_at=now, inputs=inputs, params=params,
-                                      engine_identity=identity, progress=0.0, progress_text="",
-                                      outputs={}, timings={}).returning(*_T.c)
+                    insert(_T).values(fingerprint=fingerprint, attempts=0, cancel_requested=False,
+                                      created_at=now, updated_at=now, progress=0.0, progress_text="",
+                                      outputs={}, timings={}, **values).returning(*_T.c)
                 ).one()
                 return _job(row), True
         except IntegrityError:  # another process inserted it between our select and insert
@@ -238,18 +223,17 @@ class Store:
                 raise
             return existing, False
 
-    def add_rejected(self, *, stem: str, inputs: list[dict[str, Any]], error: str) -> Job:
-        """Record inputs refused at ingest as a failed job, so status and metrics show them."""
-        now = time.time()
-        with self.engine.begin() as conn:
-            row = conn.execute(
-                insert(_T).values(fingerprint=f"rejected:{uuid.uuid4().hex}", stem=stem,
-                                  status=JobStatus.FAILED.value, attempts=0, max_attempts=0,
-                                  cancel_requested=False, created_at=now, updated_at=now, finished_at=now,
-                                  inputs=inputs, params={}, engine_identity="", progress=0.0,
-                                  progress_text="", error=error, outputs={}, timings={}).returning(*_T.c)
-            ).one()
-        return _job(row)
+    def reject(self, key: str, *, stem: str, inputs: list[dict[str, Any]], error: str) -> tuple[Job, bool]:
+        """Record a refused drop once per ``key`` (:func:`daemon.jobs.rejection_key`): (job, created).
+        Only the caller that got created=True moves the files to failed/."""
+        return self._insert_once(f"rejected:{key}", stem=stem, status=JobStatus.FAILED.value, max_attempts=0,
+                                 inputs=inputs, params={}, engine_identity="", error=error,
+                                 finished_at=self._now())
+
+    def add_rejected(self, *, stem: str, inputs: list[dict[str, Any]], error: str, key: str | None = None) -> Job:
+        """Record inputs refused at ingest as a failed job, so status and metrics show them (a fresh
+        row each call unless ``key`` is given; see :meth:`reject`)."""
+        return self.reject(key or uuid.uuid4().hex, stem=stem, inputs=inputs, error=error)[0]
 
     def set_failed_dir(self, job_id: int, failed_dir: str) -> None:
         with self.engine.begin() as conn:
@@ -257,16 +241,11 @@ class Store:
 
     def requeue_finished(self, job: Job, *, stem: str, inputs: list[dict[str, Any]], max_attempts: int) -> Job:
         """A finished job's inputs were dropped again: queue it once more with fresh attempts."""
-        now = time.time()
+        now = self._now()
         with self.engine.begin() as conn:
             row = conn.execute(
-                update(_T)
-                .where(_T.c.id == job.id, _T.c.status == job.status.value)
-                .values(status=JobStatus.QUEUED.value, stem=stem, inputs=inputs, attempts=0,
-                        max_attempts=max_attempts, cancel_requested=False, error=None, failed_dir=None,
-                        worker_id=None, lease_until=None, started_at=None, finished_at=None,
-                        progress=0.0, progress_text="", created_at=now, updated_at=now)
-                .returning(*_T.c)
+                _guarded("redrop", _T.c.id == job.id, _T.c.status == job.status.value, stem=stem, inputs=inputs,
+                         max_attempts=max_attempts, created_at=now, updated_at=now).returning(*_T.c)
             ).first()
         if row is None:
             raise StaleJob(f"job {job.id} changed while it was being requeued")
@@ -275,27 +254,46 @@ class Store:
     # -- the worker's side --------------------------------------------------------------------
 
     def claim(self, worker_id: str, lease_s: float) -> Job | None:
-        """Move the oldest queued job to running for ``worker_id``; None when the queue is empty."""
+        """Give ``worker_id`` the oldest claimable job: a queued one, or a running one whose lease
+        expired on the database clock (its holder stopped heartbeating; attempts + 1, and the old
+        holder's fence no longer matches). None when there is none. Jobs with no attempt left or a
+        cancel request are left to :meth:`sweep_expired`."""
+        now = self._now()
+        claimable = and_(_T.c.cancel_requested.is_(False), or_(
+            _T.c.status == JobStatus.QUEUED.value,
+            and_(_T.c.status == JobStatus.RUNNING.value, _T.c.lease_until < now,
+                 _T.c.attempts < _T.c.max_attempts)))
+        candidate = select(_T.c.id).where(claimable).order_by(_T.c.id).limit(1)
+        if self.engine.dialect.name == "postgresql":
+            # Several hosts claim different rows instead of queueing on the first one's lock.
+            candidate = candidate.with_for_update(skip_locked=True)
+        stmt = _guarded("claim", _T.c.id == candidate.scalar_subquery(), claimable,
+                        worker_id=worker_id, attempts=_T.c.attempts + 1, lease_until=now + lease_s,
+                        heartbeat_at=now, started_at=now, updated_at=now)
         with self.engine.begin() as conn:
-            stmt = _claim_statement(self.engine.dialect.name, worker_id, time.time(), lease_s)
-            row = conn.execute(stmt).first()
+            row = conn.execute(stmt.returning(*_T.c)).first()
         return None if row is None else _job(row)
 
-    def _fenced(self, job: Job, worker_id: str) -> Any:
+    def _fenced(self, job: Job, worker_id: str) -> tuple[ColumnElement[bool], ...]:
         return (_T.c.id == job.id, _T.c.status == JobStatus.RUNNING.value, _T.c.worker_id == worker_id,
                 _T.c.attempts == job.attempts)
 
+    def holds(self, job: Job, worker_id: str) -> bool:
+        """Whether ``worker_id`` still holds this attempt of ``job`` (checked right before publishing)."""
+        with self.engine.begin() as conn:
+            return conn.execute(select(_T.c.id).where(*self._fenced(job, worker_id))).first() is not None
+
     def heartbeat(self, job: Job, worker_id: str, lease_s: float, progress: float,
                   text: str) -> tuple[bool, bool] | None:
-        """Extend the lease and store progress. Returns (still ours, cancel requested), or None when
-        the database stayed busy past the busy timeout (the caller simply tries again later)."""
-        now = time.time()
+        """Extend the lease to database now + ``lease_s`` and store progress. Returns (still ours,
+        cancel requested), or None when the database could not be reached or stayed busy or locked
+        past its timeouts (the caller simply tries again later)."""
+        now = self._now()
         try:
             with self.engine.begin() as conn:
                 row = conn.execute(
-                    update(_T).where(*self._fenced(job, worker_id))
-                    .values(lease_until=now + lease_s, heartbeat_at=now, updated_at=now,
-                            progress=progress, progress_text=text)
+                    _guarded("heartbeat", *self._fenced(job, worker_id), lease_until=now + lease_s,
+                             heartbeat_at=now, updated_at=now, progress=progress, progress_text=text)
                     .returning(_T.c.cancel_requested)
                 ).first()
         except OperationalError:
@@ -309,13 +307,13 @@ class Store:
                failed_dir: str | None = None) -> Job:
         """running -> done | failed | cancelled, only if this worker still holds this attempt."""
         assert status in TERMINAL
-        now = time.time()
+        name = {JobStatus.DONE: "done", JobStatus.FAILED: "fail", JobStatus.CANCELLED: "cancel_running"}[status]
+        now = self._now()
         with self.engine.begin() as conn:
             row = conn.execute(
-                update(_T).where(*self._fenced(job, worker_id))
-                .values(status=status.value, error=error, outputs=outputs or {}, timings=timings or {},
-                        failed_dir=failed_dir, finished_at=now, updated_at=now, lease_until=None,
-                        progress=1.0 if status is JobStatus.DONE else _T.c.progress, progress_text=status.value)
+                _guarded(name, *self._fenced(job, worker_id), error=error, outputs=outputs or {},
+                         timings=timings or {}, failed_dir=failed_dir, finished_at=now, updated_at=now,
+                         progress=1.0 if status is JobStatus.DONE else _T.c.progress, progress_text=status.value)
                 .returning(*_T.c)
             ).first()
         if row is None:
@@ -325,49 +323,71 @@ class Store:
     def requeue(self, job: Job, worker_id: str, *, refund: bool, error: str | None = None) -> Job:
         """running -> queued. ``refund`` gives the attempt back (a clean shutdown is not the job's
         fault); otherwise the attempt stays used and the caller fails the job when none are left."""
-        now = time.time()
         attempts = _T.c.attempts - 1 if refund else _T.c.attempts
         with self.engine.begin() as conn:
             row = conn.execute(
-                update(_T).where(*self._fenced(job, worker_id))
-                .values(status=JobStatus.QUEUED.value, attempts=attempts, worker_id=None, lease_until=None,
-                        updated_at=now, error=error, progress=0.0, progress_text="")
-                .returning(*_T.c)
+                _guarded("requeue", *self._fenced(job, worker_id), attempts=attempts, error=error,
+                         updated_at=self._now()).returning(*_T.c)
             ).first()
         if row is None:
             raise StaleJob(f"job {job.id} is no longer held by {worker_id}")
         return _job(row)
 
-    def recover(self, host: str) -> tuple[list[Job], list[Job]]:
-        """At start: running jobs of this host (it runs one daemon) or with an expired lease were
-        interrupted. Requeue those with attempts left; fail the others. Returns (requeued, failed)."""
-        now = time.time()
+    def _recover(self, which: ColumnElement[bool]) -> tuple[list[Job], list[Job]]:
         requeued: list[Job] = []
         failed: list[Job] = []
+        now = self._now()
         with self.engine.begin() as conn:
-            rows = conn.execute(
-                select(_T).where(_T.c.status == JobStatus.RUNNING.value,
-                                 (_T.c.worker_id.like(f"{host}:%")) | (_T.c.lease_until < now))
-            ).all()
+            rows = conn.execute(select(_T).where(_T.c.status == JobStatus.RUNNING.value, which)).all()
             for r in rows:
                 job = _job(r)
+                same = (_T.c.id == job.id, _T.c.attempts == job.attempts)
                 if job.attempts >= job.max_attempts:
-                    error = (f"interrupted {job.attempts} times (the process died during each render); "
-                             f"giving up after jobs.max_attempts={job.max_attempts}")
-                    new = conn.execute(
-                        update(_T).where(_T.c.id == job.id, _T.c.status == JobStatus.RUNNING.value)
-                        .values(status=JobStatus.FAILED.value, error=error, finished_at=now, updated_at=now,
-                                worker_id=None, lease_until=None).returning(*_T.c)).one()
-                    failed.append(_job(new))
+                    stmt = _guarded("give_up", *same, finished_at=now, updated_at=now,
+                                    error=_GIVE_UP.format(attempts=job.attempts, max_attempts=job.max_attempts))
+                    failed.append(_job(conn.execute(stmt.returning(*_T.c)).one()))
                 else:
-                    new = conn.execute(
-                        update(_T).where(_T.c.id == job.id, _T.c.status == JobStatus.RUNNING.value)
-                        .values(status=JobStatus.QUEUED.value, worker_id=None, lease_until=None, updated_at=now,
-                                progress=0.0, progress_text="",
-                                error=f"interrupted during attempt {job.attempts}; requeued")
-                        .returning(*_T.c)).one()
-                    requeued.append(_job(new))
+                    stmt = _guarded("requeue", *same, updated_at=now,
+                                    error=f"interrupted during attempt {job.attempts}; requeued")
+                    requeued.append(_job(conn.execute(stmt.returning(*_T.c)).one()))
         return requeued, failed
+
+    def recover(self, host: str) -> tuple[list[Job], list[Job]]:
+        """At start, for the single-daemon-per-host layout of worker ids "<host>:<pid>": running
+        jobs of this host, or with an expired lease, were interrupted. Requeue those with attempts
+        left; fail the others. Returns (requeued, failed). A fleet uses :meth:`recover_worker`."""
+        return self._recover(_T.c.worker_id.like(f"{host}:%") | (_T.c.lease_until < self._now()))
+
+    def recover_worker(self, name: str) -> tuple[list[Job], list[Job]]:
+        """At a named worker's start (after :meth:`register_worker` succeeded, so no live process
+        has this name): the running jobs recorded under ``name`` belonged to its previous, dead
+        incarnation. Requeue those with attempts left, fail the others; a sibling's jobs are never
+        touched (their expiry is the claim's and the sweeper's business). Returns (requeued, failed)."""
+        return self._recover(_T.c.worker_id == name)
+
+    def sweep_expired(self) -> list[Job]:
+        """Finish running jobs whose lease expired and that no worker may claim again: no attempt
+        left (-> failed) or a cancel request (-> cancelled). Run by the ingest leader, which then
+        moves each job's inputs to failed/ and records it with :meth:`set_failed_dir`."""
+        now = self._now()
+        out: list[Job] = []
+        with self.engine.begin() as conn:
+            rows = conn.execute(select(_T).where(
+                _T.c.status == JobStatus.RUNNING.value, _T.c.lease_until < now,
+                (_T.c.attempts >= _T.c.max_attempts) | _T.c.cancel_requested.is_(True))).all()
+            for r in rows:
+                job = _job(r)
+                same = (_T.c.id == job.id, _T.c.attempts == job.attempts, _T.c.lease_until < now)
+                if job.cancel_requested:
+                    stmt = _guarded("cancel_running", *same, error="cancelled (its worker had stopped)",
+                                    finished_at=now, updated_at=now, progress_text=JobStatus.CANCELLED.value)
+                else:
+                    stmt = _guarded("give_up", *same, finished_at=now, updated_at=now,
+                                    error=_GIVE_UP.format(attempts=job.attempts, max_attempts=job.max_attempts))
+                row = conn.execute(stmt.returning(*_T.c)).first()
+                if row is not None:
+                    out.append(_job(row))
+        return out
 
     # -- operator commands ----------------------------------------------------------------------
 
@@ -375,35 +395,27 @@ class Store:
         """Flag a queued or running job for cancellation; the daemon acts on it. None if finished."""
         with self.engine.begin() as conn:
             row = conn.execute(
-                update(_T).where(_T.c.id == job_id,
-                                 _T.c.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
-                .values(cancel_requested=True, updated_at=time.time()).returning(*_T.c)
+                _guarded("request_cancel", _T.c.id == job_id, cancel_requested=True, updated_at=self._now())
+                .returning(*_T.c)
             ).first()
         return None if row is None else _job(row)
 
     def cancel_queued(self, job: Job, *, error: str, failed_dir: str | None) -> Job | None:
         """queued (with a cancel request) -> cancelled. None if it was claimed meanwhile."""
-        now = time.time()
+        now = self._now()
         with self.engine.begin() as conn:
             row = conn.execute(
-                update(_T).where(_T.c.id == job.id, _T.c.status == JobStatus.QUEUED.value)
-                .values(status=JobStatus.CANCELLED.value, error=error, failed_dir=failed_dir,
-                        finished_at=now, updated_at=now).returning(*_T.c)
+                _guarded("cancel_queued", _T.c.id == job.id, error=error, failed_dir=failed_dir,
+                         finished_at=now, updated_at=now).returning(*_T.c)
             ).first()
         return None if row is None else _job(row)
 
     def retry(self, job_id: int) -> Job | None:
         """failed | cancelled -> queued with fresh attempts. None if the job is in another state."""
-        now = time.time()
         with self.engine.begin() as conn:
             row = conn.execute(
-                update(_T).where(_T.c.id == job_id,
-                                 _T.c.status.in_([JobStatus.FAILED.value, JobStatus.CANCELLED.value]),
-                                 ~_T.c.fingerprint.startswith("rejected:"))
-                .values(status=JobStatus.QUEUED.value, attempts=0, cancel_requested=False, error=None,
-                        failed_dir=None, worker_id=None, lease_until=None, started_at=None,
-                        finished_at=None, progress=0.0, progress_text="", updated_at=now)
-                .returning(*_T.c)
+                _guarded("retry", _T.c.id == job_id, ~_T.c.fingerprint.startswith("rejected:"),
+                         updated_at=self._now()).returning(*_T.c)
             ).first()
         return None if row is None else _job(row)
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
 import struct
+import uuid
 import wave
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +103,63 @@ def dit_inputs(cfg, f: int = 3, h: int = 4, w: int = 4, seed: int = 1, device: s
         "audio": torch.randn(1, 1, 4 * (f - 1) + 1, cfg.audio_window, cfg.audio_feature_dim, generator=g),
     }
     return {k: v.to(device, dtype if k not in ("x", "t") else torch.float32) for k, v in t.items()}
+
+
+# -- the job database on both backends ------------------------------------------------------------
+# SQLite is always there. PostgreSQL is the server named by INFINITETALKD_TEST_PG_URL (a superuser's
+# SQLAlchemy URL; .ci/with-postgres starts a throwaway one and sets it). Each test gets a database of
+# its own, dropped afterwards. Without a reachable server the PostgreSQL cases skip, except in CI
+# (CI=true), where they fail: a green CI must have run them.
+
+PG_URL_ENV = "INFINITETALKD_TEST_PG_URL"
+
+
+def _pg_unavailable(reason: str) -> None:
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"PostgreSQL store tests cannot run in CI: {reason}")
+    pytest.skip(f"no PostgreSQL for the store tests: {reason} (run under .ci/with-postgres)")
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> str:
+    """The test server's URL (a superuser), checked to answer once per session."""
+    url = os.environ.get(PG_URL_ENV)
+    if not url:
+        _pg_unavailable(f"{PG_URL_ENV} is not set")
+        raise AssertionError("unreachable")
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    try:
+        dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        psycopg.connect(dsn, connect_timeout=5).close()
+    except Exception as exc:  # noqa: BLE001 - any failure means: no server for these tests
+        _pg_unavailable(f"{PG_URL_ENV} does not answer: {exc}")
+    return url
+
+
+@pytest.fixture
+def pg_url(pg_admin_url: str) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test; its URL."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    admin = make_url(pg_admin_url)
+    name = f"itd_test_{uuid.uuid4().hex[:12]}"
+    dsn = admin.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield admin.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_target(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """Where a test's job database lives: an SQLite file path, or a PostgreSQL URL (both go to Store.open)."""
+    if request.param == "sqlite":
+        return tmp_path / "state" / "jobs.db"
+    url: str = request.getfixturevalue("pg_url")
+    return url

@@ -1,4 +1,5 @@
-"""The job store on SQLite: migrations, idempotent ingest, exclusive claims, fencing, recovery."""
+"""The job store on SQLite and PostgreSQL: migrations, idempotent ingest, exclusive claims, fencing,
+recovery, lease takeover, the sweeper, and the transition table. Fleet tables: test_store_fleet.py."""
 
 from __future__ import annotations
 
@@ -7,16 +8,30 @@ import socket
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
+from sqlalchemy import Table, insert, inspect, update
 
-from daemon.jobs import JobStatus
+from daemon.db import StoreOptions, build_url, make_engine
+from daemon.jobs import TRANSITIONS, Base, Job, JobRow, JobStatus
+from daemon.migrations import migrate
 from daemon.store import SCHEMA_VERSION, StaleJob, Store, StoreError
+
+_JOBS = cast(Table, JobRow.__table__)
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
+def store(db_target: Path | str) -> Iterator[Store]:
+    s = Store.open(db_target)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def sqlite_store(tmp_path: Path) -> Iterator[Store]:
     s = Store.open(tmp_path / "jobs.db")
     yield s
     s.close()
@@ -29,9 +44,9 @@ def add(store: Store, fp: str, stem: str = "a", max_attempts: int = 3) -> int:
     return job.id
 
 
-def test_schema_version_and_pragmas(tmp_path: Path, store: Store) -> None:
-    assert store.schema_version() == SCHEMA_VERSION
-    store.close()
+def test_schema_version_and_pragmas(tmp_path: Path, sqlite_store: Store) -> None:
+    assert sqlite_store.schema_version() == SCHEMA_VERSION == 2
+    sqlite_store.close()
     again = Store.open(tmp_path / "jobs.db")  # reopening runs no migration twice
     assert again.schema_version() == SCHEMA_VERSION
     again.close()
@@ -60,8 +75,8 @@ def test_claim_is_fifo_and_counts_attempts(store: Store) -> None:
     assert store.claim("h:1", 30) is None
 
 
-def _claimer(path: str, worker: str, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
-    s = Store.open(Path(path))
+def _claimer(target: Path | str, worker: str, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    s = Store.open(target)
     got = []
     while (job := s.claim(worker, 30)) is not None:
         got.append(job.id)
@@ -69,12 +84,12 @@ def _claimer(path: str, worker: str, out: multiprocessing.Queue) -> None:  # typ
     out.put(got)
 
 
-def test_concurrent_processes_never_claim_the_same_job(tmp_path: Path, store: Store) -> None:
+def test_concurrent_processes_never_claim_the_same_job(db_target: Path | str, store: Store) -> None:
     for i in range(60):
         add(store, f"fp{i}")
     ctx = multiprocessing.get_context("fork")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_claimer, args=(str(tmp_path / "jobs.db"), f"h:{i}", q)) for i in range(4)]
+    procs = [ctx.Process(target=_claimer, args=(db_target, f"h:{i}", q)) for i in range(4)]
     for p in procs:
         p.start()
     claimed = [jid for _ in procs for jid in q.get(timeout=60)]
@@ -83,7 +98,8 @@ def test_concurrent_processes_never_claim_the_same_job(tmp_path: Path, store: St
     assert sorted(claimed) == list(range(1, 61))  # every job once, none twice
 
 
-def test_writer_waits_for_a_busy_database_instead_of_failing(tmp_path: Path, store: Store) -> None:
+def test_writer_waits_for_a_busy_database_instead_of_failing(tmp_path: Path, sqlite_store: Store) -> None:
+    store = sqlite_store
     con = sqlite3.connect(tmp_path / "jobs.db", isolation_level=None, check_same_thread=False)
     con.execute("BEGIN IMMEDIATE")  # another process holds the write lock
     con.execute("UPDATE schema_meta SET version = version")
@@ -155,3 +171,216 @@ def test_redrop_of_finished_job_requeues_it(store: Store) -> None:
         JobStatus.QUEUED, 0, 5, "renamed", None)
     with pytest.raises(StaleJob):
         store.requeue_finished(done, stem="x", inputs=[], max_attempts=5)  # it is no longer failed
+
+
+# -- migrations ---------------------------------------------------------------------------------
+
+
+def test_migrated_schema_matches_the_models(store: Store) -> None:
+    """The frozen migrations create exactly the tables and columns the live models describe."""
+    found = inspect(store.engine)
+    for table in Base.metadata.sorted_tables:
+        cols = {c["name"]: c for c in found.get_columns(table.name)}
+        assert set(cols) == set(table.c.keys()), table.name
+        for c in table.c:
+            assert cols[c.name]["nullable"] == c.nullable, (table.name, c.name)
+        indexed = {tuple(i["column_names"]) for i in found.get_indexes(table.name)}
+        for index in table.indexes:
+            assert tuple(c.name for c in index.columns) in indexed, (table.name, index.name)
+
+
+def test_upgrade_from_version_1_keeps_the_jobs(db_target: Path | str) -> None:
+    opts = StoreOptions()
+    url = build_url(opts, db_target) if isinstance(db_target, Path) else build_url(
+        StoreOptions(url=db_target), Path())
+    engine = make_engine(url, opts)
+    assert migrate(engine, target=1) == (0, 1)
+    with engine.begin() as conn:
+        conn.execute(insert(_JOBS).values(
+            fingerprint="old", stem="a", status="queued", attempts=0, max_attempts=3, cancel_requested=False,
+            created_at=1.0, updated_at=1.0, inputs=[], params={}, engine_identity="", progress=0.0,
+            progress_text="", outputs={}, timings={}))
+    engine.dispose()
+    with pytest.raises(StoreError, match="schema version 1.*infinitetalkd migrate"):
+        Store.open(db_target, migrate=False)
+    s2 = Store.open(db_target)
+    try:
+        assert s2.schema_version() == 2 and s2.find("a") is not None
+        assert s2.migrate() == (2, 2)  # idempotent
+        assert s2.list_workers() == []  # version 2's tables exist
+    finally:
+        s2.close()
+
+
+def _first_start(target: Path | str, barrier: Any, out: Any) -> None:
+    try:
+        barrier.wait(60)
+        s = Store.open(target)
+        out.put(("ok", s.schema_version()))
+        s.close()
+    except BaseException as exc:  # noqa: BLE001 - report any failure to the parent
+        out.put(("error", repr(exc)))
+
+
+def test_six_simultaneous_first_starts_all_succeed(db_target: Path | str) -> None:
+    ctx = multiprocessing.get_context("fork")
+    barrier, q = ctx.Barrier(6), ctx.Queue()
+    procs = [ctx.Process(target=_first_start, args=(db_target, barrier, q)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+    assert results == [("ok", SCHEMA_VERSION)] * 6
+
+
+# -- liveness: lease takeover, sweeper, database clock --------------------------------------------
+
+
+def test_claim_takes_over_an_expired_lease_and_fences_the_old_holder(store: Store) -> None:
+    add(store, "fp1")
+    old = store.claim("a", lease_s=-1)  # lease already over on the database clock
+    assert old is not None and old.attempts == 1
+    new = store.claim("b", lease_s=30)
+    assert new is not None and (new.id, new.worker_id, new.attempts) == (old.id, "b", 2)
+    assert store.heartbeat(old, "a", 30, 0.5, "x") == (False, False)
+    with pytest.raises(StaleJob):
+        store.finish(old, "a", JobStatus.DONE)
+    assert not store.holds(old, "a") and store.holds(new, "b")
+    assert store.claim("c", 30) is None  # b's lease runs: nothing to take
+
+
+def test_sweeper_fails_exhausted_and_cancels_flagged_expired_jobs(store: Store) -> None:
+    add(store, "fp1", max_attempts=1)
+    add(store, "fp2", max_attempts=3)
+    add(store, "fp3", max_attempts=3)
+    j1, j2, j3 = (store.claim(w, lease_s=30) for w in ("a", "b", "c"))
+    assert j1 and j2 and j3
+    store.request_cancel(j2.id)
+    with store.engine.begin() as conn:  # all three holders stopped heartbeating long ago
+        conn.execute(update(_JOBS).values(lease_until=_JOBS.c.lease_until - 3600))
+    live = store.claim("d", 30)  # j3 is the one left to take over (j1 has no attempt, j2 a cancel)
+    assert live is not None and live.id == j3.id
+    swept = {j.id: j for j in store.sweep_expired()}
+    assert set(swept) == {j1.id, j2.id}
+    assert swept[j1.id].status is JobStatus.FAILED and "interrupted 1 times" in (swept[j1.id].error or "")
+    assert swept[j2.id].status is JobStatus.CANCELLED
+    assert store.sweep_expired() == [] and store.get(j3.id).status is JobStatus.RUNNING  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("offset_s", [900.0, -900.0])
+def test_a_host_clock_15_minutes_off_steals_nothing(store: Store, monkeypatch: pytest.MonkeyPatch,
+                                                     offset_s: float) -> None:
+    add(store, "fp1")
+    held = store.claim("a", lease_s=60)
+    assert held is not None
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + offset_s)  # this host's clock is wrong
+    assert store.claim("b", lease_s=60) is None
+    assert store.sweep_expired() == []
+    assert store.recover("elsewhere") == ([], [])
+    # This host's heartbeat still extends the lease from the database clock, not its own.
+    assert store.heartbeat(held, "a", 60, 0.1, "step") == (True, False)
+    lease_until = store.get(held.id).lease_until  # type: ignore[union-attr]
+    assert lease_until is not None and 50 < lease_until - store.db_time() <= 60
+    assert store.get(held.id).worker_id == "a"  # type: ignore[union-attr]
+
+
+def test_recover_worker_touches_only_its_own_jobs(store: Store) -> None:
+    for i in range(3):
+        add(store, f"fp{i}", max_attempts=2)
+    mine = store.claim("host/cuda:0", 30)
+    sibling = store.claim("host/cuda:1", lease_s=-1)  # expired, but not ours to recover
+    assert mine and sibling
+    requeued, failed = store.recover_worker("host/cuda:0")
+    assert [j.id for j in requeued] == [mine.id] and not failed
+    assert store.get(sibling.id).status is JobStatus.RUNNING  # type: ignore[union-attr]
+    again = store.claim("host/cuda:0", lease_s=30)
+    assert again is not None and again.id == mine.id and again.attempts == 2
+    requeued, failed = store.recover_worker("host/cuda:0")
+    assert not requeued and [j.id for j in failed] == [mine.id]
+
+
+def test_postgres_sessions_have_timeouts_and_a_locked_row_does_not_stall(pg_url: str) -> None:
+    s = Store.open(pg_url, options=StoreOptions(statement_timeout_s=5, lock_timeout_s=0.3))
+    try:
+        with s.engine.connect() as conn:
+            assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == "5s"
+            assert conn.exec_driver_sql("SHOW lock_timeout").scalar() == "300ms"
+        add(s, "fp1")
+        job = s.claim("a", 30)
+        assert job is not None
+        with s.engine.connect() as other:  # an operator's transaction holds the row lock
+            other.exec_driver_sql(f"SELECT id FROM jobs WHERE id = {job.id} FOR UPDATE")
+            t0 = time.monotonic()
+            assert s.heartbeat(job, "a", 30, 0.5, "x") is None  # gave up at lock_timeout
+            assert time.monotonic() - t0 < 5
+            other.rollback()
+        assert s.heartbeat(job, "a", 30, 0.5, "x") == (True, False)
+    finally:
+        s.close()
+
+
+# -- the transition table ------------------------------------------------------------------------
+
+_Q, _R, _D, _F, _C = JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED
+
+# name: (source statuses, target status or None for unchanged); the lifecycle of daemon/jobs.py.
+EXPECTED = {
+    "claim": ({_Q, _R}, _R), "heartbeat": ({_R}, None), "done": ({_R}, _D), "fail": ({_R}, _F),
+    "cancel_running": ({_R}, _C), "requeue": ({_R}, _Q), "give_up": ({_R}, _F), "cancel_queued": ({_Q}, _C),
+    "request_cancel": ({_Q, _R}, None), "retry": ({_F, _C}, _Q), "redrop": ({_D, _F, _C}, _Q),
+}
+
+
+def test_transition_table_matches_the_lifecycle() -> None:
+    assert {n: (set(t.sources), t.target) for n, t in TRANSITIONS.items()} == EXPECTED
+    fields = set(Job.__dataclass_fields__)
+    for t in TRANSITIONS.values():
+        assert t.sets <= fields and set(t.resets) <= fields and "status" not in t.sets | set(t.resets)
+    with pytest.raises(ValueError, match="does not set"):
+        TRANSITIONS["heartbeat"].values(status="done")
+
+
+def _in_status(store: Store, status: JobStatus, max_attempts: int) -> Job:
+    """A fresh job brought to ``status`` through the store itself (running jobs: expired lease, worker w)."""
+    jid = add(store, f"fp-{status.value}-{max_attempts}", max_attempts=max_attempts)
+    if status is _Q:
+        return store.get(jid)  # type: ignore[return-value]
+    job = store.claim("w", lease_s=-1)
+    assert job is not None and job.id == jid
+    return job if status is _R else store.finish(job, "w", status)
+
+
+def _apply(store: Store, name: str, job: Job) -> None:
+    """Ask the store for transition ``name`` of ``job`` the way the daemon does."""
+    calls: dict[str, Any] = {
+        "claim": lambda: store.claim("w2", 30), "heartbeat": lambda: store.heartbeat(job, "w", 30, 0.5, "s"),
+        "done": lambda: store.finish(job, "w", _D), "fail": lambda: store.finish(job, "w", _F, error="e"),
+        "cancel_running": lambda: store.finish(job, "w", _C), "requeue": lambda: store.requeue(job, "w", refund=False),
+        "give_up": store.sweep_expired, "cancel_queued": lambda: store.cancel_queued(job, error="c", failed_dir=None),
+        "request_cancel": lambda: store.request_cancel(job.id), "retry": lambda: store.retry(job.id),
+        "redrop": lambda: store.requeue_finished(job, stem="b", inputs=[], max_attempts=4),
+    }
+    try:
+        calls[name]()
+    except StaleJob:
+        pass
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_each_transition_applies_only_from_its_sources_and_sets_only_its_columns(store: Store, name: str) -> None:
+    t = TRANSITIONS[name]
+    for status in JobStatus:
+        job = _in_status(store, status, max_attempts=1 if name == "give_up" else 3)
+        _apply(store, name, job)
+        after = store.get(job.id)
+        assert after is not None
+        changed = {f for f in Job.__dataclass_fields__ if getattr(after, f) != getattr(job, f)}
+        if status in t.sources:
+            assert after.status is (t.target or status), (name, status)
+            assert changed - {"status"} <= t.sets | set(t.resets), (name, status, changed)
+            assert changed, (name, status)
+        else:
+            assert changed == set(), (name, status, changed)
+        store.delete(job.id)
