@@ -4,6 +4,7 @@
     infinitetalkd status [--config FILE] [--json]      queue, running job with progress, failures
     infinitetalkd retry JOB | cancel JOB               JOB is a job id or a stem
     infinitetalkd doctor [--config FILE] [--models-dir DIR]
+    infinitetalkd migrate [--config FILE]              bring the job database's schema up to date
     infinitetalkd tiny-models DIR [--seed N]           write a tiny random models folder (tests, demo)
     infinitetalkd render IMAGE AUDIO [AUDIO2] -o OUT.mp4 [...]   one render, no daemon, no database
 
@@ -448,6 +449,30 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Create or upgrade the job database (``store`` in the config; SQLite in paths.state by default).
+    Safe while daemons run and from several hosts at once: migrations take a database lock."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from daemon.db import StoreConfigError
+
+    cfg = _config(args.config)
+    try:
+        store = Store.connect(getattr(cfg, "store", None), cfg.paths.database, migrate=None)
+    except (StoreError, StoreConfigError) as exc:
+        raise _Fail(str(exc), EX_CONFIG) from None
+    try:
+        found, now = store.migrate()
+    except StoreError as exc:
+        raise _Fail(str(exc), EX_CONFIG) from None
+    except SQLAlchemyError as exc:
+        raise _Fail(f"database {store.url}: {str(getattr(exc, 'orig', None) or exc).strip()}") from None
+    finally:
+        store.close()
+    print(f"database {store.url}: " + (f"schema {found} -> {now}" if now != found else f"schema {now}, up to date"))
+    return 0
+
+
 # -- entry point ----------------------------------------------------------------------------
 
 
@@ -476,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p, default=None)
     p.add_argument("--models-dir", help="check this models folder (alone: only the model check)")
     p.set_defaults(func=cmd_doctor)
+    p = sub.add_parser("migrate", help="create or upgrade the job database schema")
+    with_config(p)
+    p.set_defaults(func=cmd_migrate)
     p = sub.add_parser("tiny-models", help="write a tiny random models folder (tests, demo)")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)

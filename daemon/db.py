@@ -31,7 +31,8 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.sql.elements import ColumnElement
 
-__all__ = ["StoreError", "StoreOptions", "StoreConfigError", "StoreSettings", "build_url", "redacted", "make_engine", "db_now"]
+__all__ = ["StoreError", "StoreOptions", "StoreConfigError", "StoreSettings", "build_url", "redacted", "make_engine",
+           "db_now"]
 
 
 class StoreError(RuntimeError):

@@ -104,7 +104,7 @@ def rejection_key(stem: str, inputs: list[dict[str, Any]]) -> str:
     """A deterministic key for a refused drop (the same files seen by two ingesters give one key):
     sha256 over the stem and each file's role, name, size and mtime, as the scanner recorded them."""
     fields = ("role", "name", "size", "mtime_ns")
-    doc = [stem, sorted(([str(i.get(k, "")) for k in fields] for i in inputs))]
+    doc = [stem, sorted([str(i.get(k, "")) for k in fields] for i in inputs)]
     return hashlib.sha256(json.dumps(doc, separators=(",", ":")).encode()).hexdigest()
 
 

@@ -16,8 +16,22 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sqlalchemy import (
-    JSON, Boolean, Column, Connection, Engine, Float, Index, Integer, MetaData, String, Table, Text, func, insert,
-    select, update,
+    JSON,
+    Boolean,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    func,
+    insert,
+    select,
+    update,
 )
 
 from daemon.db import StoreError

@@ -74,11 +74,12 @@ class Store(FleetOps):
 
     @classmethod
     def open(cls, database: Path | str, *, busy_timeout_ms: int = 10_000, options: StoreOptions | None = None,
-             migrate: bool = True) -> Store:
+             migrate: bool | None = True) -> Store:
         """Open a database: a file path for SQLite, or a URL (``options`` adds the password and timeouts).
 
-        With ``migrate`` (the default) the schema is brought to :data:`SCHEMA_VERSION` first; without,
-        an older schema is refused with a pointer to ``infinitetalkd migrate``."""
+        ``migrate``: True (the default) brings the schema to :data:`SCHEMA_VERSION` first; False refuses
+        any other version (an older one with a pointer to ``infinitetalkd migrate``); None leaves the
+        schema as it is (``migrate``, ``doctor``)."""
         if options is None:
             options = StoreOptions(busy_timeout_s=busy_timeout_ms / 1000)
         if isinstance(database, Path):
@@ -88,18 +89,19 @@ class Store(FleetOps):
         return cls._start(url, options, migrate)
 
     @classmethod
-    def connect(cls, settings: StoreSettings | None, sqlite_path: Path, *, migrate: bool = True) -> Store:
-        """Open the store ``cfg.store`` describes (None or no url: SQLite at ``sqlite_path``)."""
+    def connect(cls, settings: StoreSettings | None, sqlite_path: Path, *, migrate: bool | None = True) -> Store:
+        """Open the store ``cfg.store`` describes (None or no url: SQLite at ``sqlite_path``, which is
+        ``cfg.paths.database``); ``migrate`` as for :meth:`open`."""
         opts = StoreOptions() if settings is None else StoreOptions.from_settings(settings)
         return cls._start(build_url(opts, sqlite_path), opts, migrate)
 
     @classmethod
-    def _start(cls, url: URL, opts: StoreOptions, migrate: bool) -> Store:
+    def _start(cls, url: URL, opts: StoreOptions, migrate: bool | None) -> Store:
         store = cls(make_engine(url, opts))
         try:
             if migrate:
                 store.migrate()
-            else:
+            elif migrate is not None:
                 store.check_schema()
         except BaseException:
             store.close()

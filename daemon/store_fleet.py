@@ -17,7 +17,6 @@ from typing import Any, cast
 from sqlalchemy import ColumnElement, Engine, Table, and_, case, delete, insert, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.sql.dml import Insert
 
 from daemon.db import StoreError, db_now, redacted
 from daemon.db_models import LEASES, OUTPUT_NAMES, SCANNER_WAITING, WORKERS
@@ -90,7 +89,7 @@ class FleetOps:
     def _now(self) -> ColumnElement[float]:
         return db_now(self.engine.dialect.name)
 
-    def _insert(self, table: Table) -> Insert:
+    def _insert(self, table: Table) -> postgresql.Insert | sqlite.Insert:
         """An INSERT that supports ``on_conflict_do_*`` on this backend (both have the same spelling)."""
         if self.engine.dialect.name == "postgresql":
             return postgresql.insert(table)
@@ -207,10 +206,11 @@ class FleetOps:
         fence = (_T.c.id == job.id, _T.c.status == JobStatus.RUNNING.value, _T.c.worker_id == worker_id,
                  _T.c.attempts == job.attempts)
         held = select(literal(1)).select_from(_T).where(*fence).exists()
-        values = dict(name=name, job_id=job.id, attempt=job.attempts, worker=worker_id, reserved_at=now)
-        stmt = (self._insert(OUTPUT_NAMES).from_select(list(values), select(*(literal(v) if k not in (
-            "reserved_at",) else v for k, v in values.items())).where(held))
-            .on_conflict_do_update(index_elements=[OUTPUT_NAMES.c.name],
+        # INSERT ... SELECT ... WHERE <the job is held>: nothing is reserved for a lost attempt.
+        source = select(literal(name), literal(job.id), literal(job.attempts), literal(worker_id), now).where(held)
+        stmt = (self._insert(OUTPUT_NAMES)
+                .from_select(["name", "job_id", "attempt", "worker", "reserved_at"], source)
+                .on_conflict_do_update(index_elements=[OUTPUT_NAMES.c.name],
                                    set_={"attempt": job.attempts, "worker": worker_id, "reserved_at": now},
                                    where=OUTPUT_NAMES.c.job_id == job.id))
         try:
@@ -235,8 +235,8 @@ class FleetOps:
     def set_waiting(self, reporter: str, waiting: Mapping[str, tuple[str, float]]) -> None:
         """Replace the waiting list with ``{stem: (reason, age_s)}`` from the ingest leader. Ages, not
         timestamps, cross the wire: ``since`` is stored on the database clock."""
-        now = self._now()
         with self.engine.begin() as conn:
+            now = float(conn.execute(select(self._now())).scalar_one())
             conn.execute(delete(SCANNER_WAITING))
             if waiting:
                 conn.execute(insert(SCANNER_WAITING), [

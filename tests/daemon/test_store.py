@@ -3,6 +3,7 @@ recovery, lease takeover, the sweeper, and the transition table. Fleet tables: t
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import socket
 import sqlite3
@@ -282,7 +283,7 @@ def test_a_host_clock_15_minutes_off_steals_nothing(store: Store, monkeypatch: p
     # This host's heartbeat still extends the lease from the database clock, not its own.
     assert store.heartbeat(held, "a", 60, 0.1, "step") == (True, False)
     lease_until = store.get(held.id).lease_until  # type: ignore[union-attr]
-    assert lease_until is not None and 50 < lease_until - store.db_time() <= 60
+    assert lease_until is not None and 50 < lease_until - real() <= 61  # one host: real() is the database's clock
     assert store.get(held.id).worker_id == "a"  # type: ignore[union-attr]
 
 
@@ -362,10 +363,8 @@ def _apply(store: Store, name: str, job: Job) -> None:
         "request_cancel": lambda: store.request_cancel(job.id), "retry": lambda: store.retry(job.id),
         "redrop": lambda: store.requeue_finished(job, stem="b", inputs=[], max_attempts=4),
     }
-    try:
+    with contextlib.suppress(StaleJob):  # a fenced call on a job in another state refuses
         calls[name]()
-    except StaleJob:
-        pass
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -377,8 +376,9 @@ def test_each_transition_applies_only_from_its_sources_and_sets_only_its_columns
         after = store.get(job.id)
         assert after is not None
         changed = {f for f in Job.__dataclass_fields__ if getattr(after, f) != getattr(job, f)}
-        if status in t.sources:
-            assert after.status is (t.target or status), (name, status)
+        sources, target = EXPECTED[name]
+        if status in sources:
+            assert after.status is (target or status), (name, status)
             assert changed - {"status"} <= t.sets | set(t.resets), (name, status, changed)
             assert changed, (name, status)
         else:
