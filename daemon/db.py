@@ -28,11 +28,12 @@ from typing import Any, Protocol
 
 from sqlalchemy import Connection, Double, Engine, cast, create_engine, event, extract, func
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.sql.elements import ColumnElement
 
 __all__ = ["StoreError", "StoreOptions", "StoreConfigError", "StoreSettings", "build_url", "redacted", "make_engine",
-           "db_now"]
+           "db_now", "is_transient"]
 
 
 class StoreError(RuntimeError):
@@ -44,15 +45,23 @@ class StoreConfigError(ValueError):
 
 
 class StoreSettings(Protocol):
-    """The attributes of ``cfg.store`` this module reads (the config schema owns the class)."""
+    """The attributes of ``cfg.store`` this module reads (the config schema owns the class; a frozen
+    dataclass fits, and so does :class:`StoreOptions`)."""
 
-    url: str | None
-    password_env: str | None
-    password_file: Path | None
-    connect_timeout_s: float
-    statement_timeout_s: float
-    lock_timeout_s: float
-    busy_timeout_s: float
+    @property
+    def url(self) -> str | None: ...
+    @property
+    def password_env(self) -> str | None: ...
+    @property
+    def password_file(self) -> Path | None: ...
+    @property
+    def connect_timeout_s(self) -> float: ...
+    @property
+    def statement_timeout_s(self) -> float: ...
+    @property
+    def lock_timeout_s(self) -> float: ...
+    @property
+    def busy_timeout_s(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -201,3 +210,12 @@ def db_now(dialect: str) -> ColumnElement[float]:
     if dialect == "postgresql":
         return cast(extract("epoch", func.now()), Double)
     return (func.julianday("now") - 2440587.5) * 86400.0
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a database error is an outage or a wait that ran out (server down or restarting,
+    connection lost, connect / statement / lock / busy timeout, pool exhausted), after which the
+    same call may simply be tried again later, as opposed to a bug or a constraint violation."""
+    if isinstance(exc, OperationalError | InterfaceError | DisconnectionError | PoolTimeout):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated

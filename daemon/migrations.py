@@ -145,6 +145,10 @@ def migrate(engine: Engine, target: int = SCHEMA_VERSION) -> tuple[int, int]:
     """Bring the database to ``target``; returns (version found, version now)."""
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
+            # A migration may wait for the daemons' (tiny) transactions and for another process's
+            # migration: allow it longer than the everyday timeouts, for this transaction only.
+            conn.exec_driver_sql("SET LOCAL lock_timeout = '120s'")
+            conn.exec_driver_sql("SET LOCAL statement_timeout = '600s'")
             # Held until this transaction ends: a concurrent first start waits here, then sees
             # the tables this one created.
             conn.execute(select(func.pg_advisory_xact_lock(MIGRATION_LOCK_KEY)))

@@ -20,7 +20,7 @@ The dialect-specific part of claiming lives in :meth:`Store.claim` (PostgreSQL a
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
@@ -255,16 +255,19 @@ class Store(FleetOps):
 
     # -- the worker's side --------------------------------------------------------------------
 
-    def claim(self, worker_id: str, lease_s: float) -> Job | None:
+    def claim(self, worker_id: str, lease_s: float, *, identities: Collection[str] | None = None) -> Job | None:
         """Give ``worker_id`` the oldest claimable job: a queued one, or a running one whose lease
         expired on the database clock (its holder stopped heartbeating; attempts + 1, and the old
         holder's fence no longer matches). None when there is none. Jobs with no attempt left or a
-        cancel request are left to :meth:`sweep_expired`."""
+        cancel request are left to :meth:`sweep_expired`. ``identities``: only jobs whose
+        ``engine_identity`` is one of these (a worker skips what it cannot render; None: any)."""
         now = self._now()
         claimable = and_(_T.c.cancel_requested.is_(False), or_(
             _T.c.status == JobStatus.QUEUED.value,
             and_(_T.c.status == JobStatus.RUNNING.value, _T.c.lease_until < now,
                  _T.c.attempts < _T.c.max_attempts)))
+        if identities is not None:
+            claimable = and_(claimable, _T.c.engine_identity.in_(sorted(identities)))
         candidate = select(_T.c.id).where(claimable).order_by(_T.c.id).limit(1)
         if self.engine.dialect.name == "postgresql":
             # Several hosts claim different rows instead of queueing on the first one's lock.
@@ -284,6 +287,16 @@ class Store(FleetOps):
         """Whether ``worker_id`` still holds this attempt of ``job`` (checked right before publishing)."""
         with self.engine.begin() as conn:
             return conn.execute(select(_T.c.id).where(*self._fenced(job, worker_id))).first() is not None
+
+    def completed(self, job: Job, worker_id: str) -> Job | None:
+        """The row if this attempt of ``job`` was finished by ``worker_id`` (done, failed or cancelled).
+        For a completion whose reply was lost in an outage: when the retried :meth:`finish` raises
+        :class:`StaleJob`, this tells "my earlier try committed" from "I lost the job"."""
+        with self.engine.begin() as conn:
+            row = conn.execute(select(_T).where(
+                _T.c.id == job.id, _T.c.worker_id == worker_id, _T.c.attempts == job.attempts,
+                _T.c.status.in_([s.value for s in TERMINAL]))).first()
+        return None if row is None else _job(row)
 
     def heartbeat(self, job: Job, worker_id: str, lease_s: float, progress: float,
                   text: str) -> tuple[bool, bool] | None:

@@ -23,9 +23,11 @@ from daemon.db_models import LEASES, OUTPUT_NAMES, SCANNER_WAITING, WORKERS
 from daemon.jobs import Job, JobRow, JobStatus
 from daemon.migrations import SCHEMA_VERSION, read_version
 
-__all__ = ["FleetOps", "WorkerNameTaken", "WorkerInfo", "Lease", "Waiting", "Health"]
+__all__ = ["FleetOps", "WorkerNameTaken", "WorkerInfo", "Lease", "Waiting", "Health", "INGEST_LEASE"]
 
 _T = cast(Table, JobRow.__table__)
+
+INGEST_LEASE = "ingest"  # the lease whose holder scans the inbox, rejects, cancels queued jobs and sweeps
 
 
 class WorkerNameTaken(StoreError):

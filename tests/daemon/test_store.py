@@ -384,3 +384,23 @@ def test_each_transition_applies_only_from_its_sources_and_sets_only_its_columns
         else:
             assert changed == set(), (name, status, changed)
         store.delete(job.id)
+
+
+def test_claim_skips_jobs_whose_recipe_it_cannot_serve(store: Store) -> None:
+    add(store, "fp1")  # identity "eng"
+    other, _ = store.add(fingerprint="fp2", stem="b", inputs=[], params={}, identity="multi", max_attempts=3)
+    assert store.claim("w", 30, identities={"x"}) is None
+    got = store.claim("w", 30, identities={"multi", "x"})
+    assert got is not None and got.id == other.id
+    assert store.claim("w", 30, identities={"multi"}) is None
+
+
+def test_completed_tells_a_lost_reply_from_a_lost_job(store: Store) -> None:
+    add(store, "fp1")
+    job = store.claim("a", 30)
+    assert job is not None and store.completed(job, "a") is None  # still running
+    store.finish(job, "a", JobStatus.DONE, outputs={"mp4": "x.mp4"})
+    with pytest.raises(StaleJob):
+        store.finish(job, "a", JobStatus.DONE)  # the retry after a lost reply ...
+    done = store.completed(job, "a")  # ... finds its own earlier completion
+    assert done is not None and done.status is JobStatus.DONE and store.completed(job, "b") is None

@@ -257,3 +257,19 @@ def test_connect_takes_the_config_section(pg_url: str, tmp_path: Path) -> None:
             assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == "7s"
     finally:
         s.close()
+
+
+def test_outages_and_timeouts_are_transient_constraint_errors_are_not(store: Store) -> None:
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    from daemon.db import is_transient
+
+    opts = StoreOptions(url="postgresql+psycopg://nobody@127.0.0.1:9/none", connect_timeout_s=2)
+    with pytest.raises(OperationalError) as down:
+        Store.open("postgresql+psycopg://nobody@127.0.0.1:9/none", options=opts)
+    assert is_transient(down.value)
+    j = _running(store, "fp1", "w")
+    with pytest.raises(IntegrityError) as dup, store.engine.begin() as conn:
+        conn.exec_driver_sql(f"INSERT INTO output_names VALUES ('n', {j.id}, 1, 'w', 0)")
+        conn.exec_driver_sql(f"INSERT INTO output_names VALUES ('n', {j.id}, 1, 'w', 0)")
+    assert not is_transient(dup.value)
