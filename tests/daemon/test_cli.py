@@ -6,12 +6,16 @@ import json
 from pathlib import Path
 
 import pytest
+from sqlalchemy import update
 
 from daemon import cli
-from daemon.jobs import JobStatus
+from daemon.jobs import JobRow, JobStatus
+from daemon.store import SCHEMA_VERSION
 from engine.api import EngineOptions, Renderer
 from tests.daemon.conftest import Env, write_png, write_wav
 from tests.daemon.fake_renderer import FakeRenderer
+
+_JOBS = JobRow.__table__
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -46,8 +50,6 @@ def test_status_json_shows_progress(env: Env, capsys: pytest.CaptureFixture[str]
 
 def test_status_estimates_the_queue_from_recent_jobs(env: Env, capsys: pytest.CaptureFixture[str],
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    now = [1000.0]
-    monkeypatch.setattr("daemon.store.time.time", lambda: now[0])
     s = env.store
     for stem in ("a", "b", "c", "d"):
         s.add(fingerprint=stem, stem=stem, inputs=[], params={}, identity="x", max_attempts=3)
@@ -57,8 +59,9 @@ def test_status_estimates_the_queue_from_recent_jobs(env: Env, capsys: pytest.Ca
     for span in (60.0, 120.0):  # two jobs done, 60 s and 120 s from start to finish
         job = s.claim("h:1", 600)
         assert job is not None
-        now[0] += span
         s.finish(job, "h:1", JobStatus.DONE, outputs={"mp4": f"{job.stem}.mp4"})
+        with s.engine.begin() as conn:  # the store stamps times from the database clock: backdate the start
+            conn.execute(update(_JOBS).where(_JOBS.c.id == job.id).values(started_at=_JOBS.c.finished_at - span))
     code, out, _ = run_cli(capsys, "status", "--config", cfg)
     assert "queue    about 3 min 00 s of rendering at the recent average of 1 min 30 s per job" in out, out
     doc = json.loads(run_cli(capsys, "status", "--json", "--config", cfg)[1])
@@ -128,7 +131,7 @@ def test_doctor_reports_folders_filesystems_database(env: Env, capsys: pytest.Ca
     code, out, _ = run_cli(capsys, "doctor", "--config", str(env.config_path))
     assert code == 0, out
     assert "inbox filesystem" in out and "watcher poll (watch.mode = poll)" in out
-    assert "database" in out and "schema 1" in out
+    assert "database" in out and f"schema {SCHEMA_VERSION}" in out
     assert "engine.device = cpu" in out
     env.config_path.write_text(env.config_path.read_text().replace(str(env.root / "state"), "/proc/nope"))
     code, out, _ = run_cli(capsys, "doctor", "--config", str(env.config_path))
