@@ -16,6 +16,7 @@ from typing import Any, cast
 
 from sqlalchemy import ColumnElement, Engine, Table, and_, case, delete, insert, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
 
 from daemon.db import StoreError, db_now, redacted
@@ -83,6 +84,11 @@ class Health:
     schema_version: int | None = None
     expected_version: int = SCHEMA_VERSION
     error: str | None = None
+
+
+def _lease(m: RowMapping, remaining_s: float) -> Lease:
+    return Lease(name=m["name"], holder=m["holder"], epoch=int(m["epoch"]), acquired_at=float(m["acquired_at"]),
+                 expires_at=float(m["expires_at"]), remaining_s=remaining_s)
 
 
 class FleetOps:
@@ -166,20 +172,20 @@ class FleetOps:
             where=or_(LEASES.c.holder == holder, LEASES.c.expires_at < now))
         try:
             with self.engine.begin() as conn:
-                row = conn.execute(stmt.returning(LEASES.c.name)).first()
+                row = conn.execute(stmt.returning(*LEASES.c)).first()
         except IntegrityError:  # PostgreSQL: a concurrent first acquisition won
             return None
-        return None if row is None else self.lease(name)
+        return None if row is None else _lease(row._mapping, ttl_s)
 
     def renew_lease(self, lease: Lease, ttl_s: float) -> Lease | None:
         """Extend a lease this holder still has (same epoch, not expired on the database clock).
         None means it was lost: stop the leader's work and call :meth:`acquire_lease` again."""
         now = self._now()
         with self.engine.begin() as conn:
-            res = conn.execute(update(LEASES).where(LEASES.c.name == lease.name, LEASES.c.holder == lease.holder,
+            row = conn.execute(update(LEASES).where(LEASES.c.name == lease.name, LEASES.c.holder == lease.holder,
                                                     LEASES.c.epoch == lease.epoch, LEASES.c.expires_at >= now)
-                               .values(expires_at=now + ttl_s))
-        return self.lease(lease.name) if res.rowcount == 1 else None
+                               .values(expires_at=now + ttl_s).returning(*LEASES.c)).first()
+        return None if row is None else _lease(row._mapping, ttl_s)
 
     def release_lease(self, name: str, holder: str) -> None:
         """Give the lease up now (a clean stop): expired at once, so any worker may take it."""
@@ -192,11 +198,7 @@ class FleetOps:
         remaining = (LEASES.c.expires_at - self._now()).label("remaining_s")
         with self.engine.begin() as conn:
             row = conn.execute(select(LEASES, remaining).where(LEASES.c.name == name)).first()
-        if row is None:
-            return None
-        m = row._mapping
-        return Lease(name=m["name"], holder=m["holder"], epoch=int(m["epoch"]), acquired_at=float(m["acquired_at"]),
-                     expires_at=float(m["expires_at"]), remaining_s=float(m["remaining_s"]))
+        return None if row is None else _lease(row._mapping, float(row._mapping["remaining_s"]))
 
     # -- output names on a shared outbox --------------------------------------------------------------
 
