@@ -404,3 +404,35 @@ def test_completed_tells_a_lost_reply_from_a_lost_job(store: Store) -> None:
         store.finish(job, "a", JobStatus.DONE)  # the retry after a lost reply ...
     done = store.completed(job, "a")  # ... finds its own earlier completion
     assert done is not None and done.status is JobStatus.DONE and store.completed(job, "b") is None
+
+
+def _hold_and_heartbeat(target: Path | str, ready: Any) -> None:
+    s = Store.open(target)
+    job = s.claim("doomed", lease_s=1.5)
+    assert job is not None
+    ready.set()
+    while True:  # a live worker: its side thread extends the lease until the process is killed
+        s.heartbeat(job, "doomed", 1.5, 0.5, "rendering")
+        time.sleep(0.1)
+
+
+def test_a_killed_workers_job_is_taken_over_within_its_lease(db_target: Path | str, store: Store) -> None:
+    add(store, "fp1")
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_hold_and_heartbeat, args=(db_target, ready))
+    proc.start()
+    try:
+        assert ready.wait(60)
+        time.sleep(2.0)  # longer than the lease: only the heartbeats keep the job
+        assert store.claim("survivor", 30) is None
+        proc.kill()  # kill -9: no requeue, no goodbye
+        proc.join(30)
+        t0 = time.monotonic()
+        while (job := store.claim("survivor", 30)) is None:
+            assert time.monotonic() - t0 < 30, "the dead worker's job was never taken over"
+            time.sleep(0.1)
+        assert job.attempts == 2 and job.worker_id == "survivor" and time.monotonic() - t0 < 1.5 + 5
+    finally:
+        proc.kill()
+        proc.join(30)
