@@ -273,3 +273,69 @@ def test_outages_and_timeouts_are_transient_constraint_errors_are_not(store: Sto
         conn.exec_driver_sql(f"INSERT INTO output_names VALUES ('n', {j.id}, 1, 'w', 0)")
         conn.exec_driver_sql(f"INSERT INTO output_names VALUES ('n', {j.id}, 1, 'w', 0)")
     assert not is_transient(dup.value)
+
+
+# -- the liveness side thread ------------------------------------------------------------------------
+
+
+def wait_until(cond: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {cond}"
+        time.sleep(0.02)
+
+
+def test_liveness_keeps_the_job_and_reports_cancel_and_loss(store: Store) -> None:
+    from daemon.db_liveness import Liveness
+
+    live = Liveness(store, "w", register(store, "w"), lease_s=1.0, interval_s=0.05).start()
+    try:
+        job = _running(store, "fp1", "w")
+        live.track(job)
+        live.progress(0.5, "denoise 2/4")
+        wait_until(lambda: store.get(job.id).progress_text == "denoise 2/4")  # type: ignore[union-attr]
+        time.sleep(1.2)  # past the claim's own lease: only the thread's heartbeats keep the job
+        assert store.claim("thief", 30) is None and store.list_workers()[0].job_id == job.id
+        store.request_cancel(job.id)
+        wait_until(lambda: live.cancel_requested)
+        store.requeue(job, "w", refund=False)  # the job leaves this attempt (as after a takeover)
+        wait_until(lambda: live.job_lost)
+        register(store, "w", stale_s=-1)  # another process took the name
+        wait_until(lambda: live.name_lost)
+    finally:
+        live.stop()
+
+
+def test_one_ingest_leader_and_a_takeover_when_it_stops(store: Store) -> None:
+    from daemon.db_liveness import Liveness
+
+    a = Liveness(store, "a", register(store, "a"), lease_s=10.0, interval_s=0.05, ingest=True).start()
+    b = Liveness(store, "b", register(store, "b"), lease_s=10.0, interval_s=0.05, ingest=True).start()
+    try:
+        wait_until(lambda: a.leader or b.leader)
+        first, second = (a, b) if a.leader else (b, a)
+        time.sleep(0.3)
+        assert first.leader and not second.leader
+        first.stop()  # a clean stop releases the lease at once, long before its 10 s run out
+        wait_until(lambda: second.leader, timeout=5)
+        assert second.lease is not None and second.lease.epoch == 2
+        assert store.lease("ingest").holder == second.name  # type: ignore[union-attr]
+    finally:
+        a.stop()
+        b.stop()
+    assert all(w.stopped_at is not None for w in store.list_workers())
+
+
+def test_liveness_survives_an_unreachable_database(tmp_path: Path) -> None:
+    from daemon.db_liveness import Liveness
+
+    opts = StoreOptions(url="postgresql+psycopg://nobody@127.0.0.1:9/none", connect_timeout_s=2)
+    down = Store(make_engine(build_url(opts, tmp_path), opts))
+    live = Liveness(down, "w", "token", lease_s=1.0, interval_s=0.05, ingest=True)
+    try:
+        live.beat()
+        assert not live.database_ok and "OperationalError" in (live.database_error or "")
+        assert live.down_since is not None and not live.leader and live.beats == 1
+    finally:
+        live.stop()
+        down.close()
