@@ -252,6 +252,24 @@ class FleetOps:
             rows = conn.execute(select(SCANNER_WAITING).order_by(SCANNER_WAITING.c.stem)).all()
         return [Waiting(stem=r.stem, reason=r.reason, since=float(r.since), reporter=r.reporter) for r in rows]
 
+    # -- status ------------------------------------------------------------------------------------------
+
+    def fleet_snapshot(self, stale_s: float) -> dict[str, Any]:
+        """What ``status`` (text and ``--json``) shows about the fleet, JSON-ready: each worker with
+        its state ("live", "stale": no heartbeat for ``stale_s``, "stopped") and heartbeat age on
+        the database clock, the ingest leader, and the scanner's waiting list."""
+        workers = [{
+            "name": w.name, "host": w.host, "pid": w.pid, "device": w.device, "gpu": w.gpu, "version": w.version,
+            "job_id": w.job_id, "heartbeat_age_s": round(w.age_s, 1),
+            "state": "stopped" if w.stopped_at is not None else "stale" if w.age_s > stale_s else "live",
+        } for w in self.list_workers()]
+        lease = self.lease(INGEST_LEASE)
+        leader = None if lease is None or lease.remaining_s < 0 else {
+            "holder": lease.holder, "epoch": lease.epoch, "remaining_s": round(lease.remaining_s, 1)}
+        waiting = [{"stem": w.stem, "reason": w.reason, "since": w.since, "reporter": w.reporter}
+                   for w in self.waiting()]
+        return {"workers": workers, "ingest_leader": leader, "waiting": waiting}
+
     # -- doctor ------------------------------------------------------------------------------------------
 
     def db_time(self) -> float:

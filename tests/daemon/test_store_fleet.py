@@ -339,3 +339,18 @@ def test_liveness_survives_an_unreachable_database(tmp_path: Path) -> None:
     finally:
         live.stop()
         down.close()
+
+
+def test_fleet_snapshot_for_status(store: Store) -> None:
+    assert store.fleet_snapshot(stale_s=30) == {"workers": [], "ingest_leader": None, "waiting": []}
+    register(store, "a")
+    tb = register(store, "b")
+    store.stop_worker("b", tb)
+    store.acquire_lease("ingest", "a", ttl_s=30)
+    store.set_waiting("a", {"x": ("incomplete: missing audio", 3.0)})
+    snap = store.fleet_snapshot(stale_s=30)
+    assert [(w["name"], w["state"]) for w in snap["workers"]] == [("a", "live"), ("b", "stopped")]
+    assert snap["ingest_leader"]["holder"] == "a" and snap["waiting"][0]["stem"] == "x"
+    assert [w["state"] for w in store.fleet_snapshot(stale_s=-1)["workers"]] == ["stale", "stopped"]
+    store.release_lease("ingest", "a")
+    assert store.fleet_snapshot(stale_s=30)["ingest_leader"] is None
