@@ -354,3 +354,19 @@ def test_fleet_snapshot_for_status(store: Store) -> None:
     assert [w["state"] for w in store.fleet_snapshot(stale_s=-1)["workers"]] == ["stale", "stopped"]
     store.release_lease("ingest", "a")
     assert store.fleet_snapshot(stale_s=30)["ingest_leader"] is None
+
+
+def test_connections_cut_by_a_server_restart_are_replaced(pg_url: str) -> None:
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    s = Store.open(pg_url)
+    try:
+        assert s.counts()["queued"] == 0  # the pool now holds a connection
+        dsn = make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
+        with psycopg.connect(dsn, autocommit=True) as admin:  # what a restart does to every session
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        assert s.counts()["queued"] == 0  # pre-ping found the dead connection and opened a new one
+    finally:
+        s.close()
