@@ -3,9 +3,10 @@
 Lifecycle::
 
     queued --claim--> running --> done
-       ^                 |   \\--> failed      (bad input, render error, out of memory, N crashes)
-       |                 |    \\-> cancelled   (``infinitetalkd cancel``; stops at the next step)
-       +---- requeue ----+   (SIGTERM: attempt refunded; crash or device fault: attempt used)
+       ^                 | ^ \\--> failed      (bad input, render error, out of memory, N crashes)
+       |                 | |  \\-> cancelled   (``infinitetalkd cancel``; stops at the next step)
+       +---- requeue ----+ +-- claim again: its lease expired (the holder died; attempts + 1)
+    (requeue: SIGTERM refunds the attempt; a crash or device fault uses it)
     failed / cancelled --retry or re-drop--> queued
 
 ``attempts`` counts started renders and is incremented by the claim itself, so a job that kills
