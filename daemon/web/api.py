@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
+from daemon.inbox import split_name
 from daemon.jobs import Job, JobStatus
 from daemon.ops import OpError, retry_job
 from daemon.store import Store
@@ -82,7 +83,8 @@ class Submitted(BaseModel):
     stem: str = Field(description="the stem the files were written under in the inbox")
     files: list[str]
     job_id: int | None = Field(description="the job, once the daemon has ingested the files")
-    status: str = Field(description="'waiting' (in the inbox), or the job's status")
+    status: str = Field(description="'waiting' (in the inbox), 'gone' (ingested as a duplicate of an earlier "
+                                    "job), or the job's status")
     waiting: str | None = Field(description="why the daemon is still waiting, when it says so")
 
 
@@ -199,8 +201,19 @@ def _submission(ctx: Ctx, stem: str, names: list[str]) -> Submitted:
     except Unavailable:
         job = None
     if job is None:
+        if reason is None and not _in_inbox(ctx, stem):
+            return Submitted(stem=stem, files=names, job_id=None, status="gone",
+                             waiting="the files left the inbox without a job of this name: most likely the same "
+                                     "inputs and settings as an earlier job, whose result stands")
         return Submitted(stem=stem, files=names, job_id=None, status="waiting", waiting=reason)
     return Submitted(stem=stem, files=names, job_id=job.id, status=job.status.value, waiting=None)
+
+
+def _in_inbox(ctx: Ctx, stem: str) -> bool:
+    try:
+        return any(split_name(p.name) == (stem, p.suffix[1:].lower()) for p in ctx.cfg.paths.inbox.iterdir())
+    except OSError:
+        return True  # cannot tell: say it waits
 
 
 def _settings(text: str) -> dict[str, object]:
