@@ -54,26 +54,32 @@ class BodyLimit:
                 await error(413, message)(scope, receive, send)
                 return
         seen = 0
-        started = False
+        over = replaced = False
 
         async def counted() -> Message:
-            nonlocal seen
+            nonlocal seen, over
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.limit + _FORM_OVERHEAD:
+                    over = True
                     raise _TooLarge()
             return msg
 
-        async def watch(msg: Message) -> None:
-            nonlocal started
-            started = started or msg["type"] == "http.response.start"
-            await send(msg)
+        async def reply(msg: Message) -> None:
+            # The form parser turns the interruption into its own 400: answer 413 in its place.
+            nonlocal replaced
+            if not over:
+                await send(msg)
+            elif not replaced:
+                replaced = True
+                await error(413, message)(scope, receive, send)
 
         try:
-            await self.app(scope, counted, watch)
+            await self.app(scope, counted, reply)
         except _TooLarge:
-            if not started:
+            if not replaced:
+                replaced = True
                 await error(413, message)(scope, receive, send)
 
 
