@@ -31,7 +31,8 @@ _SECURITY_HEADERS = {
                                "frame-ancestors 'none'",
     "x-frame-options": "DENY",
     "x-content-type-options": "nosniff",
-    "referrer-policy": "no-referrer",
+    # not no-referrer: with it, browsers send "Origin: null" on the page's own form posts
+    "referrer-policy": "same-origin",
 }
 
 

@@ -67,9 +67,10 @@ class Site:
         return e
 
     def start_daemon(self, steps: int = 30, step_s: float = 0.12) -> None:
-        self.daemon = subprocess.Popen([sys.executable, "-m", "tests.daemon.fake_daemon", str(self.config_path)],
-                                       cwd=REPO, env=self.env(FAKE_STEPS=str(steps), FAKE_STEP_S=str(step_s)),
-                                       stdout=subprocess.DEVNULL, stderr=open(self.root / "daemon.err", "ab"))
+        with open(self.root / "daemon.err", "ab") as err:  # the child keeps its own copy of the descriptor
+            self.daemon = subprocess.Popen([sys.executable, "-m", "tests.daemon.fake_daemon", str(self.config_path)],
+                                           cwd=REPO, env=self.env(FAKE_STEPS=str(steps), FAKE_STEP_S=str(step_s)),
+                                           stdout=subprocess.DEVNULL, stderr=err)
         wait_for(lambda: (self.root / "state" / "inbox.json").exists(), timeout=60, what="the daemon's first scan")
 
     def stop_daemon(self) -> None:
@@ -79,9 +80,9 @@ class Site:
         self.daemon = None
 
     def start_web(self) -> None:
-        self.web = subprocess.Popen([sys.executable, "-m", "daemon", "web", "--config", str(self.config_path)],
-                                    cwd=REPO, env=self.env(), stdout=subprocess.DEVNULL,
-                                    stderr=open(self.root / "web.err", "ab"))
+        with open(self.root / "web.err", "ab") as err:
+            self.web = subprocess.Popen([sys.executable, "-m", "daemon", "web", "--config", str(self.config_path)],
+                                        cwd=REPO, env=self.env(), stdout=subprocess.DEVNULL, stderr=err)
 
         def up() -> bool:
             assert self.web is not None and self.web.poll() is None, (self.root / "web.err").read_text()
