@@ -6,7 +6,7 @@ import sqlite3
 import time
 
 from daemon.jobs import JobStatus
-from tests.daemon.conftest import wait_for
+from tests.daemon.conftest import wait_for, write_png
 from tests.web.conftest import Site, rss_mb
 
 
@@ -80,6 +80,17 @@ def test_bad_submissions_are_clear_4xx_json(site: Site) -> None:
     assert site.client.get("/api/v1/jobs/999999").status_code == 404
     assert site.client.get("/api/v1/jobs/abc").json()["status"] == 400
     assert not [p for p in site.inbox.iterdir() if p.name.startswith("a")]
+
+
+def test_waiting_stems_show_why(site: Site) -> None:
+    write_png(site.inbox / "lonely.png")
+    try:
+        wait_for(lambda: "incomplete: missing a speech file" in site.client.get("/partials/live").text, timeout=30,
+                 interval=0.2, what="the waiting stem and its reason on the page")
+        doc = site.client.get("/api/v1/overview").json()
+        assert [w["stem"] for w in doc["waiting"]] == ["lonely"]
+    finally:
+        (site.inbox / "lonely.png").unlink()
 
 
 def test_openapi_is_served(site: Site) -> None:
