@@ -8,7 +8,7 @@ import uvicorn
 
 from daemon.config import EX_CONFIG, Config
 from daemon.web.app import create_app
-from daemon.web.security import TokenError, check_bind, is_loopback, load_token
+from daemon.web.security import TokenError, check_bind, load_token
 
 __all__ = ["serve"]
 
@@ -29,8 +29,6 @@ def serve(cfg: Config) -> int:
     auth = "token required" if token else "no token (loopback only)"
     print(f"infinitetalkd web: serving {where} ({auth}); inbox {cfg.paths.inbox}, outbox {cfg.paths.outbox}",
           file=sys.stderr, flush=True)
-    if token is None and not is_loopback(web.host):  # pragma: no cover - check_bind refused above
-        return EX_CONFIG
     config = uvicorn.Config(app, host=web.host, port=web.port, log_level=cfg.logging.level, access_log=False,
                             proxy_headers=False, server_header=False, lifespan="off")
     server = uvicorn.Server(config)
