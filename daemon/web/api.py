@@ -254,6 +254,8 @@ def submit(ctx: Changing, portrait: Annotated[UploadFile, File(description="port
         raise HTTPException(413, str(exc)) from None
     except SubmitError as exc:
         raise HTTPException(400, str(exc)) from None
+    except OSError as exc:  # inbox gone (share not mounted), full or read-only; nothing was left behind
+        raise HTTPException(503, f"cannot write into the inbox {cfg.paths.inbox}: {exc.strerror or exc}") from None
     deadline = time.monotonic() + max(0.0, min(wait_s, 30.0))
     while True:
         out = _submission(ctx, final, names)

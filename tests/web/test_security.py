@@ -165,3 +165,22 @@ def test_refuses_to_bind_a_lan_address_without_a_token(sec: Site, tmp_path: Path
     assert r.returncode == 78 and "no token is set" in r.stderr
     r = run_web(sec, {"host": "0.0.0.0", "port": sec.port + 1, "token_file": str(tmp_path / "missing")})
     assert r.returncode == 78 and "token_file" in r.stderr  # an unreadable token never means "no token"
+
+
+def test_without_a_token_only_loopback_host_names_are_served(tmp_path: Path) -> None:
+    """No token means loopback only; a page whose DNS name points at 127.0.0.1 (DNS rebinding) is refused."""
+    from fastapi.testclient import TestClient
+
+    from daemon.config import parse_config
+    from daemon.web.app import create_app
+    from tests.daemon.conftest import fast_config_dict
+
+    app = create_app(parse_config(fast_config_dict(tmp_path), base=tmp_path), None)
+    with TestClient(app, base_url="http://127.0.0.1:8787") as c:
+        assert c.get("/api/v1/jobs").status_code == 503  # no token needed; no database yet
+        assert "no job database" in c.get("/api/v1/jobs").json()["error"]
+        assert c.get("/", headers={"host": "localhost:8787"}).status_code == 200
+        r = c.get("/api/v1/jobs", headers={"host": "evil.example:8787"})
+        assert r.status_code == 403 and "Host" in r.json()["error"]
+        evil = c.post("/api/v1/jobs/1/cancel", headers={"origin": "http://evil.example"})
+        assert evil.status_code == 403  # a cross-site form on loopback is refused too
