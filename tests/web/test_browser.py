@@ -99,11 +99,14 @@ def test_page_in_a_real_browser(driver: Any, page_site: Site, tmp_path: Path) ->
     form = driver.find_element(By.ID, "submit-form")
     form.find_element(By.NAME, "portrait").send_keys(str(write_png(src / "frank.png", color=(40, 90, 160))))
     form.find_element(By.NAME, "speech").send_keys(str(write_wav(src / "frank.wav", seconds=0.5)))
+    form.find_element(By.CSS_SELECTOR, "details summary").click()  # the settings, with their defaults
+    form.find_element(By.NAME, "s_seed").send_keys("7")
     form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
     result = wait_for(lambda: "Submitted as frank" in (t := text_of(driver, "#submit-result")) and t, timeout=30,
                       what="the submission's answer")
     assert "job #" in result
     job_id = int(result.split("job #")[1].split(",")[0])
+    assert site.job(job_id)["params"]["seed"] == 7  # the form's setting reached the job through the sidecar
 
     # A running job's progress changes on the page without a reload.
     sel = f'.job.running[data-job="{job_id}"] .progress-text'
