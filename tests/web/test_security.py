@@ -57,6 +57,7 @@ def test_no_token_or_wrong_token_is_401(sec: Site) -> None:
     for path in ("/api/v1/jobs", "/api/v1/jobs/1", "/api/v1/overview", "/files/x.mp4", "/partials/live"):
         r = sec.anon.get(path)
         assert r.status_code == 401 and r.json()["status"] == 401, path
+        assert path.startswith(("/files", "/partials")) or r.headers["www-authenticate"] == "Bearer"
         assert sec.anon.get(path, headers={"authorization": "Bearer wrong-token-0123456789"}).status_code == 401
     assert sec.anon.post("/api/v1/jobs/1/cancel").status_code == 401
     assert sec.anon.get("/").status_code == 303  # the page sends the browser to the login form
