@@ -120,6 +120,9 @@ class Site:
                                  data={"settings": json.dumps(settings or {}), "wait_s": str(wait_s)})
         assert r.status_code == 202, r.text
         doc: dict[str, Any] = r.json()
+        if doc["job_id"] is None and wait_s:  # a loaded machine: keep asking, as a client would
+            doc = wait_for(lambda: (d := self.client.get(f"/api/v1/submissions/{doc['stem']}").json())["job_id"]
+                           and d, timeout=60, interval=0.2, what=f"{stem} to be ingested")
         return doc
 
     def job(self, job_id: int) -> dict[str, Any]:

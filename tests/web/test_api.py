@@ -85,7 +85,7 @@ def test_bad_submissions_are_clear_4xx_json(site: Site) -> None:
 def test_waiting_stems_show_why(site: Site) -> None:
     write_png(site.inbox / "lonely.png")
     try:
-        wait_for(lambda: "incomplete: missing a speech file" in site.client.get("/partials/live").text, timeout=30,
+        wait_for(lambda: "incomplete: missing a speech file" in site.client.get("/partials/live").text, timeout=60,
                  interval=0.2, what="the waiting stem and its reason on the page")
         doc = site.client.get("/api/v1/overview").json()
         assert [w["stem"] for w in doc["waiting"]] == ["lonely"]
@@ -105,7 +105,7 @@ def test_survives_db_locked_and_daemon_stopped_and_stays_small(site: Site) -> No
         t0 = time.monotonic()
         r = site.client.get("/api/v1/jobs")
         assert r.status_code == 503 and "locked" in r.json()["error"]
-        assert time.monotonic() - t0 < 15
+        assert time.monotonic() - t0 < 25  # answered (2 s busy timeout), did not hang
         page = site.client.get("/partials/live")
         assert page.status_code == 200 and "cannot be read right now" in page.text
     finally:
@@ -113,7 +113,7 @@ def test_survives_db_locked_and_daemon_stopped_and_stays_small(site: Site) -> No
         db.close()
     assert site.client.get("/api/v1/jobs").status_code == 200
     site.stop_daemon()
-    wait_for(lambda: "seems stopped" in site.client.get("/partials/live").text, timeout=30, interval=0.3,
+    wait_for(lambda: "seems stopped" in site.client.get("/partials/live").text, timeout=60, interval=0.3,
              what="the page to say the daemon stopped")
     assert site.client.get("/api/v1/jobs").status_code == 200
     assert site.web is not None and site.web.poll() is None

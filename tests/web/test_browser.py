@@ -91,7 +91,7 @@ def test_page_in_a_real_browser(driver: Any, page_site: Site, tmp_path: Path) ->
     assert driver.current_url.endswith("/login")
     driver.find_element(By.NAME, "token").send_keys(TOKEN)
     driver.find_element(By.CSS_SELECTOR, "form.login button").click()
-    wait_for(lambda: driver.find_elements(By.ID, "submit-form"), timeout=30, what="the page after logging in")
+    wait_for(lambda: driver.find_elements(By.ID, "submit-form"), timeout=60, what="the page after logging in")
 
     # Submit through the form (multipart upload from the page's script, with its CSRF value).
     src = tmp_path / "upload"
@@ -102,25 +102,25 @@ def test_page_in_a_real_browser(driver: Any, page_site: Site, tmp_path: Path) ->
     form.find_element(By.CSS_SELECTOR, "details summary").click()  # the settings, with their defaults
     form.find_element(By.NAME, "s_seed").send_keys("7")
     form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    result = wait_for(lambda: "Submitted as frank" in (t := text_of(driver, "#submit-result")) and t, timeout=30,
-                      what="the submission's answer")
-    assert "job #" in result
-    job_id = int(result.split("job #")[1].split(",")[0])
+    wait_for(lambda: "Submitted as frank" in text_of(driver, "#submit-result"), timeout=60,
+             what="the submission's answer")
+    job_id = wait_for(lambda: site.client.get("/api/v1/submissions/frank").json()["job_id"], timeout=60,
+                      interval=0.2, what="frank to be ingested")
     assert site.job(job_id)["params"]["seed"] == 7  # the form's setting reached the job through the sidecar
 
     # A running job's progress changes on the page without a reload.
     sel = f'.job.running[data-job="{job_id}"] .progress-text'
     first = wait_for(lambda: "step" in (t := text_of(driver, sel)) and t, timeout=60, what="progress on the page")
-    wait_for(lambda: (t := text_of(driver, sel)) and "step" in t and t != first, timeout=30,
+    wait_for(lambda: (t := text_of(driver, sel)) and "step" in t and t != first, timeout=60,
              what=f"the progress text to change from {first!r}")
 
     # The finished job's video plays; its duration comes from the element.
     site.wait_status(job_id, JobStatus.DONE)
     video = f'.result[data-job="{job_id}"] video'
-    wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, video), timeout=30, what="the result's <video>")
+    wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, video), timeout=60, what="the result's <video>")
     duration = wait_for(lambda: driver.execute_script(
         "const v = document.querySelector(arguments[0]); return v && v.readyState >= 1 && !v.error && v.duration",
-        video), timeout=30, what="the video's metadata")
+        video), timeout=60, what="the video's metadata")
     assert abs(duration - STEPS / 25) < 0.1, duration
     played = driver.execute_async_script(
         "const done = arguments[1]; const v = document.querySelector(arguments[0]); v.muted = true;"
