@@ -38,6 +38,8 @@ def test_token_sources_and_the_bind_rule(tmp_path: Path, monkeypatch: pytest.Mon
     f = tmp_path / "web.token"
     f.write_text("file-token-0123456789\n")
     assert load_token(WebConfig(token_file=f, token_env="ITD_T")) == "file-token-0123456789"  # the file wins
+    with pytest.raises(TokenError, match="cannot read"):  # an unreadable token file never means "no token"
+        load_token(WebConfig(token_file=tmp_path / "missing"))
     f.write_text("short\n")
     with pytest.raises(TokenError, match="at least 16"):
         load_token(WebConfig(token_file=f))
