@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 CONFIG ?= config.yaml
 BIN     = $(VENV)/bin
 
-.PHONY: venv run test lint demo clean-demo
+.PHONY: venv run web test lint demo clean-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ venv: $(VENV)/.installed
 ## make run: start the daemon on ./inbox -> ./outbox with config.yaml
 run: venv
 	$(BIN)/infinitetalkd run --config $(CONFIG)
+
+## make web: the web page and HTTP API on http://127.0.0.1:8787/ (config.yaml's web: section; no GPU)
+web: venv
+	$(BIN)/infinitetalkd web --config $(CONFIG)
 
 ## make test: the whole test suite (CPU only, tiny random models)
 test: venv

@@ -3,6 +3,7 @@
     infinitetalkd run [--config FILE]                  the daemon (systemd runs this)
     infinitetalkd status [--config FILE] [--json]      queue, running job with progress, failures
     infinitetalkd retry JOB | cancel JOB               JOB is a job id or a stem
+    infinitetalkd web [--config FILE]                  the web page and HTTP API (no GPU, no engine)
     infinitetalkd doctor [--config FILE] [--models-dir DIR]
     infinitetalkd migrate [--config FILE]              bring the job database's schema up to date
     infinitetalkd tiny-models DIR [--seed N]           write a tiny random models folder (tests, demo)
@@ -22,7 +23,6 @@ import dataclasses
 import importlib
 import json
 import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -34,6 +34,7 @@ from typing import Any, cast
 
 from daemon.config import EX_CONFIG, Config, ConfigError, load_config
 from daemon.jobs import Job, JobStatus
+from daemon.ops import OpError, retry_job
 from daemon.progress import Eta, describe_progress, format_duration
 from daemon.store import Store, StoreError
 from engine.api import (
@@ -196,38 +197,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _restore_inputs(cfg: Config, job: Job) -> list[str]:
-    """Move a failed job's inputs from its failed/ folder back into the inbox."""
-    if not job.failed_dir:
-        return []
-    src = Path(job.failed_dir)
-    moved = []
-    for i in job.inputs:
-        name = str(i["name"])
-        p, dst = src / name, cfg.paths.inbox / name
-        if os.path.lexists(p):
-            if os.path.lexists(dst):
-                raise _Fail(f"{dst} exists; remove it or move it away, then retry again")
-            shutil.move(str(p), str(dst))
-            moved.append(name)
-    return moved
-
-
 def cmd_retry(args: argparse.Namespace) -> int:
     cfg = _config(args.config)
     store = _store(cfg)
     try:
         job = _find(store, args.job)
-        if job.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
-            raise _Fail(f"job #{job.id} is {job.status.value}; only failed or cancelled jobs can be retried")
-        # Inputs first, then the row: the worker never claims a job whose files are still moving.
-        moved = _restore_inputs(cfg, job)
-        if job.rejected:
-            store.delete(job.id)  # refused at ingest: the scanner judges the files afresh
+        try:
+            done = retry_job(cfg, store, job)
+        except OpError as exc:
+            raise _Fail(str(exc)) from None
+        moved = done.moved
+        if done.rescan:
             print(f"job #{job.id} ({job.stem}): moved {len(moved)} file(s) back to the inbox for a new scan")
             return 0
-        if store.retry(job.id) is None:
-            raise _Fail(f"job #{job.id} changed meanwhile; see infinitetalkd status")
         print(f"job #{job.id} ({job.stem}) queued again" + (f"; moved back {', '.join(moved)}" if moved else ""))
         return 0
     finally:
@@ -247,6 +229,13 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         return 0
     finally:
         store.close()
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    """The page and HTTP API (daemon/web/): no engine, no GPU; imported only here."""
+    from daemon.web.server import serve
+
+    return serve(_config(args.config))
 
 
 def _writable(d: Path) -> str | None:
@@ -497,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("job", help="job id or stem")
         with_config(p)
         p.set_defaults(func=func)
+    p = sub.add_parser("web", help="serve the web page and HTTP API (see README 'Web page and API')")
+    with_config(p)
+    p.set_defaults(func=cmd_web)
     p = sub.add_parser("doctor", help="check config, folders, filesystems, database, models and GPU")
     with_config(p, default=None)
     p.add_argument("--models-dir", help="check this models folder (alone: only the model check)")

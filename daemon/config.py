@@ -25,6 +25,7 @@ __all__ = [
     "EngineConfig",
     "LoggingConfig",
     "MetricsConfig",
+    "WebConfig",
     "load_config",
     "parse_config",
 ]
@@ -132,6 +133,17 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """``infinitetalkd web``: the page and HTTP API (daemon/web/). Off unless that command runs."""
+
+    host: str = "127.0.0.1"
+    port: int = 8787
+    token_file: Path | None = None  # a file holding the bearer token (wins over token_env)
+    token_env: str = "INFINITETALKD_WEB_TOKEN"  # else the environment variable holding it
+    max_upload_mb: int = 2048  # one submission (all its files) at most this big
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path  # the config file (or "<memory>")
     paths: PathsConfig
@@ -141,6 +153,7 @@ class Config:
     render: Mapping[str, object]  # defaults for every job, same keys as a sidecar
     logging: LoggingConfig
     metrics: MetricsConfig
+    web: WebConfig = WebConfig()
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,7 +226,7 @@ class _Section:
         return (p if p.is_absolute() else base / p).resolve()
 
 
-_TOP = ("paths", "watch", "jobs", "engine", "render", "logging", "metrics")
+_TOP = ("paths", "watch", "jobs", "engine", "render", "logging", "metrics", "web")
 _FILE_ROLES = ("dit", "text_encoder", "patch_single", "patch_multi", "audio_encoder", "vae", "lora", "clip_vision")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
@@ -324,8 +337,16 @@ def parse_config(raw: object, *, base: Path, where: str = "config.yaml") -> Conf
         host=m.text("host", "127.0.0.1"),
         port=m.integer("port", 9464, minimum=1, maximum=65535),
     )
+    wb = _Section(where, "web", top.raw.get("web"), ("host", "port", "token_file", "token_env", "max_upload_mb"))
+    web = WebConfig(
+        host=wb.text("host", "127.0.0.1"),
+        port=wb.integer("port", 8787, minimum=1, maximum=65535),
+        token_file=None if wb.raw.get("token_file") is None else wb.path("token_file", None, base),
+        token_env=wb.text("token_env", "INFINITETALKD_WEB_TOKEN"),
+        max_upload_mb=wb.integer("max_upload_mb", 2048, minimum=1),
+    )
     return Config(source=Path(where), paths=paths, watch=watch, jobs=jobs, engine=engine,
-                  render=dict(render_raw), logging=logging_cfg, metrics=metrics)
+                  render=dict(render_raw), logging=logging_cfg, metrics=metrics, web=web)
 
 
 def _warm_buckets(e: _Section) -> tuple[tuple[int, int], ...]:
@@ -364,4 +385,4 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     cfg = parse_config(raw, base=path.resolve().parent, where=str(path))
     return Config(source=path.resolve(), paths=cfg.paths, watch=cfg.watch, jobs=cfg.jobs, engine=cfg.engine,
-                  render=cfg.render, logging=cfg.logging, metrics=cfg.metrics)
+                  render=cfg.render, logging=cfg.logging, metrics=cfg.metrics, web=cfg.web)
