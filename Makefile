@@ -7,9 +7,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 CONFIG ?= config.yaml
+DEMO   ?= demo
 BIN     = $(VENV)/bin
 
-.PHONY: venv run test lint demo clean-demo
+.PHONY: venv run test lint demo clean-demo bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,5 +37,10 @@ lint: venv
 
 ## make demo: the real daemon on a generated tiny models folder and a bundled sample.
 ## Tiny random weights make noise, not a face: this proves the plumbing, not the model.
+## Each run drops a new job (fresh seed), so running it again renders again.
 demo: venv
-	$(BIN)/python -m daemon.demo --workdir demo
+	$(BIN)/python -m daemon.demo --workdir $(DEMO)
+
+## make clean-demo: remove everything make demo wrote (models, config, inbox, outbox, state)
+clean-demo:
+	rm -rf -- ./$(DEMO)
