@@ -43,4 +43,4 @@ demo: venv
 
 ## make clean-demo: remove everything make demo wrote (models, config, inbox, outbox, state)
 clean-demo:
-	rm -rf -- ./$(DEMO)
+	rm -rf -- "$(DEMO)"
