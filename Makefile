@@ -35,6 +35,13 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy daemon engine/api.py
 
+## make bench: the benchmark suite on whatever this machine has (a GPU with >= 48 GiB: the released sizes, about
+## 10 minutes; anything else: the tiny sizes, a smoke test), one table at the end; results in .bench/out/suite.json.
+## BENCH_ARGS="--render" adds the whole-engine render at full size (writes a 36 GB models folder first).
+BENCH_ARGS ?=
+bench: venv
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
 ## make demo: the real daemon on a generated tiny models folder and a bundled sample.
 ## Tiny random weights make noise, not a face: this proves the plumbing, not the model.
 ## Each run drops a new job (fresh seed), so running it again renders again.
