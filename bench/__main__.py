@@ -25,15 +25,32 @@ PARTS = ("forward", "lowmem", "writer", "render")
 
 
 def _parts(args: argparse.Namespace, size: c.Size) -> dict[str, Callable[[c.Size, str, c.Report], None]]:
-    from bench import forward, lowmem, render, writer
+    """The suite's parts; each imports its entry point when it runs (the writer needs PyAV, the render the whole
+    engine: a machine without them still runs the other parts)."""
 
-    parts: dict[str, Callable[[c.Size, str, c.Report], None]] = {
-        "forward": lambda s, d, r: forward.suite(s, d, r, repeat=args.repeat),
-        "lowmem": lambda s, d, r: lowmem.suite(s, d, r, repeat=args.repeat),
-        "writer": lambda s, d, r: writer.suite(s, d, r, repeat=args.repeat),
-    }
+    def forward(s: c.Size, d: str, r: c.Report) -> None:
+        from bench import forward as m
+
+        m.suite(s, d, r, repeat=args.repeat)
+
+    def lowmem(s: c.Size, d: str, r: c.Report) -> None:
+        from bench import lowmem as m
+
+        m.suite(s, d, r, repeat=args.repeat)
+
+    def writer(s: c.Size, d: str, r: c.Report) -> None:
+        from bench import writer as m
+
+        m.suite(s, d, r, repeat=args.repeat)
+
+    def render(s: c.Size, d: str, r: c.Report) -> None:
+        from bench import render as m
+
+        m.suite(s, d, r, models=args.models)
+
+    parts = {"forward": forward, "lowmem": lowmem, "writer": writer}
     if size is c.TINY or args.render or args.models:
-        parts["render"] = lambda s, d, r: render.suite(s, d, r, models=args.models)
+        parts["render"] = render
     return {k: v for k, v in parts.items() if not args.only or k in args.only}
 
 
