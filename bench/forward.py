@@ -290,6 +290,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-forward", action="store_true", help="only the parts asked for below")
     ap.add_argument("--vae", action="store_true", help="also the VAE's per-chunk work")
     ap.add_argument("--vae-dtype", choices=["bf16", "fp32", "both"], default="both")
+    ap.add_argument("--cudnn-benchmark", action="store_true",
+                    help="set torch.backends.cudnn.benchmark (cuDNN times its conv algorithms per shape; the engine "
+                         "does not set it): compare the VAE rows both ways, and their peak memory")
     ap.add_argument("--kernels", action="store_true", help="also self-attention kernels alone")
     ap.add_argument("--restart-cache", action="store_true", help="also compile cost at a restart")
     ap.add_argument("--out", default=None, help="folder for forward.json (default $OUT, else .bench/out)")
@@ -312,8 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = c.default_device()
     s = Setup(args, c.pick_size(args.size, device), device, _backend(device))
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     with _report(device, args.out) as report:
-        report.env["size"] = s.size.name
+        report.env.update(size=s.size.name, cudnn_benchmark=args.cudnn_benchmark)
         if not args.no_forward:
             run_forward(s, report)
         if args.vae:
