@@ -169,17 +169,17 @@ def _measure(model: dit.WanInfiniteTalk, kw: dict[str, Any], kw_next: dict[str, 
             torch._dynamo.reset()
             counters.clear()
             fast.compile_blocks(model, backend=s.backend)
-            first, _ = c.wall_once(lambda: model(**kw))
+            first, _ = c.wall_once(lambda: c.dit_forward(model, kw))
         else:
-            model(**kw)  # warm-up: kernel selection
+            c.dit_forward(model, kw)  # warm-up: kernel selection
         c.reset_peak()
-        sec, out = c.timed(lambda: model(**kw), s.args.repeat)
+        sec, out = c.timed(lambda: c.dit_forward(model, kw), s.args.repeat)
         row.seconds, row.peak_gib = round(sec, 3), c.peak_gib()
         if mode == "compiled":
             row.metrics["compile_s"] = round(first - sec, 1)
             frames_ok = int(counters["frames"]["ok"])
             with torch._dynamo.config.patch(error_on_recompile=True):
-                model(**kw_next)
+                c.dit_forward(model, kw_next)
             row.metrics["recompiles"] = int(counters["frames"]["ok"]) - frames_ok
     row.metrics["finite"] = bool(torch.isfinite(out).all())
     return out

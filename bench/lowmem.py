@@ -44,7 +44,7 @@ def copy_rate(streamer: Any, n: int = 5) -> float:
 def _forwards(model: dit.WanInfiniteTalk, kw: dict[str, Any], repeat: int) -> tuple[list[float], torch.Tensor]:
     times, out = [], None
     for _ in range(max(1, repeat)):
-        sec, out = c.wall_once(lambda: model(**kw))
+        sec, out = c.wall_once(lambda: c.dit_forward(model, kw))
         times.append(round(sec, 3))
     assert out is not None
     return times, out
@@ -59,7 +59,7 @@ def run(size: c.Size, device: str, report: c.Report, *, repeat: int, caps: list[
     base = dict(bucket=f"{size.height}x{size.width}", tokens=size.tokens)
     with torch.inference_mode():
         with c.case(report, BENCH, "resident", "s/forward") as row:
-            model(**kw)  # warm-up: kernel selection
+            c.dit_forward(model, kw)  # warm-up: kernel selection
             c.reset_peak()
             times, ref = _forwards(model, kw, repeat)
             row.seconds, row.peak_gib = min(times), c.peak_gib()

@@ -117,7 +117,7 @@ def test_dit_inputs_fit_the_tiny_dit() -> None:
     model = c.random_dit(dit.TINY, "cpu", torch.float32)
     kw = c.dit_inputs(dit.TINY, 32, 64, 9, "cpu", torch.float32)
     with torch.no_grad():
-        out = model(**kw)
+        out = c.dit_forward(model, kw)
     assert out.shape == kw["x"].shape and torch.isfinite(out).all()
     assert torch.equal(c.dit_inputs(dit.TINY, 32, 64, 9, "cpu", torch.float32)["x"], kw["x"])  # seeded
 
@@ -131,7 +131,8 @@ def test_fp32_forward_restores_the_dtype_and_matches_a_float_copy() -> None:
     kw = c.dit_inputs(dit.TINY, 32, 64, 9, "cpu", torch.bfloat16)
     with torch.no_grad():
         out = c.fp32_forward(model, kw)
-        want = copy.deepcopy(model).float()(**{k: v.float() if v.is_floating_point() else v for k, v in kw.items()})
+        want = c.dit_forward(copy.deepcopy(model).float(),
+                             {k: v.float() if v.is_floating_point() else v for k, v in kw.items()})
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert c.closeness(out, want)["rel_l2"] < 1e-2
 
