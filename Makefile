@@ -35,8 +35,8 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy daemon engine/api.py
 
-## make bench: the benchmark suite on whatever this machine has (a GPU with >= 48 GiB: the released sizes, about
-## 10 minutes; anything else: the tiny sizes, a smoke test), one table at the end; results in .bench/out/suite.json.
+## make bench: the benchmark suite on whatever this machine has (a GPU with >= 48 GiB: the released sizes;
+## anything else: the tiny sizes, a smoke test), one table at the end; results in .bench/out/suite.json.
 ## BENCH_ARGS="--render" adds the whole-engine render at full size (writes a 36 GB models folder first).
 BENCH_ARGS ?=
 bench: venv

@@ -2,13 +2,14 @@
 
 On a CUDA GPU with at least 48 GiB (``bench.common.FULL_SIZE_MIN_GIB``) everything runs at the released sizes
 (448x896, 81 frames, random weights): every DiT forward variant and the VAE (bench/forward.py), low-memory
-streaming under 24 / 16 GiB caps (bench/lowmem.py) and the mp4 writer next to GPU work (bench/writer.py); about
-10 minutes on an H100. The whole-engine render (bench/render.py) writes a 36 GB models folder first, so at full
-size it runs only with ``--render`` (or ``--models DIR``, an existing folder). Anywhere else — a smaller GPU, a
-CPU — the same code runs at the tests' tiny sizes, render included: a smoke test of the suite whose times mean
-nothing. The result is ``<out>/suite.json`` in the schema of bench/common.py and one Markdown table.
+streaming under 24 / 16 GiB caps (bench/lowmem.py) and the mp4 writer next to GPU work (bench/writer.py). Not yet
+timed as a whole on a GPU; as separate scripts these parts took 1-5 minutes each on an H100. The whole-engine
+render (bench/render.py) writes a 36 GB models folder first, so at full size it runs only with ``--render`` (or
+``--models DIR``, an existing folder). Anywhere else (a smaller GPU, a CPU) the same code runs at the tests' tiny
+sizes, render included: a smoke test of the suite whose times mean nothing. The result is ``<out>/suite.json`` in
+the schema of bench/common.py and one Markdown table. The parts: forward (with the VAE), lowmem, writer, render.
 
-    python -m bench [--size auto|full|tiny] [--render] [--models DIR] [--only forward,vae,...] [--out DIR]
+    python -m bench [--size auto|full|tiny] [--render] [--models DIR] [--only forward,lowmem,...] [--out DIR]
 """
 
 from __future__ import annotations
