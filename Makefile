@@ -7,9 +7,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 CONFIG ?= config.yaml
+DEMO   ?= demo
 BIN     = $(VENV)/bin
 
-.PHONY: venv run web test lint demo clean-demo
+.PHONY: venv run web test lint demo clean-demo bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +39,19 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy daemon engine/api.py
 
+## make bench: the benchmark suite on whatever this machine has (a GPU with >= 48 GiB: the released sizes;
+## anything else: the tiny sizes, a smoke test), one table at the end; results in .bench/out/suite.json.
+## BENCH_ARGS="--render" adds the whole-engine render at full size (writes a 36 GB models folder first).
+BENCH_ARGS ?=
+bench: venv
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
 ## make demo: the real daemon on a generated tiny models folder and a bundled sample.
 ## Tiny random weights make noise, not a face: this proves the plumbing, not the model.
+## Each run drops a new job (fresh seed), so running it again renders again.
 demo: venv
-	$(BIN)/python -m daemon.demo --workdir demo
+	$(BIN)/python -m daemon.demo --workdir $(DEMO)
+
+## make clean-demo: remove everything make demo wrote (models, config, inbox, outbox, state)
+clean-demo:
+	rm -rf -- "$(DEMO)"

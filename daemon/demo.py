@@ -3,8 +3,14 @@
     python -m daemon.demo --workdir demo
 
 Writes ``demo/models`` (tiny random weights in the real ComfyUI layout), ``demo/config.yaml``, a
-synthetic portrait and a second of speech-like sound into ``demo/inbox``, then runs the daemon
-until that job is finished and prints where the results are. Tiny random weights render noise,
+synthetic portrait, a second of speech-like sound and a sidecar into ``demo/inbox``, then runs the
+daemon until that job is finished and prints where the results are.
+
+Every run drops a job of its own: the sidecar carries a fresh seed. The daemon keys jobs on their
+content (files + settings), so dropping the very same files again would be skipped as "already
+rendered" and the demo would wait for a job that never comes. A demo is run to see the whole path
+work (often again after a change), so a new seed makes a new job rather than a lookup of an old
+one. ``make clean-demo`` removes the folder. Tiny random weights render noise,
 not a face: this proves the plumbing (watch -> queue -> engine -> outbox), not the model.
 The engine is imported lazily, as in cli.py.
 """
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import secrets
 import sys
 import threading
 import time
@@ -80,9 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     }, sort_keys=False), encoding="utf-8")
     cfg = load_config(config_path)
     cfg.paths.inbox.mkdir(parents=True, exist_ok=True)
-    stem = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    seed = secrets.randbelow(2**31)
+    stem = f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{seed}"
     _speech(cfg.paths.inbox / f"{stem}.wav")
     _portrait(cfg.paths.inbox / f"{stem}.png")
+    # The sidecar last: it is the job's manifest (docs/daemon.md §2).
+    (cfg.paths.inbox / f"{stem}.yaml").write_text(yaml.safe_dump({"seed": seed}), encoding="utf-8")
+    print(f"demo: job {stem} (seed {seed}) dropped into {cfg.paths.inbox}", flush=True)
 
     stop = threading.Event()
     outcome: dict[str, str] = {}

@@ -12,7 +12,7 @@ was merged (engine/models_dir.py ``_to_fp8``). This measures, against the file's
 2. the tiny DiT of the test suite (2 blocks, dim 256) from a folder written by ``engine.tiny``, the targets the
    base file holds: the whole forward against its float32 forward.
 
-    python bench/bench_fp8_source.py [--width 5120] [--rows 1024] [--out DIR]
+    python -m bench.probe_fp8_source [--width 5120] [--rows 1024] [--out DIR]
 """
 
 from __future__ import annotations
