@@ -126,7 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("Put the files where the lines say (ComfyUI models/ layout), or set engine.files; "
               "'infinitetalkd doctor' checks again.", file=sys.stderr)
         return EX_CONFIG
-    from daemon.worker import run_daemon
+    from daemon.service import run_daemon
 
     return run_daemon(cfg, _load_engine)
 

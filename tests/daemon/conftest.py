@@ -16,8 +16,8 @@ from PIL import Image
 
 from daemon.config import Config, load_config
 from daemon.jobs import Job, JobStatus
+from daemon.service import run_daemon
 from daemon.store import Store
-from daemon.worker import run_daemon
 from engine.api import EngineOptions
 from tests.daemon.fake_renderer import FakeRenderer
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from daemon.config import EX_CONFIG, ConfigError, load_config
-from daemon.worker import run_daemon
+from daemon.service import run_daemon
 from engine.api import EngineOptions
 from tests.daemon.fake_renderer import FakeRenderer
 
