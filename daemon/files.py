@@ -22,7 +22,8 @@ from typing import Any
 
 from daemon import outbox as ob
 
-__all__ = ["is_disk_full", "snapshot", "settle", "to_failed", "dispose_after_success", "same_file"]
+__all__ = ["is_disk_full", "snapshot", "settle", "to_failed", "dispose_after_success", "same_file",
+           "changed_in_inbox"]
 
 # Faults of the storage rather than of the job: ENOSPC/EDQUOT (full), EIO (failing disk or a dropped
 # share), EROFS (remounted read-only). The job goes back to the queue; the daemon waits for space.
@@ -81,14 +82,21 @@ def _move_all(moves: list[tuple[Path, Path]]) -> None:
         raise
 
 
+def changed_in_inbox(inbox: Path, inputs: list[dict[str, Any]]) -> bool:
+    """Some input in the inbox is no longer the recorded file (replaced or edited since the claim)."""
+    return any(os.path.lexists(inbox / str(i["name"])) and not same_file(inbox / str(i["name"]), i) for i in inputs)
+
+
 def settle(inbox: Path, inputs: list[dict[str, Any]], snap: Path | None, dest: Path) -> list[str]:
-    """Move a job's inputs into ``dest``: the inbox file where it is still the recorded one,
-    else the snapshot's copy (the bytes the job used); a changed inbox file stays for a new job."""
+    """Move a job's inputs into ``dest``: the inbox files while they are still the recorded ones;
+    when one was replaced or edited since the claim, the snapshot's copies (the bytes the job used)
+    instead, and the inbox files all stay, to be scanned as a new job."""
+    from_snap = snap is not None and changed_in_inbox(inbox, inputs)
     moves: list[tuple[Path, Path]] = []
     for i in inputs:
         name = str(i["name"])
         src = inbox / name
-        if os.path.lexists(src) and (snap is None or same_file(src, i)):
+        if not from_snap and os.path.lexists(src):
             moves.append((src, dest / name))
         elif snap is not None and os.path.lexists(snap / name):
             moves.append((snap / name, dest / name))
@@ -134,9 +142,11 @@ def dispose_after_success(inbox: Path, inputs: list[dict[str, Any]], snap: Path 
     if not present:
         return "already gone"
     if after_success == "delete":
+        if snap is not None and changed_in_inbox(inbox, present):
+            return "deleted (the changed files in the inbox stay, as a new job)"
         for i in present:
             p = inbox / str(i["name"])
-            if os.path.lexists(p) and (snap is None or same_file(p, i)):
+            if os.path.lexists(p):
                 p.unlink()
         return "deleted"
     dest = ob.unique_dir(archive_root, stem, job_id)

@@ -14,13 +14,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 from sqlalchemy.exc import OperationalError
 
 from daemon.log import get_logger
 
-__all__ = ["patiently", "Stopped", "is_busy"]
+__all__ = ["patiently", "Stopped", "is_busy", "unusable_database"]
 
 log = get_logger("infinitetalkd.db")
 
@@ -63,3 +64,11 @@ def patiently(call: Callable[[], T], what: str, *, stop: threading.Event | None 
         if since is not None:
             log.info("db.ok", during=what, waited_s=round(time.monotonic() - since, 3))
         return result
+
+
+def unusable_database(path: Path, exc: Exception) -> str:
+    """The sentence for a job database that cannot be opened: which file, what went wrong, what to do."""
+    detail = " ".join(str(getattr(exc, "orig", None) or exc).split())
+    return (f"the job database {path} is damaged or unreadable ({detail}); stop the daemon, move the file "
+            f"(and any {path.name}-wal / -shm beside it) aside, and start again: a new, empty database is "
+            "created (the inbox is scanned again; finished results stay in the outbox)")

@@ -29,7 +29,7 @@ from daemon.fsinfo import filesystem_type, is_network_fs
 from daemon.log import get_logger, setup_logging
 from daemon.metrics import Metrics
 from daemon.notify import Notifier
-from daemon.patience import Stopped, patiently
+from daemon.patience import Stopped, patiently, unusable_database
 from daemon.store import Store, StoreError
 from daemon.watcher import Scanner
 from daemon.worker import EXIT_DEVICE_FAULT, EXIT_FAILURE, EXIT_OK, Worker
@@ -58,9 +58,9 @@ def open_store(path: Path, *, busy_timeout_ms: int = 10_000, stop: threading.Eve
         except OperationalError as exc:
             if any(w in str(exc.orig or exc).lower() for w in _TRANSIENT):
                 raise  # patiently() waits and tries again
-            raise StoreUnusable(_unusable(path, exc)) from None
+            raise StoreUnusable(unusable_database(path, exc)) from None
         except DatabaseError as exc:
-            raise StoreUnusable(_unusable(path, exc)) from None
+            raise StoreUnusable(unusable_database(path, exc)) from None
         except StoreError as exc:
             raise StoreUnusable(f"the job database {path}: {exc}") from None
         except OSError as exc:
@@ -68,13 +68,6 @@ def open_store(path: Path, *, busy_timeout_ms: int = 10_000, stop: threading.Eve
                                 "check the folder's permissions and free space (paths.state)") from None
 
     return patiently(attempt, "opening the job database", stop=stop)
-
-
-def _unusable(path: Path, exc: Exception) -> str:
-    detail = " ".join(str(getattr(exc, "orig", None) or exc).split())
-    return (f"the job database {path} is damaged or unreadable ({detail}); stop the daemon, move the file "
-            f"(and any {path.name}-wal / -shm beside it) aside, and start again: a new, empty database is "
-            "created (the inbox is scanned again; finished results stay in the outbox)")
 
 
 def _lock(path: Path) -> IO[str] | None:

@@ -339,7 +339,7 @@ class Worker:
                 log_path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = ob.fresh_tmp_dir(self.config.paths.tmp, job.id)
             except OSError as exc:
-                outcome = _Outcome("disk_full", reason=f"cannot prepare the job's work folder: {exc}",
+                outcome = _Outcome("disk_full", reason=f"disk full or failing: cannot prepare the job's work folder: {exc}",
                                    failure="disk")
             else:
                 with job_log(log_path, job.id, engine_lines=True):
