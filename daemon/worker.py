@@ -339,8 +339,8 @@ class Worker:
                 log_path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = ob.fresh_tmp_dir(self.config.paths.tmp, job.id)
             except OSError as exc:
-                outcome = _Outcome("disk_full", reason=f"disk full or failing: cannot prepare the job's work folder: {exc}",
-                                   failure="disk")
+                outcome = _Outcome("disk_full", failure="disk",
+                                   reason=f"disk full or failing: cannot prepare the job's work folder: {exc}")
             else:
                 with job_log(log_path, job.id, engine_lines=True):
                     try:
