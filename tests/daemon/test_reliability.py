@@ -430,7 +430,8 @@ def test_the_result_document_has_one_name_per_thing(env: Env) -> None:
 
 
 def test_6_an_inbox_that_vanishes_between_its_check_and_its_listing_is_reported_missing(
-        env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+        env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        capsys: pytest.CaptureFixture[str]) -> None:
     """The cause of the old flaky test_inbox_that_disappears_and_comes_back: a listing that failed
     marked the inbox missing without the inbox.missing line (and without the status file)."""
     import threading
@@ -448,4 +449,4 @@ def test_6_an_inbox_that_vanishes_between_its_check_and_its_listing_is_reported_
     with caplog.at_level("INFO"):
         scanner.scan_once()
     assert scanner.inbox_missing and inbox_status(env)["inbox_missing"] is True
-    assert "inbox.missing" in caplog.text
+    assert "inbox.missing" in caplog.text + capsys.readouterr().out  # (structlog configured or not)
