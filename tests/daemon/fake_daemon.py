@@ -3,7 +3,7 @@
     python -m tests.daemon.fake_daemon CONFIG.yaml
 
 FAKE_STEPS, FAKE_STEP_S and FAKE_RECORD (a file that gets "start/done <stem> <pid>" lines) tune
-the fake engine. FAKE_FAULTS (a JSON spec, tests/daemon/faults.py) injects disk faults;
+the fake engine. FAKE_FAULTS (a JSON spec or a list of them, tests/daemon/faults.py) injects disk faults;
 FAKE_BUSY_TIMEOUT_S shortens SQLite's busy timeout so that a lock held by another process outlasts
 it in a short test. Used by the subprocess tests (kill -9, SIGTERM, sd_notify, reliability).
 """
@@ -36,7 +36,9 @@ def main(argv: list[str]) -> int:
         return FakeRenderer(options, steps=steps, step_s=step_s, record=record)
 
     if os.environ.get("FAKE_FAULTS"):
-        faults.install(json.loads(os.environ["FAKE_FAULTS"]))
+        specs = json.loads(os.environ["FAKE_FAULTS"])
+        for spec in specs if isinstance(specs, list) else [specs]:
+            faults.install(spec)
     busy = os.environ.get("FAKE_BUSY_TIMEOUT_S")
     return run_daemon(config, make, busy_timeout_ms=int(float(busy) * 1000) if busy else None)
 
