@@ -276,9 +276,16 @@ def test_the_daemon_survives_a_hostile_inbox_and_ordinary_faults(tmp_path: Path,
     exits: list[int] = []
     kills = 0
 
+    def readies() -> int:
+        log = tmp_path / "daemon.log"
+        return log.read_text(errors="replace").count('"daemon.ready"') if log.exists() else 0
+
     def start() -> subprocess.Popen[bytes]:
+        before = readies()
         p = spawn(env, steps=3, step_s=0.02, extra_env=extra)
         procs.append(p)
+        wait_for(lambda: readies() > before or p.poll() is not None, timeout=60, what="the daemon to be ready")
+        check_alive(p)
         return p
 
     def drop(batch: list[Case]) -> None:
@@ -309,6 +316,7 @@ def test_the_daemon_survives_a_hostile_inbox_and_ordinary_faults(tmp_path: Path,
     eio.touch()  # failed/ on a failing disk while refusals happen
     time.sleep(1.5)
     eio.unlink()
+    time.sleep(rng.uniform(0.1, 0.8))
     p = kill9(p)  # kill -9 while refusals and renders are under way
     drop(thirds[1])
     locker = _hold_lock(paths.database, 2.0)  # a backup tool holding the database
@@ -316,7 +324,6 @@ def test_the_daemon_survives_a_hostile_inbox_and_ordinary_faults(tmp_path: Path,
     check_alive(p)
     time.sleep(rng.uniform(0.1, 0.8))
     p = kill9(p)
-    wait_for(lambda: (env.config.paths.state / "inbox.json").exists(), timeout=30, what="a scan after the restart")
     away = tmp_path / "inbox-away"
     env.inbox.rename(away)  # the share unmounted for a while
     time.sleep(1.5)
