@@ -25,6 +25,7 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 
 from engine.api import InputError, RenderRequest, request_from_settings
+from engine.sniff import sniff
 
 __all__ = [
     "IMAGE_EXTS", "VIDEO_EXTS", "AUDIO_EXTS", "SIDECAR_EXTS", "MARKER_EXT",
@@ -343,53 +344,24 @@ def check_file(path: Path, *, max_bytes: int, allow_empty: bool = False, what: s
     return st
 
 
-def _head(path: Path, n: int = 64) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        return os.read(fd, n)
-    finally:
-        os.close(fd)
-
-
-def _sniff(head: bytes) -> str:
-    """Container family from magic bytes."""
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    if head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE":
-        return "wav"
-    if head.startswith(b"fLaC"):
-        return "flac"
-    if head.startswith(b"OggS"):
-        return "ogg"
-    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip"):
-        return "isobmff"
-    if head.startswith(b"\x1a\x45\xdf\xa3"):
-        return "matroska"
-    if head.startswith(b"ID3") or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0):
-        return "mpeg-audio"  # MP3 frame sync; AAC ADTS shares it
-    if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head):
-        return "text"
-    return "unknown"
-
-
+_IMAGES = ("png", "jpeg", "webp")
 _EXPECTED = {
-    "png": ("png", "jpeg", "webp"), "jpg": ("png", "jpeg", "webp"), "jpeg": ("png", "jpeg", "webp"),
-    "webp": ("png", "jpeg", "webp"),
-    "wav": ("wav",), "flac": ("flac",), "mp3": ("mpeg-audio",), "aac": ("mpeg-audio",), "m4a": ("isobmff",),
+    "png": _IMAGES, "jpg": _IMAGES, "jpeg": _IMAGES, "webp": _IMAGES,
+    "wav": ("wav",), "flac": ("flac",), "mp3": ("mp3", "aac"), "aac": ("aac", "mp3"), "m4a": ("isobmff",),
     "ogg": ("ogg",), "opus": ("ogg",),
     "mp4": ("isobmff",), "mov": ("isobmff",), "mkv": ("matroska",), "webm": ("matroska",),
 }
 
 
 def _check_magic(path: Path) -> str:
+    """The file's kind by the shared sniffer (engine/sniff.py); it must fit the extension."""
     ext = path.suffix.lower().lstrip(".")
-    kind = _sniff(_head(path))
+    try:
+        kind = sniff(path, follow_symlinks=False)
+    except OSError as exc:
+        raise InputError(f"{path.name} cannot be read ({exc.strerror})") from None
     if kind not in _EXPECTED.get(ext, ()):
-        looks = "text" if kind == "text" else ("an unknown format" if kind == "unknown" else kind)
+        looks = "an unknown format" if kind is None else kind
         raise InputError(f"{path.name} is not a .{ext} file (its first bytes look like {looks})")
     return kind
 
