@@ -22,16 +22,20 @@ from typing import Any
 
 from daemon import outbox as ob
 
-__all__ = ["is_disk_full", "snapshot", "settle", "to_failed", "dispose_after_success", "same_file",
+__all__ = ["is_storage_fault", "snapshot", "settle", "to_failed", "dispose_after_success", "same_file",
            "changed_in_inbox"]
 
 # Faults of the storage rather than of the job: ENOSPC/EDQUOT (full), EIO (failing disk or a dropped
-# share), EROFS (remounted read-only). The job goes back to the queue; the daemon waits for space.
-_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
+# share), EROFS (remounted read-only), EACCES/EPERM (a folder the daemon writes made unwritable).
+# The job goes back to the queue and the daemon waits; failing every job instead would move every
+# drop to failed/ for one fault of the machine. (Unreadable inputs are refused earlier, by the
+# ingest checks, as input errors.)
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
-def is_disk_full(exc: BaseException) -> bool:
-    """An OSError of the storage (full, quota, I/O error, read-only), looking through a few causes."""
+def is_storage_fault(exc: BaseException) -> bool:
+    """An OSError of the storage (full, quota, I/O error, read-only, permissions), looking through
+    a few causes."""
     seen: BaseException | None = exc
     for _ in range(8):  # follow "raise ... from" chains a little way
         if seen is None:

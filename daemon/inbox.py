@@ -1,7 +1,7 @@
 """The inbox contract, as pure functions: names, grouping, stability, checks, fingerprint, request.
 
 A job is ``<stem>.<image or video>`` + ``<stem>.<audio>`` (+ ``<stem>.yaml``, + ``<stem>.ready``).
-The inbox is hostile (daemon.md section 7): names in a sidecar must be bare file names in the
+The inbox is hostile (docs/daemon.md §7): names in a sidecar must be bare file names in the
 inbox; symlinks and non-regular files are refused; YAML is parsed with a size cap and without
 aliases; images are opened with a format allow-list and a pixel cap; magic bytes must match the
 extension. Every refusal is an :class:`engine.api.InputError` with a one-line message.

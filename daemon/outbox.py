@@ -1,6 +1,6 @@
 """Files out of the daemon: work-in-progress folders, atomic publishing, failed/ and archive/.
 
-Rules (daemon.md sections 3.4 and 7):
+Rules (docs/daemon.md §3.4 and §7):
 - a render writes into ``outbox/.tmp/<job id>/`` (same filesystem as the outbox), every file is
   fsynced, then renamed into the outbox: readers never see a partial file. The json is renamed
   first (it names the job, so a set interrupted by a crash is recognised as this job's and

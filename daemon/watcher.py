@@ -1,4 +1,4 @@
-"""Watching the inbox: watchdog events are hints, full scans are the truth (daemon.md section 3).
+"""Watching the inbox: watchdog events are hints, full scans are the truth (docs/daemon.md §3).
 
 The :class:`Scanner` runs on its own thread. It lists the inbox at start, whenever a watchdog event
 wakes it, every ``poll_interval_s`` while something is settling (or always, in poll mode), and at
@@ -293,16 +293,27 @@ class Scanner:
             self._consider(g, now)
         except Stopped:
             raise
+        except OSError as exc:  # the inbox's storage (a share dropping, a file vanishing): look again later
+            if g.stem not in self.retry:
+                log.warning("scan.stem_unreadable", error=str(exc), hint="looked at again shortly")
+            self._defer(g.stem, self._safe_signature(g))
         except Exception as exc:  # a bug or an unforeseen input must not stop the scan of other stems
             log.exception("scan.stem_failed")
             reason = f"internal error while checking the files: {type(exc).__name__}: {ib.one_line(str(exc))[:300]}"
+            signature = self._safe_signature(g)
             try:
-                self._reject(g, {}, reason, self._signature(g, {}))
+                self._reject(g, {}, reason, signature)
             except Stopped:
                 raise
             except Exception:  # noqa: BLE001 - recorded below; tried again after a back-off
                 log.exception("scan.reject_failed")
-                self._defer(g.stem, self._signature(g, {}))
+                self._defer(g.stem, signature)
+
+    def _safe_signature(self, g: ib.Group) -> tuple[Any, ...]:
+        try:
+            return self._signature(g, self._ref_entries(g))
+        except Exception:  # noqa: BLE001 - the group's own files still identify this state
+            return self._signature(g, {})
 
     def _sidecar_refs(self, g: ib.Group) -> list[tuple[str, str]]:
         """The file names a group's sidecar names, cached on the sidecar's (size, mtime)."""
@@ -346,17 +357,23 @@ class Scanner:
         self.retry[stem] = _Retry(signature, time.monotonic() + backoff, backoff)
         self._recheck_at(time.monotonic() + backoff)
 
-    def _consider(self, g: ib.Group, now: float) -> None:
-        cfg = self.config
-        inbox = cfg.paths.inbox
-        parts = ib.parts_of(g)
-        ref_entries: dict[str, ib.Entry | None] = {}
+    def _ref_entries(self, g: ib.Group) -> dict[str, ib.Entry | None]:
+        """The files a group's sidecar names (None where missing); names that are not bare are
+        left to prepare() to refuse."""
+        out: dict[str, ib.Entry | None] = {}
         for key, name in self._sidecar_refs(g):
             try:
                 ib.check_bare_name(key, name)
             except InputError:
                 continue
-            ref_entries[name] = ib.stat_entry(inbox, name)
+            out[name] = ib.stat_entry(self.config.paths.inbox, name)
+        return out
+
+    def _consider(self, g: ib.Group, now: float) -> None:
+        cfg = self.config
+        inbox = cfg.paths.inbox
+        parts = ib.parts_of(g)
+        ref_entries = self._ref_entries(g)
         signature = self._signature(g, ref_entries)
         retry = self.retry.get(g.stem)
         if retry is not None and retry.signature == signature and now < retry.at:

@@ -444,7 +444,7 @@ class Worker:
         except _InputsChanged as exc:
             return failed("superseded", str(exc), "superseded")
         except Exception as exc:  # the one catch-all: any other failure ends this job, not the daemon
-            if fl.is_disk_full(exc):
+            if fl.is_storage_fault(exc):
                 return failed("disk_full", f"disk full or failing: {ib.one_line(str(exc))}", "disk")
             if isinstance(exc, RenderError):
                 return failed("failed", f"render failed: {ib.one_line(str(exc))}", "render")
@@ -476,7 +476,8 @@ class Worker:
             with contextlib.suppress(Stopped):  # if the database stays busy, recovery at start requeues it
                 self._db(lambda: self.store.requeue(job, self.worker_id, refund=True), "requeueing")
             log.info("job.requeued", reason="shutdown", attempt_refunded=True)
-        if out.kind != "done":
+        if out.kind in ("failed", "cancelled", "superseded", "disk_full"):
+            # (not after a lost lease: the worker that holds the job now may be publishing it)
             ob.remove_partial(self.config.paths.outbox, job.stem, job.id)
 
     def _finish_done(self, job: Job, log_path: Path, tmp: Path, out: _Outcome) -> None:
@@ -492,9 +493,7 @@ class Worker:
                         files["log"] = tmp / ob.fit_name(job.stem, ".log")
                         shutil.copyfile(log_path, files["log"])
                     ob.publish(tmp, cfg.paths.outbox, out.base, files)
-            except OSError as exc:
-                if not fl.is_disk_full(exc):
-                    raise
+            except OSError as exc:  # any: a fault of the outbox's storage, not of this job
                 ob.remove_partial(cfg.paths.outbox, job.stem, job.id)
                 self._requeue_for_space(job, f"disk full or failing while publishing: {ib.one_line(str(exc))}")
                 return
