@@ -373,3 +373,47 @@ def test_the_daemon_survives_a_hostile_inbox_and_ordinary_faults(tmp_path: Path,
               "daemon_exits": len(exits), "kill_9": kills, "done_once": done, "failed_once": len(cases) - done}
     if os.environ.get("ADVERSARIAL_REPORT"):
         Path(os.environ["ADVERSARIAL_REPORT"]).write_text(json.dumps(report, indent=1))
+
+
+def test_a_fault_at_each_write_degrades_and_recovers(tmp_path: Path) -> None:
+    """ENOSPC, EIO and EACCES in turn at every folder the daemon writes, each for a moment while a
+    good and a bad drop arrive: the daemon stays up, then renders the good one once and refuses the
+    bad one once, and no byte is lost."""
+    from tests.daemon import faults
+
+    env = Env(tmp_path)
+    paths = env.config.paths
+    for d in (paths.outbox, paths.failed, paths.archive, paths.state, paths.tmp, paths.state / "joblogs"):
+        d.mkdir(parents=True, exist_ok=True)
+    targets = [paths.outbox, paths.tmp, paths.failed, paths.archive, paths.state / "joblogs", paths.state]
+    errnos = ["ENOSPC", "EIO", "EACCES"]
+    flag = tmp_path / "fault"
+    removers = [faults.install({"under": [str(t)], "flag": str(flag) + str(i), "errno": errnos[i % 3]})
+                for i, t in enumerate(targets)]
+    dropped: set[tuple[str, str]] = set()
+    try:
+        env.start()
+        for i, _target in enumerate(targets):
+            flag_i = Path(str(flag) + str(i))
+            flag_i.touch()
+            env.drop(f"good{i}", color=(i, 99, 1))
+            (env.inbox / f"bad{i}.png").write_text("no image\n")
+            write_wav(env.inbox / f"bad{i}.wav", freq=300.0 + i)
+            for f in env.inbox.iterdir():
+                dropped.add((f.name, _sha(f)))
+            time.sleep(0.8)
+            assert env.exit_code is None
+            flag_i.unlink()
+            env.wait_status(f"good{i}", JobStatus.DONE, timeout=30)
+            env.wait_status(f"bad{i}", JobStatus.FAILED, timeout=30)
+        assert env.stop() == 0
+    finally:
+        for r in removers:
+            r()
+        env.close()
+    for i in range(len(targets)):
+        assert [j.status for j in env.jobs() if j.stem == f"good{i}"] == [JobStatus.DONE]
+        assert [j.status for j in env.jobs() if j.stem == f"bad{i}"] == [JobStatus.FAILED]
+    found = {(f.name, _sha(f)) for root in (env.inbox, paths.archive, paths.failed) for f in root.rglob("*")
+             if f.is_file()}
+    assert dropped - found == set()

@@ -450,3 +450,23 @@ def test_6_an_inbox_that_vanishes_between_its_check_and_its_listing_is_reported_
         scanner.scan_once()
     assert scanner.inbox_missing and inbox_status(env)["inbox_missing"] is True
     assert "inbox.missing" in caplog.text + capsys.readouterr().out  # (structlog configured or not)
+
+
+def test_the_job_log_takes_the_engines_lines_from_its_helper_threads(tmp_path: Path) -> None:
+    import logging
+    import threading
+
+    import structlog
+
+    from daemon.log import job_log
+
+    path = tmp_path / "job.log"
+    engine = logging.getLogger("infinitetalkd.engine")
+    engine.setLevel(logging.INFO)
+    with structlog.contextvars.bound_contextvars(job_id=5), job_log(path, 5, engine_lines=True):
+        t = threading.Thread(target=lambda: engine.info("decoded chunk %d in a helper thread", 2))
+        t.start()
+        t.join()
+        logging.getLogger("somebody.else").warning("not this job's line")
+    text = path.read_text()
+    assert "decoded chunk 2 in a helper thread" in text and "not this job's line" not in text
