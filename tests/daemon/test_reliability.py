@@ -467,6 +467,13 @@ def test_the_job_log_takes_the_engines_lines_from_its_helper_threads(tmp_path: P
         t = threading.Thread(target=lambda: engine.info("decoded chunk %d in a helper thread", 2))
         t.start()
         t.join()
-        logging.getLogger("somebody.else").warning("not this job's line")
+
+        def other_job() -> None:
+            with structlog.contextvars.bound_contextvars(job_id=6):
+                engine.warning("not this job's line")
+
+        t = threading.Thread(target=other_job)
+        t.start()
+        t.join()
     text = path.read_text()
     assert "decoded chunk 2 in a helper thread" in text and "not this job's line" not in text

@@ -6,7 +6,7 @@
 - another process holding an exclusive lock on the job database;
 - the inbox gone with jobs queued: all of them done once after it returns.
 
-The outage lasts INFINITETALKD_SOAK_S seconds (default 5, to keep CI short); INFINITETALKD_SOAK=full
+The outage lasts INFINITETALKD_SOAK_S seconds (default 3, to keep CI short); INFINITETALKD_SOAK=full
 runs the lengths of the README's reliability section (outbox 60 s, lock 30 s, inbox 30 s).
 """
 
@@ -30,7 +30,7 @@ FULL = os.environ.get("INFINITETALKD_SOAK") == "full"
 def outage_s(full_length: float) -> float:
     if FULL:
         return full_length
-    return float(os.environ.get("INFINITETALKD_SOAK_S", "5"))
+    return float(os.environ.get("INFINITETALKD_SOAK_S", "3"))
 
 
 def _ready(env: Env, p: subprocess.Popen[bytes]) -> None:
