@@ -131,7 +131,7 @@ def test_1_an_unexpected_error_for_one_stem_refuses_it_once(env: Env, monkeypatc
 
 
 def test_2_3_a_full_outbox_requeues_refusals_and_renders_later_without_retry(
-        env: Env, disk_faults: Callable[[dict[str, object]], None]) -> None:
+        env: Env, disk_faults: Callable[[dict[str, object]], None], capsys: pytest.CaptureFixture[str]) -> None:
     flag = env.root / "disk-full"
     flag.touch()
     make_dirs(env)
@@ -146,6 +146,12 @@ def test_2_3_a_full_outbox_requeues_refusals_and_renders_later_without_retry(
     assert good.status in (JobStatus.QUEUED, JobStatus.RUNNING) and "disk full" in (good.error or "")
     time.sleep(1.0)  # many scan passes with the disk still full
     assert len(rows(env, "bad")) <= 1 and not any(env.failed.iterdir())
+
+    def says_paused() -> bool:
+        assert cli.main(["status", "--config", str(env.config_path)]) == 0
+        return "paused   a job hit a full or failing disk" in capsys.readouterr().out
+
+    wait_for(says_paused, what="status to say why the worker is paused")
     assert sorted(p.name for p in env.inbox.iterdir()) == ["bad.png", "bad.wav", "good.png", "good.wav"]
     flag.unlink()  # space freed: nobody types retry
     done = env.wait_status("good", JobStatus.DONE, timeout=30)
