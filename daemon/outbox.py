@@ -143,15 +143,15 @@ def remove_partial(outbox: Path, stem: str, job_id: int) -> list[str]:
         if i > 20:
             break
         j = outbox / f"{base}.json"
-        if (outbox / f"{base}.mp4").exists() or not j.exists() or _json_job_id(j) != job_id:
-            continue
-        for ext in ("log", "json"):
-            p = outbox / f"{base}.{ext}"
-            try:
-                p.unlink()
+        try:
+            if os.path.lexists(outbox / f"{base}.mp4") or not os.path.lexists(j) or _json_job_id(j) != job_id:
+                continue
+            for ext in ("log", "json"):
+                p = outbox / f"{base}.{ext}"
+                p.unlink(missing_ok=True)
                 removed.append(p.name)
-            except FileNotFoundError:
-                pass
+        except OSError:
+            continue  # a failing outbox: the set stays, and is finished or removed at the job's next end
     return removed
 
 

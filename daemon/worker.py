@@ -351,6 +351,13 @@ class Worker:
                 self._finalize(job, log_path, tmp, outcome)
             except StaleJob as exc:
                 log.error("job.stale", error=str(exc))
+            except Stopped:
+                raise  # shutting down while the database is busy: recovery at the next start requeues it
+            except Exception as exc:  # a bug while finishing must not stop the daemon or strand the job
+                log.exception("job.finalize_failed")
+                with contextlib.suppress(Exception):
+                    self.store.requeue(job, self.worker_id, refund=False,
+                                       error=f"internal error while finishing: {type(exc).__name__}: {exc}")
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         return outcome.kind
