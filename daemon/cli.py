@@ -2,7 +2,8 @@
 
     infinitetalkd run [--config FILE]                  the daemon (systemd runs this)
     infinitetalkd status [--config FILE] [--json]      queue, running job with progress, failures
-    infinitetalkd retry JOB | cancel JOB               JOB is a job id or a stem
+    infinitetalkd retry JOB | cancel JOB               JOB is a job id or a stem (``cancel -- -x``
+                                                       for a stem beginning with '-')
     infinitetalkd web [--config FILE]                  the web page and HTTP API (no GPU, no engine)
     infinitetalkd doctor [--config FILE] [--models-dir DIR]
     infinitetalkd migrate [--config FILE]              bring the job database's schema up to date
@@ -32,9 +33,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, cast
 
+from sqlalchemy.exc import DatabaseError, OperationalError
+
 from daemon.config import EX_CONFIG, Config, ConfigError, load_config
 from daemon.jobs import Job, JobStatus
 from daemon.ops import OpError, retry_job
+from daemon.patience import unusable_database
 from daemon.progress import Eta, describe_progress, format_duration
 from daemon.store import Store, StoreError
 from engine.api import (
@@ -89,14 +93,29 @@ def _config(path: str) -> Config:
         raise _Fail(str(exc), EX_CONFIG) from None
 
 
-def _store(cfg: Config, *, create: bool = False) -> Store:
+def _store(cfg: Config, *, create: bool = False, busy_timeout_ms: int = 10_000) -> Store:
     db = cfg.paths.database
     if not create and not db.exists():
         raise _Fail(f"no job database at {db} yet (start the daemon once: infinitetalkd run)")
     try:
-        return Store.open(db)
+        return Store.open(db, busy_timeout_ms=busy_timeout_ms)
     except StoreError as exc:
         raise _Fail(str(exc), EX_CONFIG) from None
+    except OperationalError as exc:
+        if _is_locked(exc):
+            raise _busy(db) from None
+        raise _Fail(unusable_database(db, exc), EX_CONFIG) from None
+    except DatabaseError as exc:
+        raise _Fail(unusable_database(db, exc), EX_CONFIG) from None
+
+
+def _is_locked(exc: OperationalError) -> bool:
+    return any(w in str(exc.orig or exc).lower() for w in ("locked", "busy"))
+
+
+def _busy(db: Path) -> _Fail:
+    return _Fail(f"database busy: another process holds {db} locked (a backup, an sqlite3 shell?); "
+                 "try again in a moment")
 
 
 def _find(store: Store, key: str) -> Job:
@@ -128,7 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("Put the files where the lines say (ComfyUI models/ layout), or set engine.files; "
               "'infinitetalkd doctor' checks again.", file=sys.stderr)
         return EX_CONFIG
-    from daemon.worker import run_daemon
+    from daemon.service import run_daemon
 
     return run_daemon(cfg, _load_engine)
 
@@ -149,9 +168,18 @@ def _recent_render_s(done: list[Job]) -> float | None:
     return round(sum(spans) / len(spans), 1) if spans else None
 
 
+def _state_file(cfg: Config, name: str) -> dict[str, Any]:
+    """state/inbox.json (the scanner's) or state/worker.json (the worker's); {} when unreadable."""
+    try:
+        doc = json.loads((cfg.paths.state / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = _config(args.config)
-    store = _store(cfg)
+    store = _store(cfg, busy_timeout_ms=2000)  # a status that hangs is worse than "database busy"
     try:
         counts = store.counts()
         running = store.list_jobs([JobStatus.RUNNING], limit=10)
@@ -159,24 +187,26 @@ def cmd_status(args: argparse.Namespace) -> int:
         recent = store.list_jobs([JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED], limit=10)
         done = store.list_jobs([JobStatus.DONE], limit=10)
         last = store.last_success()
+    except OperationalError as exc:
+        if _is_locked(exc):
+            raise _busy(cfg.paths.database) from None
+        raise
     finally:
         store.close()
-    inbox: dict[str, Any] = {}
-    status_file = cfg.paths.state / "inbox.json"
-    if status_file.exists():
-        try:
-            inbox = json.loads(status_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            inbox = {}
+    inbox = _state_file(cfg, "inbox.json")
+    paused = str(_state_file(cfg, "worker.json").get("paused") or "")
     per_job = _recent_render_s(done)
     queue_s = None if per_job is None else per_job * counts.get(JobStatus.QUEUED.value, 0)
     if args.json:
         doc = {"counts": counts, "running": [_job_brief(j) for j in running],
                "queued": [_job_brief(j) for j in queued], "recent": [_job_brief(j) for j in recent],
-               "last_success": last, "inbox": inbox, "recent_render_s": per_job, "queue_estimate_s": queue_s}
+               "last_success": last, "inbox": inbox, "recent_render_s": per_job, "queue_estimate_s": queue_s,
+               "paused": paused or None}
         print(json.dumps(doc, indent=2))
         return 0
     print("jobs: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f"; last success {_fmt_time(last)}")
+    if paused:
+        print(f"paused   {paused}")
     for j in running:
         cancel = " (cancel requested)" if j.cancel_requested else ""
         print(f"running  #{j.id} {j.stem}: {j.progress_text or 'starting'}{cancel}, "
@@ -212,6 +242,10 @@ def cmd_retry(args: argparse.Namespace) -> int:
             return 0
         print(f"job #{job.id} ({job.stem}) queued again" + (f"; moved back {', '.join(moved)}" if moved else ""))
         return 0
+    except OperationalError as exc:
+        if _is_locked(exc):
+            raise _busy(cfg.paths.database) from None
+        raise
     finally:
         store.close()
 
@@ -227,6 +261,10 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         when = "stops at its next step" if new.status is JobStatus.RUNNING else "is cancelled by the daemon shortly"
         print(f"job #{job.id} ({job.stem}): cancel requested; it {when}; its inputs go to {cfg.paths.failed}/")
         return 0
+    except OperationalError as exc:
+        if _is_locked(exc):
+            raise _busy(cfg.paths.database) from None
+        raise
     finally:
         store.close()
 
@@ -483,7 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, what in (("retry", cmd_retry, "queue a failed or cancelled job again"),
                              ("cancel", cmd_cancel, "cancel a queued job, or stop a running one at its next step")):
         p = sub.add_parser(name, help=what)
-        p.add_argument("job", help="job id or stem")
+        p.add_argument("job", help="job id or stem (a stem that begins with '-' goes after '--': "
+                       f"infinitetalkd {name} -- -x)")
         with_config(p)
         p.set_defaults(func=func)
     p = sub.add_parser("web", help="serve the web page and HTTP API (see README 'Web page and API')")

@@ -32,8 +32,8 @@ from PIL import Image, ImageDraw
 from daemon.cli import _engine, _load_engine
 from daemon.config import load_config
 from daemon.jobs import TERMINAL
+from daemon.service import run_daemon
 from daemon.store import Store
-from daemon.worker import run_daemon
 
 
 def _portrait(path: Path, size: int = 128) -> None:

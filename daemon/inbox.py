@@ -1,7 +1,7 @@
 """The inbox contract, as pure functions: names, grouping, stability, checks, fingerprint, request.
 
 A job is ``<stem>.<image or video>`` + ``<stem>.<audio>`` (+ ``<stem>.yaml``, + ``<stem>.ready``).
-The inbox is hostile (daemon.md section 7): names in a sidecar must be bare file names in the
+The inbox is hostile (docs/daemon.md §7): names in a sidecar must be bare file names in the
 inbox; symlinks and non-regular files are refused; YAML is parsed with a size cap and without
 aliases; images are opened with a format allow-list and a pixel cap; magic bytes must match the
 extension. Every refusal is an :class:`engine.api.InputError` with a one-line message.
@@ -16,7 +16,6 @@ import json
 import os
 import stat
 import warnings
-import wave
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,13 +25,14 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 
 from engine.api import InputError, RenderRequest, request_from_settings
+from engine.sniff import sniff
 
 __all__ = [
     "IMAGE_EXTS", "VIDEO_EXTS", "AUDIO_EXTS", "SIDECAR_EXTS", "MARKER_EXT",
     "Entry", "Group", "Parts", "Limits", "Prepared", "StabilityTracker",
     "is_ignored", "split_name", "list_inbox", "group_entries", "parts_of", "sidecar_refs",
     "load_sidecar", "check_bare_name", "check_file", "check_image", "check_audio", "check_video",
-    "sha256_file", "prepare", "one_line",
+    "sha256_file", "prepare", "one_line", "StillWriting", "wav_duration",
 ]
 
 IMAGE_EXTS = frozenset({"png", "jpg", "jpeg", "webp"})
@@ -47,6 +47,16 @@ _IGNORED_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".down
                      ".!ut", ".opdownload", ".swp", ".swx", ".lock", "~")
 _IGNORED_NAMES = frozenset({"desktop.ini", "thumbs.db", "icon\r"})
 _IGNORED_PARTS = ("-tdarrcachefile-", "~syncthing~", ".syncthing.")
+
+
+class StillWriting(InputError):
+    """A file whose own header says more is coming (a WAV's data size beyond the end of the file):
+    the scanner waits for the rest, up to ``watch.incomplete_after_s``, then refuses it."""
+
+
+# Settings are small numbers; an integer this long in a sidecar is an error in any key, and
+# int -> float conversion or printing it would fail later (OverflowError, ValueError) instead.
+_MAX_SIDECAR_INT = 2**63
 
 
 def one_line(text: str) -> str:
@@ -250,14 +260,33 @@ def load_sidecar(path: Path, max_bytes: int) -> dict[str, object]:
         raise InputError(f"{name}: YAML error{where}: {one_line(exc.problem or exc.context or 'invalid')}") from None
     except (yaml.YAMLError, RecursionError) as exc:
         raise InputError(f"{name}: YAML error: {one_line(str(exc)) or 'nested too deeply'}") from None
+    except ValueError as exc:  # e.g. an integer beyond Python's int-from-text digit limit
+        raise InputError(f"{name}: a value cannot be read ({one_line(str(exc))[:200]})") from None
     if doc is None:
         return {}
     if not isinstance(doc, dict):
         raise InputError(f"{name}: the sidecar must be a mapping of setting: value lines, not {type(doc).__name__}")
     for key in doc:
         if not isinstance(key, str):
-            raise InputError(f"{name}: setting names must be text (got {key!r})")
+            raise InputError(f"{name}: setting names must be text (got {_short_repr(key)})")
+        _check_numbers(name, key, doc[key])
     return doc
+
+
+def _short_repr(value: object) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= _MAX_SIDECAR_INT:
+        return f"a {value.bit_length() * 30103 // 100000 + 1}-digit number"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_numbers(name: str, key: str, value: object, depth: int = 0) -> None:
+    """Refuse integers no setting could accept, with the key's name, before any conversion."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= _MAX_SIDECAR_INT:
+        raise InputError(f"{name}: setting '{key}': {_short_repr(value)} is out of range")
+    if depth < 4 and isinstance(value, (list, dict)):
+        for v in (value.values() if isinstance(value, dict) else value):
+            _check_numbers(name, key, v, depth + 1)
 
 
 def sidecar_refs(settings: Mapping[str, object]) -> list[tuple[str, str]]:
@@ -315,58 +344,32 @@ def check_file(path: Path, *, max_bytes: int, allow_empty: bool = False, what: s
     return st
 
 
-def _head(path: Path, n: int = 64) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        return os.read(fd, n)
-    finally:
-        os.close(fd)
-
-
-def _sniff(head: bytes) -> str:
-    """Container family from magic bytes."""
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    if head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE":
-        return "wav"
-    if head.startswith(b"fLaC"):
-        return "flac"
-    if head.startswith(b"OggS"):
-        return "ogg"
-    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip"):
-        return "isobmff"
-    if head.startswith(b"\x1a\x45\xdf\xa3"):
-        return "matroska"
-    if head.startswith(b"ID3") or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0):
-        return "mpeg-audio"  # MP3 frame sync; AAC ADTS shares it
-    if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head):
-        return "text"
-    return "unknown"
-
-
+_IMAGES = ("png", "jpeg", "webp")
 _EXPECTED = {
-    "png": ("png", "jpeg", "webp"), "jpg": ("png", "jpeg", "webp"), "jpeg": ("png", "jpeg", "webp"),
-    "webp": ("png", "jpeg", "webp"),
-    "wav": ("wav",), "flac": ("flac",), "mp3": ("mpeg-audio",), "aac": ("mpeg-audio",), "m4a": ("isobmff",),
+    "png": _IMAGES, "jpg": _IMAGES, "jpeg": _IMAGES, "webp": _IMAGES,
+    "wav": ("wav",), "flac": ("flac",), "mp3": ("mp3", "aac"), "aac": ("aac", "mp3"), "m4a": ("isobmff",),
     "ogg": ("ogg",), "opus": ("ogg",),
     "mp4": ("isobmff",), "mov": ("isobmff",), "mkv": ("matroska",), "webm": ("matroska",),
 }
 
 
 def _check_magic(path: Path) -> str:
+    """The file's kind by the shared sniffer (engine/sniff.py); it must fit the extension."""
     ext = path.suffix.lower().lstrip(".")
-    kind = _sniff(_head(path))
+    try:
+        kind = sniff(path, follow_symlinks=False)
+    except OSError as exc:
+        raise InputError(f"{path.name} cannot be read ({exc.strerror})") from None
     if kind not in _EXPECTED.get(ext, ()):
-        looks = "text" if kind == "text" else ("an unknown format" if kind == "unknown" else kind)
+        looks = "an unknown format" if kind is None else kind
         raise InputError(f"{path.name} is not a .{ext} file (its first bytes look like {looks})")
     return kind
 
 
 _IMAGE_FORMATS = ["PNG", "JPEG", "WEBP"]
+# A portrait is framed by cover-resizing to a video bucket (aspect between 1:2 and 2:1); an image
+# far outside that is a strip of pixels, and its resize would need memory out of all proportion.
+MAX_IMAGE_ASPECT = 8
 
 
 def check_image(path: Path, max_pixels: int) -> tuple[int, int]:
@@ -381,11 +384,17 @@ def check_image(path: Path, max_pixels: int) -> tuple[int, int]:
                 if w * h > max_pixels:
                     raise InputError(f"{name} is {w}x{h} = {w * h} pixels, more than "
                                      f"jobs.max_image_pixels = {max_pixels}")
+                if max(w, h) > MAX_IMAGE_ASPECT * max(1, min(w, h)):
+                    raise InputError(f"{name} is {w}x{h}: more than {MAX_IMAGE_ASPECT} times as wide as high "
+                                     "(or high as wide); crop it to the portrait")
                 if getattr(im, "n_frames", 1) > 1:
                     raise InputError(f"{name} is animated; give a single still image")
                 im.verify()
             with Image.open(path, formats=_IMAGE_FORMATS) as im:
-                im.load()  # verify() does not decode pixel data; a truncated file fails only here
+                # verify() does not decode pixel data; a truncated file fails only here. JPEG decodes
+                # at a reduced scale (draft): every DCT block is still read, at 1/64 of the memory.
+                im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
+                im.load()
     except InputError:
         raise
     except Image.DecompressionBombError:
@@ -395,24 +404,62 @@ def check_image(path: Path, max_pixels: int) -> tuple[int, int]:
     return w, h
 
 
+_STREAMING_SIZES = (0, 0xFFFFFFFF)  # data sizes written by tools that stream to a pipe (size unknown)
+
+
+def wav_duration(path: Path) -> float | None:
+    """Seconds of audio in a RIFF/WAVE file, from its fmt chunk and its real data length.
+
+    A data size of 0 or 0xFFFFFFFF (written by tools that stream to a pipe and never seek back) means
+    "to the end of the file". A size beyond the end of the file raises :class:`StillWriting`: the
+    file is still being written, or was cut short. None when the header is not plain PCM-style
+    RIFF (RF64 or unusual layouts: the renderer decodes it and enforces max_duration_s).
+    """
+    name = path.name
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        byte_rate = 0
+        pos = 12
+        for _ in range(64):  # a WAV has a handful of chunks before its data
+            f.seek(pos)
+            hdr = f.read(8)
+            if len(hdr) < 8:
+                raise InputError(f"{name} is not a readable WAV file (no audio data chunk)")
+            cid, csize = hdr[:4], int.from_bytes(hdr[4:8], "little")
+            if cid == b"fmt ":
+                fmt = f.read(min(csize, 40))
+                if len(fmt) < 16:
+                    raise InputError(f"{name} is not a readable WAV file (truncated header)")
+                rate = int.from_bytes(fmt[4:8], "little")
+                if rate <= 0:
+                    raise InputError(f"{name} is not a readable WAV file (sample rate {rate})")
+                byte_rate = int.from_bytes(fmt[8:12], "little")
+            elif cid == b"data":
+                if byte_rate <= 0:
+                    return None
+                have = size - (pos + 8)
+                if csize in _STREAMING_SIZES:
+                    csize = have
+                elif csize > have:
+                    raise StillWriting(f"{name} is truncated or still being written: its header announces "
+                                       f"{csize} bytes of audio, the file holds {have}")
+                return csize / byte_rate
+            pos += 8 + csize + (csize & 1)
+            if pos >= size:
+                raise InputError(f"{name} is not a readable WAV file (no audio data chunk)")
+    return None
+
+
 def check_audio(path: Path) -> float | None:
     """Magic bytes; for WAV also the duration from the header (None when not cheaply known)."""
     kind = _check_magic(path)
-    if kind != "wav" or _head(path, 4) == b"RF64":
+    if kind != "wav":
         return None  # other containers (and RF64): the renderer decodes and enforces max_duration_s
-    try:
-        with wave.open(str(path), "rb") as w:
-            rate = w.getframerate()
-            frames = w.getnframes()
-    except wave.Error as exc:
-        if "unknown format" in str(exc):
-            return None  # float/extensible WAV: Python's wave cannot read it, the renderer can
-        raise InputError(f"{path.name} is not a readable WAV file ({one_line(str(exc))})") from None
-    except EOFError:
-        raise InputError(f"{path.name} is not a readable WAV file (truncated header)") from None
-    if rate <= 0:
-        raise InputError(f"{path.name} is not a readable WAV file (sample rate {rate})")
-    return frames / rate
+    return wav_duration(path)
 
 
 def check_video(path: Path) -> None:

@@ -5,7 +5,11 @@
 - ``job_id`` and ``stem`` are bound through contextvars around a job (``bound_contextvars``), so
   every line of that job carries them, including records from stdlib loggers (PyAV, torch).
 - :func:`job_log` writes that job's lines to a file of its own (``<stem>.log`` in the outbox),
-  filtered on the contextvar, as readable key=value lines without colours.
+  filtered on the contextvar, as readable key=value lines without colours. The file is appended
+  to, so a job requeued after a crash or a full disk keeps every attempt; lines of the engine's
+  logger from helper threads (which do not carry the contextvars) are included while the job
+  runs. A full or failing disk never turns a log line into an exception: the line is dropped
+  and the file's writer says so once on the main log.
 - Tracebacks never include frame locals (they may hold prompts, paths, tensors).
 """
 
@@ -21,7 +25,7 @@ from typing import Any
 import structlog
 from structlog.tracebacks import ExceptionDictTransformer
 
-__all__ = ["setup_logging", "job_log", "get_logger"]
+__all__ = ["setup_logging", "job_log", "get_logger", "ENGINE_LOGGER"]
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -93,27 +97,67 @@ def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     return structlog.stdlib.get_logger(name)
 
 
+ENGINE_LOGGER = "infinitetalkd.engine"
+
+
 class _JobFilter(logging.Filter):
-    """Passes records emitted while the contextvar ``job_id`` equals this job's id.
+    """Passes records emitted while the contextvar ``job_id`` equals this job's id, and the
+    engine's records from threads without a job bound (a process renders one job at a time).
 
     Filters run synchronously in the emitting thread, so the contextvars seen here are the
     emitter's: lines of other jobs (other threads) never reach this job's file.
     """
 
-    def __init__(self, job_id: int) -> None:
+    def __init__(self, job_id: int, engine_lines: bool) -> None:
         super().__init__()
         self.job_id = job_id
+        self.engine_lines = engine_lines
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return structlog.contextvars.get_contextvars().get("job_id") == self.job_id
+        bound = structlog.contextvars.get_contextvars().get("job_id")
+        if bound is None:
+            return self.engine_lines and record.name.startswith(ENGINE_LOGGER)
+        return bool(bound == self.job_id)
+
+
+class _SafeFileHandler(logging.FileHandler):
+    """A FileHandler that survives ENOSPC/EIO: a failed write or close is noted, not raised."""
+
+    failed: OSError | None = None
+
+    def _note(self, exc: OSError) -> None:
+        if self.failed is None:
+            self.failed = exc
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = self.format(record)
+            stream = self.stream if self.stream is not None else self._open()
+            self.stream = stream
+            stream.write(msg + self.terminator)
+            stream.flush()
+        except OSError as exc:
+            self._note(exc)
+        except RecursionError:
+            raise
+        except Exception:  # a formatting bug must not reach the code that logged
+            self.handleError(record)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError as exc:
+            self._note(exc)
+            self.stream = None
 
 
 @contextmanager
-def job_log(path: Path, job_id: int) -> Iterator[Path]:
-    """Copy the lines of job ``job_id`` into ``path`` while the block runs."""
-    handler = logging.FileHandler(path, encoding="utf-8")
+def job_log(path: Path, job_id: int, *, engine_lines: bool = False) -> Iterator[Path]:
+    """Append the lines of job ``job_id`` to ``path`` while the block runs (``engine_lines``: also
+    the engine logger's lines from threads with no job bound). Never raises for a write error."""
+    handler = _SafeFileHandler(path, mode="a", encoding="utf-8", delay=True)
     handler.setFormatter(_console_formatter(colors=False))
-    handler.addFilter(_JobFilter(job_id))
+    handler.addFilter(_JobFilter(job_id, engine_lines))
     root = logging.getLogger()
     root.addHandler(handler)
     try:
@@ -121,3 +165,6 @@ def job_log(path: Path, job_id: int) -> Iterator[Path]:
     finally:
         root.removeHandler(handler)
         handler.close()
+        if handler.failed is not None:
+            get_logger("infinitetalkd.log").warning("job_log.incomplete", job_id=job_id, path=str(path),
+                                                    error=str(handler.failed))

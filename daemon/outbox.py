@@ -1,9 +1,13 @@
 """Files out of the daemon: work-in-progress folders, atomic publishing, failed/ and archive/.
 
-Rules (daemon.md sections 3.4 and 7):
+Rules (docs/daemon.md §3.4 and §7):
 - a render writes into ``outbox/.tmp/<job id>/`` (same filesystem as the outbox), every file is
-  fsynced, then renamed into the outbox: readers never see a partial file. The mp4 is renamed
-  last, so a consumer that waits for the mp4 finds its json and log already there;
+  fsynced, then renamed into the outbox: readers never see a partial file. The json is renamed
+  first (it names the job, so a set interrupted by a crash is recognised as this job's and
+  finished under the same name), the mp4 last, so a consumer that waits for the mp4 finds its
+  json and log already there; a job that fails after such a crash removes its partial set;
+- names fit the filesystem: a stem near the 255-byte limit is shortened (with a hash of the
+  whole stem, so different long stems stay apart) before an id or extension is appended;
 - nothing is silently overwritten: a name taken by a different result gets the job id appended
   (``alice.17.mp4``); failed/ and archive/ folders get the same treatment;
 - error.txt is one line: the reason.
@@ -11,6 +15,7 @@ Rules (daemon.md sections 3.4 and 7):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -30,9 +35,27 @@ __all__ = [
     "move_files",
     "write_error",
     "fsync_dir",
+    "fit_name",
+    "remove_partial",
 ]
 
-RESULT_EXTS = ("log", "json", "mp4")  # publishing order: the mp4 last
+RESULT_EXTS = ("json", "log", "mp4")  # publishing order: the json (it names the job) first, the mp4 last
+NAME_MAX = 255  # bytes in one file name on every filesystem the daemon supports (ext4, xfs, btrfs, NFS, SMB)
+_LONGEST_EXT = ".json"
+
+
+def fit_name(base: str, suffix: str = "") -> str:
+    """``base + suffix``, with ``base`` shortened when the whole would exceed :data:`NAME_MAX`
+    bytes: cut on a character boundary and marked with 8 hex digits of the base's sha256."""
+    name = base + suffix
+    if len(name.encode("utf-8", "surrogateescape")) <= NAME_MAX:
+        return name
+    tag = "~" + hashlib.sha256(base.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    budget = NAME_MAX - len((tag + suffix).encode("utf-8", "surrogateescape"))
+    cut = base
+    while len(cut.encode("utf-8", "surrogateescape")) > budget:
+        cut = cut[:-1]
+    return cut + tag + suffix
 
 
 def fsync_dir(path: Path) -> None:
@@ -81,11 +104,15 @@ def clean_tmp(tmp_root: Path) -> list[str]:
 
 
 def _candidates(stem: str, job_id: int) -> Iterable[str]:
-    yield stem
-    yield f"{stem}.{job_id}"
+    """Base names to try, each short enough for the longest extension appended to it."""
+    def fit(tail: str) -> str:
+        return fit_name(stem, tail + _LONGEST_EXT)[: -len(_LONGEST_EXT)]
+
+    yield fit("")
+    yield fit(f".{job_id}")
     n = 2
     while True:
-        yield f"{stem}.{job_id}.{n}"
+        yield fit(f".{job_id}.{n}")
         n += 1
 
 
@@ -106,6 +133,26 @@ def choose_base(outbox: Path, stem: str, job_id: int) -> str:
         if "mp4" not in taken and "json" in taken and _json_job_id(outbox / f"{base}.json") == job_id:
             return base
     raise AssertionError("unreachable")
+
+
+def remove_partial(outbox: Path, stem: str, job_id: int) -> list[str]:
+    """Remove this job's interrupted publish (its json, with the log, and no mp4): called when the
+    job ends without publishing, so no partial set stays visible. Returns the names removed."""
+    removed: list[str] = []
+    for i, base in enumerate(_candidates(stem, job_id)):
+        if i > 20:
+            break
+        j = outbox / f"{base}.json"
+        try:
+            if os.path.lexists(outbox / f"{base}.mp4") or not os.path.lexists(j) or _json_job_id(j) != job_id:
+                continue
+            for ext in ("log", "json"):
+                p = outbox / f"{base}.{ext}"
+                p.unlink(missing_ok=True)
+                removed.append(p.name)
+        except OSError:
+            continue  # a failing outbox: the set stays, and is finished or removed at the job's next end
+    return removed
 
 
 def find_published(outbox: Path, stem: str, job_id: int, run: str) -> dict[str, Any] | None:
@@ -129,6 +176,7 @@ def find_published(outbox: Path, stem: str, job_id: int, run: str) -> dict[str, 
 
 
 def write_json(path: Path, doc: dict[str, Any]) -> None:
+    """Write and fsync (a full disk raises here, before anything is published)."""
     with open(path, "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=2, sort_keys=True, default=str)
         f.write("\n")

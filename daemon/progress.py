@@ -1,7 +1,7 @@
 """Progress as people read it: the stage/chunk/step line, and the time left in a render.
 
 InfiniteTalk users' first complaint is speed, and a render with no idea of its end looks stuck
-(daemon.md section 8.2: "report expected time per chunk"). The time left is extrapolated from the
+(docs/daemon.md §8.2: "report expected time per chunk"). The time left is extrapolated from the
 rate of progress since denoising began: loading the inputs, the audio features and the I2V
 conditioning happen once before the first denoise report and would skew the rate, while from
 there on ``Progress.fraction`` grows in near-equal slices of time (a denoise step; a chunk's

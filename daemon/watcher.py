@@ -1,4 +1,4 @@
-"""Watching the inbox: watchdog events are hints, full scans are the truth (daemon.md section 3).
+"""Watching the inbox: watchdog events are hints, full scans are the truth (docs/daemon.md §3).
 
 The :class:`Scanner` runs on its own thread. It lists the inbox at start, whenever a watchdog event
 wakes it, every ``poll_interval_s`` while something is settling (or always, in poll mode), and at
@@ -21,63 +21,35 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
+from daemon import files as fl
 from daemon import inbox as ib
 from daemon import outbox as ob
 from daemon.config import Config
+from daemon.fsinfo import filesystem_type, is_network_fs, watch_mode
 from daemon.jobs import Job, JobStatus
 from daemon.log import get_logger, job_log
+from daemon.patience import Stopped, patiently
+from daemon.redrop import Redrop, decide
 from daemon.store import StaleJob, Store
 from engine.api import InputError
 
-__all__ = ["Scanner", "filesystem_type", "is_network_fs", "watch_mode", "dispose_inputs"]
+__all__ = ["Scanner", "filesystem_type", "is_network_fs", "watch_mode"]
+
+T = TypeVar("T")
+
+# A refusal that could not be written (full disk, read-only failed/) is tried again after this
+# long, doubling up to the cap; nothing is recorded meanwhile, so a full disk creates no rows.
+_REFUSE_RETRY_S = 2.0
+_REFUSE_RETRY_MAX_S = 60.0
 
 log = get_logger("infinitetalkd.watcher")
-
-# Filesystems where inotify does not report changes made by other machines (inotify(7)).
-_NETWORK_FS = frozenset({
-    "nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "9p", "afs", "ceph", "glusterfs", "lustre", "gpfs",
-    "beegfs", "davfs", "sshfs", "virtiofs", "vboxsf", "vmhgfs", "prl_fs", "ocfs2", "gfs2", "orangefs",
-})
-
-
-def filesystem_type(path: Path) -> str:
-    """The filesystem type holding ``path``, from /proc/self/mountinfo (longest mount-point prefix)."""
-    target = str(path.resolve())
-    best, best_len = "unknown", -1
-    try:
-        lines = Path("/proc/self/mountinfo").read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return best
-    for line in lines:
-        left, _, right = line.partition(" - ")
-        fields = left.split()
-        if len(fields) < 5 or not right:
-            continue
-        mount = fields[4].replace("\\040", " ")
-        if (target == mount or target.startswith(mount.rstrip("/") + "/")) and len(mount) > best_len:
-            best, best_len = right.split()[0], len(mount)
-    return best
-
-
-def is_network_fs(fstype: str) -> bool:
-    # FUSE filesystems (sshfs, rclone, s3fs, ...) are treated as remote: inotify sees only local writes.
-    return fstype in _NETWORK_FS or fstype.startswith("fuse.") or fstype == "fuse"
-
-
-def watch_mode(configured: str, fstype: str) -> str:
-    """The mode a configuration implies on a filesystem: 'inotify' or 'poll'."""
-    if configured == "auto":
-        return "poll" if is_network_fs(fstype) else "inotify"
-    return configured
-
 
 class _Hint(FileSystemEventHandler):
     """Runs on watchdog's thread: only wakes the scanner (records nothing, decides nothing)."""
@@ -87,20 +59,6 @@ class _Hint(FileSystemEventHandler):
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         self.wake.set()
-
-
-def dispose_inputs(config: Config, stem: str, job_id: int, paths: list[Path]) -> str:
-    """After success: move the inputs to archive/<stem>/ or delete them (jobs.after_success)."""
-    paths = [p for p in paths if os.path.lexists(p)]
-    if not paths:
-        return "already gone"
-    if config.jobs.after_success == "delete":
-        for p in paths:
-            p.unlink()
-        return "deleted"
-    dest = ob.unique_dir(config.paths.archive, stem, job_id)
-    ob.move_files(paths, dest)
-    return str(dest)
 
 
 @dataclass
@@ -119,6 +77,15 @@ class _Wait:
     since: float
 
 
+@dataclass
+class _Retry:
+    """A stem whose refusal could not be written: not looked at again before ``at``."""
+
+    signature: tuple[Any, ...]
+    at: float
+    backoff: float
+
+
 class Scanner:
     """Turns inbox files into queued jobs. ``wake_worker`` is called after a job was queued.
 
@@ -127,7 +94,8 @@ class Scanner:
     """
 
     def __init__(self, config: Config, store: Store, identity: str, *, files_lock: threading.Lock,
-                 wake_worker: Callable[[], None], on_reject: Callable[[], None] | None = None) -> None:
+                 wake_worker: Callable[[], None], on_reject: Callable[[], None] | None = None,
+                 stop_event: threading.Event | None = None) -> None:
         self.config = config
         self.store = store
         self.identity = identity
@@ -135,12 +103,14 @@ class Scanner:
         self.wake_worker = wake_worker
         self.on_reject = on_reject
         self.wake = threading.Event()
-        self._stop = threading.Event()
+        self._stop = stop_event if stop_event is not None else threading.Event()
         self._thread: threading.Thread | None = None
         self._observer: BaseObserver | None = None
         self.tracker = ib.StabilityTracker()
         self.known: dict[str, _Known] = {}  # stem -> the state already handled
         self.waiting: dict[str, _Wait] = {}
+        self.retry: dict[str, _Retry] = {}
+        self._last_failure = ""
         self._refs_cache: dict[str, tuple[tuple[int, int], list[tuple[str, str]]]] = {}
         self.inbox_missing = False
         self._inbox_ident: tuple[int, int] | None = None
@@ -174,14 +144,37 @@ class Scanner:
                 and time.monotonic() - self.last_cycle < limit)
 
     def _run(self) -> None:
+        next_scan = 0.0
         while not self._stop.is_set():
+            now = time.monotonic()
             try:
-                self.scan_once()
-            except Exception:  # the scanner must outlive any one bad pass; the next pass retries
-                log.exception("scan.failed")
+                # In inotify mode a full pass waits for an event or the rescan interval, but the
+                # inbox's presence is checked every poll interval: a share that is unmounted or
+                # renamed away while idle sends no event.
+                if self.wake.is_set() or now >= next_scan or self._presence_changed():
+                    self.wake.clear()
+                    self.scan_once()
+                    next_scan = time.monotonic() + self._timeout()
+                self._last_failure = ""
+            except Stopped:
+                break
+            except Exception as exc:  # the scanner outlives any bad pass; logged once, not per pass
+                key = f"{type(exc).__name__}: {exc}"
+                if key != self._last_failure:
+                    log.exception("scan.failed")
+                self._last_failure = key
+                next_scan = time.monotonic() + self.config.watch.poll_interval_s
             self.last_cycle = time.monotonic()
-            self.wake.wait(self._timeout())
-            self.wake.clear()
+            self.wake.wait(max(0.01, min(next_scan - time.monotonic(), self.config.watch.poll_interval_s)))
+
+    def _presence_changed(self) -> bool:
+        """The inbox vanished or came back (or was remounted) since the last pass."""
+        try:
+            st = os.stat(self.config.paths.inbox)
+            here = stat.S_ISDIR(st.st_mode)
+        except OSError:
+            return not self.inbox_missing
+        return self.inbox_missing or not here or (self._inbox_ident not in (None, (st.st_dev, st.st_ino)))
 
     def _timeout(self) -> float:
         w = self.config.watch
@@ -191,6 +184,9 @@ class Scanner:
         if self._next_check is not None:
             timeout = min(timeout, max(0.05, self._next_check - time.monotonic()))
         return timeout
+
+    def _db(self, call: Callable[[], T], what: str) -> T:
+        return patiently(call, what, stop=self._stop)
 
     # -- observer and inbox presence ----------------------------------------------------------
 
@@ -230,11 +226,7 @@ class Scanner:
         except OSError:
             ok = False
         if not ok:
-            if not self.inbox_missing:
-                log.error("inbox.missing", inbox=str(inbox),
-                          hint=f"is the share mounted? checking again every {self.config.watch.poll_interval_s:g} s")
-                self._stop_observer()
-            self.inbox_missing = True
+            self._mark_missing("missing")
             return False
         ident = (st.st_dev, st.st_ino)
         if self.inbox_missing:
@@ -250,6 +242,16 @@ class Scanner:
         self._start_observer()
         return True
 
+    def _mark_missing(self, why: str, error: str = "") -> None:
+        """The one place the inbox becomes missing: logged once per outage, observer stopped."""
+        if not self.inbox_missing:
+            log.error("inbox.missing", inbox=str(self.config.paths.inbox), why=why, error=error,
+                      hint=f"is the share mounted? checking again every {self.config.watch.poll_interval_s:g} s; "
+                           "queued jobs wait for it")
+        self._stop_observer()
+        self._inbox_ident = None
+        self.inbox_missing = True
+
     # -- scanning -----------------------------------------------------------------------------
 
     def scan_once(self) -> None:
@@ -260,11 +262,9 @@ class Scanner:
         now = time.monotonic()
         try:
             entries = ib.list_inbox(self.config.paths.inbox)
-        except OSError as exc:  # e.g. EIO / ESTALE on a dropped share: treat as gone for now
-            log.error("inbox.unreadable", error=str(exc))
-            self._inbox_ident = None
-            self._stop_observer()
-            self.inbox_missing = True
+        except OSError as exc:  # gone between the stat and the listing, EIO / ESTALE on a dropped share
+            self._mark_missing("unreadable", str(exc))
+            self._write_status()
             return
         groups = ib.group_entries(entries)
         # Files named in a sidecar (audio2, masks) belong to that sidecar's job; a stem made only
@@ -276,13 +276,44 @@ class Scanner:
             del self.known[gone]
         for gone in set(self.waiting) - set(groups):
             del self.waiting[gone]
+        for gone in set(self.retry) - set(groups):
+            del self.retry[gone]
         self._next_check = None
         for stem in sorted(groups):
             if self._stop.is_set():
                 break
             with structlog.contextvars.bound_contextvars(stem=stem):
-                self._consider(groups[stem], now)
+                self._consider_isolated(groups[stem], now)
         self._write_status()
+
+    def _consider_isolated(self, g: ib.Group, now: float) -> None:
+        """One stem's decision, isolated: whatever it raises, the other stems are still looked at,
+        and the stem is refused once with the reason (not retried on every pass)."""
+        try:
+            self._consider(g, now)
+        except Stopped:
+            raise
+        except OSError as exc:  # the inbox's storage (a share dropping, a file vanishing): look again later
+            if g.stem not in self.retry:
+                log.warning("scan.stem_unreadable", error=str(exc), hint="looked at again shortly")
+            self._defer(g.stem, self._safe_signature(g))
+        except Exception as exc:  # a bug or an unforeseen input must not stop the scan of other stems
+            log.exception("scan.stem_failed")
+            reason = f"internal error while checking the files: {type(exc).__name__}: {ib.one_line(str(exc))[:300]}"
+            signature = self._safe_signature(g)
+            try:
+                self._reject(g, {}, reason, signature)
+            except Stopped:
+                raise
+            except Exception:  # noqa: BLE001 - recorded below; tried again after a back-off
+                log.exception("scan.reject_failed")
+                self._defer(g.stem, signature)
+
+    def _safe_signature(self, g: ib.Group) -> tuple[Any, ...]:
+        try:
+            return self._signature(g, self._ref_entries(g))
+        except Exception:  # noqa: BLE001 - the group's own files still identify this state
+            return self._signature(g, {})
 
     def _sidecar_refs(self, g: ib.Group) -> list[tuple[str, str]]:
         """The file names a group's sidecar names, cached on the sidecar's (size, mtime)."""
@@ -294,7 +325,8 @@ class Scanner:
         if cached is not None and cached[0] == (e.size, e.mtime_ns):
             return cached[1]
         refs: list[tuple[str, str]] = []
-        with contextlib.suppress(InputError):  # reported by prepare() once the files are stable
+        # Any error is reported by prepare() once the files are stable (a broken sidecar names nothing).
+        with contextlib.suppress(Exception):
             refs = ib.sidecar_refs(ib.load_sidecar(self.config.paths.inbox / sidecar, self.limits.max_sidecar_bytes))
         self._refs_cache[sidecar] = ((e.size, e.mtime_ns), refs)
         return refs
@@ -313,26 +345,45 @@ class Scanner:
             self.waiting[stem] = _Wait(reason, time.time())
             log.debug("inbox.waiting", reason=reason)
 
-    def _consider(self, g: ib.Group, now: float) -> None:
-        cfg = self.config
-        inbox = cfg.paths.inbox
-        parts = ib.parts_of(g)
-        refs = self._sidecar_refs(g)
-        ref_entries: dict[str, ib.Entry | None] = {}
-        for key, name in refs:
+    def _signature(self, g: ib.Group, ref_entries: dict[str, ib.Entry | None]) -> tuple[Any, ...]:
+        return (tuple(sorted((e.name, e.size, e.mtime_ns, e.kind) for e in g.entries.values()))
+                + tuple(sorted((n, e.size, e.mtime_ns, e.kind) if e else (n, -1, -1, "missing")
+                               for n, e in ref_entries.items())))
+
+    def _defer(self, stem: str, signature: tuple[Any, ...]) -> None:
+        """A refusal could not be written: look at this stem again after a back-off."""
+        prev = self.retry.get(stem)
+        backoff = _REFUSE_RETRY_S if prev is None else min(prev.backoff * 2, _REFUSE_RETRY_MAX_S)
+        self.retry[stem] = _Retry(signature, time.monotonic() + backoff, backoff)
+        self._recheck_at(time.monotonic() + backoff)
+
+    def _ref_entries(self, g: ib.Group) -> dict[str, ib.Entry | None]:
+        """The files a group's sidecar names (None where missing); names that are not bare are
+        left to prepare() to refuse."""
+        out: dict[str, ib.Entry | None] = {}
+        for key, name in self._sidecar_refs(g):
             try:
                 ib.check_bare_name(key, name)
             except InputError:
                 continue
-            ref_entries[name] = ib.stat_entry(inbox, name)
-        signature = (tuple(sorted((e.name, e.size, e.mtime_ns, e.kind) for e in g.entries.values()))
-                     + tuple(sorted((n, e.size, e.mtime_ns, e.kind) if e else (n, -1, -1, "missing")
-                                    for n, e in ref_entries.items())))
+            out[name] = ib.stat_entry(self.config.paths.inbox, name)
+        return out
+
+    def _consider(self, g: ib.Group, now: float) -> None:
+        cfg = self.config
+        inbox = cfg.paths.inbox
+        parts = ib.parts_of(g)
+        ref_entries = self._ref_entries(g)
+        signature = self._signature(g, ref_entries)
+        retry = self.retry.get(g.stem)
+        if retry is not None and retry.signature == signature and now < retry.at:
+            return  # its refusal could not be written; tried again after the back-off
         known = self.known.get(g.stem)
         if known is not None and known.signature == signature:
             # This exact state was handled already; look again only once the job it waited on ended.
             if known.job_id is not None:
-                job = self.store.get(known.job_id)
+                job_id = known.job_id
+                job = self._db(lambda: self.store.get(job_id), "reading a job")
                 if job is None or job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
                     self._ingest(known.prepared, signature)
             return
@@ -350,18 +401,26 @@ class Scanner:
         if cfg.jobs.sidecar == "required" and parts.sidecar is None:
             missing.append(f"a sidecar {g.stem}.yaml (jobs.sidecar = required)")
         missing += [f"{n} (named in the sidecar)" for n, e in ref_entries.items() if e is None]
+        limit = cfg.watch.incomplete_after_s
         if missing and parts.problem is None:
-            reason = f"stem '{g.stem}' is missing {' and '.join(missing)}"
-            limit = cfg.watch.incomplete_after_s
             if not marker and stable_for < limit:
                 self._wait(g.stem, f"incomplete: missing {' and '.join(missing)}", now)
                 self._recheck_at(now + limit - stable_for)
                 return
-            self._reject(g, ref_entries, reason, signature)
+            self._reject(g, ref_entries, f"stem '{g.stem}' is missing {' and '.join(missing)}", signature)
             return
         try:
             prepared = ib.prepare(inbox, g.stem, parts, defaults=cfg.render, identity=self.identity,
                                   limits=self.limits)
+        except ib.StillWriting as exc:
+            # A header that promises more than the file holds: a writer that paused. Wait for the
+            # rest up to incomplete_after_s (from the last change), then refuse as truncated.
+            if stable_for < limit:
+                self._wait(g.stem, f"incomplete: {ib.one_line(str(exc))}", now)
+                self._recheck_at(now + min(cfg.watch.poll_interval_s * 10, limit - stable_for))
+                return
+            self._reject(g, ref_entries, ib.one_line(str(exc)), signature)
+            return
         except InputError as exc:
             self._reject(g, ref_entries, ib.one_line(str(exc)), signature)
             return
@@ -384,11 +443,11 @@ class Scanner:
                 self.tracker.forget(stem)  # changed while hashing: start the stability clock again
                 self.known.pop(stem, None)
                 return
-            existing = self.store.by_fingerprint(prepared.fingerprint)
+            existing = self._db(lambda: self.store.by_fingerprint(prepared.fingerprint), "looking up a fingerprint")
             if existing is None:
-                job, created = self.store.add(fingerprint=prepared.fingerprint, stem=stem, inputs=prepared.inputs,
-                                              params=prepared.params, identity=self.identity,
-                                              max_attempts=cfg.jobs.max_attempts)
+                job, created = self._db(lambda: self.store.add(
+                    fingerprint=prepared.fingerprint, stem=stem, inputs=prepared.inputs, params=prepared.params,
+                    identity=self.identity, max_attempts=cfg.jobs.max_attempts), "queueing a job")
                 self.known[stem] = _Known(signature, prepared, job.id)
                 if created:
                     log.info("job.queued", job_id=job.id, files=prepared.names)
@@ -397,24 +456,29 @@ class Scanner:
             self.known[stem] = _Known(signature, prepared, self._existing(existing, prepared))
 
     def _existing(self, job: Job, prepared: ib.Prepared) -> int | None:
-        """The same inputs + params (+ engine) as job ``job`` are in the inbox. Returns the id of
-        the job to wait on when it is (again) queued or running."""
+        """Carry out the re-drop decision (daemon/redrop.py) for files with the fingerprint of job
+        ``job``. Returns the id of the job to wait on when it is (again) queued or running."""
         cfg = self.config
-        stem = prepared.stem
-        if job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
-            if stem != job.stem:
+        recorded = tuple(sorted((str(i["name"]), int(i["size"]), int(i["mtime_ns"])) for i in job.inputs))
+        what = decide(job.status, same_files=recorded == prepared.signature, redo_finished=cfg.jobs.redo_finished)
+        if what is Redrop.WAIT:
+            if prepared.stem != job.stem:
                 log.info("job.duplicate", job_id=job.id, reason=f"same inputs as {job.status.value} job {job.id}")
             return job.id
-        recorded = tuple(sorted((str(i["name"]), int(i["size"]), int(i["mtime_ns"])) for i in job.inputs))
-        if job.status is JobStatus.DONE:
-            if cfg.jobs.redo_finished == "render":
-                return self._requeue(job, prepared, "dropped again (jobs.redo_finished = render)")
-            where = dispose_inputs(cfg, stem, job.id, [cfg.paths.inbox / n for n in prepared.names])
+        if what is Redrop.RENDER_AGAIN:
+            return self._requeue(job, prepared, "dropped again (jobs.redo_finished = render)")
+        if what is Redrop.SKIP:
+            try:
+                where = fl.dispose_after_success(cfg.paths.inbox, prepared.inputs, None,
+                                                 after_success=cfg.jobs.after_success,
+                                                 archive_root=cfg.paths.archive, stem=prepared.stem, job_id=job.id)
+            except OSError as exc:
+                log.error("job.archive_failed", job_id=job.id, error=str(exc), hint="tried again later")
+                return None
             log.info("job.skipped", job_id=job.id, outputs=job.outputs.get("mp4"), inputs=where,
                      reason=f"already rendered as job {job.id} (jobs.redo_finished = skip)")
             return None
-        if recorded == prepared.signature:
-            # The very files of a failed job that kept its inputs (disk full): wait for `retry`.
+        if what is Redrop.LEAVE:
             log.warning("job.left_in_inbox", job_id=job.id, reason=job.error,
                         hint=f"run 'infinitetalkd retry {job.id}'")
             return None
@@ -422,8 +486,9 @@ class Scanner:
 
     def _requeue(self, job: Job, prepared: ib.Prepared, reason: str) -> int | None:
         try:
-            new = self.store.requeue_finished(job, stem=prepared.stem, inputs=prepared.inputs,
-                                              max_attempts=self.config.jobs.max_attempts)
+            new = self._db(lambda: self.store.requeue_finished(job, stem=prepared.stem, inputs=prepared.inputs,
+                                                               max_attempts=self.config.jobs.max_attempts),
+                           "requeueing a job")
         except StaleJob:
             return None
         log.info("job.requeued", job_id=new.id, reason=reason)
@@ -432,29 +497,36 @@ class Scanner:
 
     def _reject(self, g: ib.Group, refs: dict[str, ib.Entry | None], reason: str,
                 signature: tuple[Any, ...]) -> None:
-        """Refuse a group: failed/<stem>/ gets its files, error.txt and a log; the job table a row."""
+        """Refuse a group: failed/<stem>/ gets its files, error.txt and a log; the job table a row.
+
+        All or nothing: when failed/ cannot be written (full disk, permissions) the row is deleted
+        again, the files stay in the inbox, and the stem is looked at again after a back-off."""
         cfg = self.config
         inbox = cfg.paths.inbox
         names = sorted(g.entries) + sorted(n for n, e in refs.items() if e is not None and n not in g.entries)
         with self.files_lock:
             present = [ib.stat_entry(inbox, n) for n in names]
-            inputs = [{"role": "input", "name": e.name, "size": e.size, "mtime_ns": e.mtime_ns}
-                      for e in present if e is not None]
+            inputs: list[dict[str, Any]] = [{"role": "input", "name": e.name, "size": e.size, "mtime_ns": e.mtime_ns}
+                                            for e in present if e is not None]
             if not inputs:
                 return
-            job = self.store.add_rejected(stem=g.stem, inputs=inputs, error=reason)
-            dest = ob.unique_dir(cfg.paths.failed, g.stem, job.id)
-            with structlog.contextvars.bound_contextvars(job_id=job.id), job_log(dest / f"{g.stem}.log", job.id):
-                log.warning("job.rejected", reason=reason, files=[i["name"] for i in inputs])
+            job = self._db(lambda: self.store.add_rejected(stem=g.stem, inputs=inputs, error=reason), "refusing")
             try:
-                ob.move_files([inbox / str(i["name"]) for i in inputs], dest)
-                ob.write_error(dest, reason)
-            except OSError as exc:  # e.g. no write permission on the inbox: say so, do not loop
-                log.error("job.reject_move_failed", job_id=job.id, error=str(exc), reason=reason)
+                dest = fl.to_failed(cfg.paths.failed, g.stem, job.id, inbox, inputs, reason)
+            except OSError as exc:
+                self._db(lambda: self.store.delete(job.id), "undoing a refusal")
+                if g.stem not in self.retry:
+                    log.error("job.reject_move_failed", error=str(exc), reason=reason,
+                              hint="the files stay in the inbox; tried again later")
+                self._defer(g.stem, signature)
                 return
-            self.store.set_failed_dir(job.id, str(dest))
+            with structlog.contextvars.bound_contextvars(job_id=job.id), \
+                    job_log(dest / ob.fit_name(g.stem, ".log"), job.id):
+                log.warning("job.rejected", reason=reason, files=[i["name"] for i in inputs])
+            self._db(lambda: self.store.set_failed_dir(job.id, str(dest)), "refusing")
         if self.on_reject is not None:
             self.on_reject()
+        self.retry.pop(g.stem, None)
         self.tracker.forget(g.stem)
         self.waiting.pop(g.stem, None)
 

@@ -76,6 +76,11 @@ def choose_bucket(height: int, width: int, family: str) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------
 
 
+# Above this many times the output's pixels, the cover-resize intermediate is skipped (see
+# resize_cover_crop). Portraits of ordinary shape stay below it and keep upstream's exact path.
+_MAX_COVER_FACTOR = 4
+
+
 class CropParams(NamedTuple):
     """``scale``: source -> resized factor (the larger of the two axis ratios); ``top``/``left``:
     offset of the crop window inside the resized image, in resized pixels."""
@@ -116,7 +121,14 @@ def resize_cover_crop(img: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
         raise ValueError(f"expected an HxWx3 uint8 image, got {img.shape} {img.dtype}")
     th, tw = size_hw
     rh, rw = cover_size(img.shape[:2], size_hw)
-    _, top, left = crop_params(img.shape[:2], size_hw)
+    scale, top, left = crop_params(img.shape[:2], size_hw)
+    if rh * rw > _MAX_COVER_FACTOR * th * tw:
+        # An image of extreme shape (a 4000x1 strip) would be resized to a huge intermediate only
+        # to crop almost all of it: resize just the source window the crop keeps (Pillow's box),
+        # so memory stays bounded by the output whatever the input's shape.
+        box = (left / scale, top / scale, (left + tw) / scale, (top + th) / scale)
+        out = Image.fromarray(img).resize((tw, th), resample=Image.Resampling.BILINEAR, box=box)
+        return np.ascontiguousarray(np.asarray(out))
     resized = Image.fromarray(img).resize((rw, rh), resample=Image.Resampling.BILINEAR)
     return np.ascontiguousarray(np.asarray(resized)[top:top + th, left:left + tw])
 

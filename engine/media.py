@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from engine.api import InputError, RenderError
+from engine.sniff import sniff
 
 __all__ = [
     "IMAGE_FORMATS",
@@ -84,11 +85,6 @@ def _check_file(path: Path, what: str) -> int:
     if size == 0:
         raise InputError(f"{what} '{p.name}' is empty (0 bytes); copy the file again")
     return size
-
-
-def _head(path: Path, n: int = 64) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(n)
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,41 +194,13 @@ def load_mask(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def _skip_id3(head: bytes) -> int:
-    """Length of a leading ID3v2 tag (10-byte header + syncsafe size [+ footer]), else 0."""
-    if len(head) < 10 or head[:3] != b"ID3":
-        return 0
-    size = (head[6] & 0x7F) << 21 | (head[7] & 0x7F) << 14 | (head[8] & 0x7F) << 7 | (head[9] & 0x7F)
-    return 10 + size + (10 if head[5] & 0x10 else 0)
+# The container, from the one shared sniffer (engine/sniff.py), as a key of AUDIO_CONTAINERS.
+_AUDIO_KINDS = {"wav": "wav", "flac": "flac", "ogg": "ogg", "isobmff": "m4a", "aac": "aac", "mp3": "mp3"}
 
 
 def _sniff_audio(path: Path) -> str | None:
     """The container of an audio file from its first bytes (a key of AUDIO_CONTAINERS), or None."""
-    head = _head(path, 64)
-    if head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE":
-        return "wav"
-    if head[:4] == b"OggS":
-        return "ogg"
-    if head[4:8] == b"ftyp":
-        return "m4a"
-    skip = _skip_id3(head)
-    if skip:  # an ID3 tag may precede MP3, ADTS AAC or (rarely) FLAC: look behind it
-        with open(path, "rb") as f:
-            f.seek(skip)
-            body = f.read(4)
-        if body[:4] == b"fLaC":
-            return "flac"
-        if len(body) >= 2 and body[0] == 0xFF and (body[1] & 0xF6) == 0xF0:
-            return "aac"
-        return "mp3"  # the mp3 demuxer resyncs past padding; non-audio simply fails to decode
-    if head[:4] == b"fLaC":
-        return "flac"
-    if len(head) >= 2 and head[0] == 0xFF:
-        if (head[1] & 0xF6) == 0xF0:  # ADTS: 12-bit sync, layer 00
-            return "aac"
-        if (head[1] & 0xE0) == 0xE0 and (head[1] >> 1) & 0x3:  # MPEG audio: 11-bit sync, layer != 0
-            return "mp3"
-    return None
+    return _AUDIO_KINDS.get(sniff(path) or "")
 
 
 def load_audio(path: Path, *, max_seconds: float, sample_rate: int = 16000) -> np.ndarray:
@@ -350,12 +318,8 @@ def mix_tracks(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _sniff_video(path: Path) -> str | None:
-    head = _head(path, 16)
-    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot"):
-        return "mp4"  # ISO BMFF / QuickTime: mp4, mov, m4v
-    if head[:4] == b"\x1a\x45\xdf\xa3":
-        return "mkv"  # EBML: Matroska and WebM
-    return None
+    """``mp4`` (ISO BMFF / QuickTime: mp4, mov, m4v) or ``mkv`` (EBML: Matroska and WebM), or None."""
+    return {"isobmff": "mp4", "matroska": "mkv"}.get(sniff(path) or "")
 
 
 def _open_video(path: Path, what: str) -> tuple[Any, Any]:

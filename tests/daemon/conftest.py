@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 import wave
@@ -16,8 +19,8 @@ from PIL import Image
 
 from daemon.config import Config, load_config
 from daemon.jobs import Job, JobStatus
+from daemon.service import run_daemon
 from daemon.store import Store
-from daemon.worker import run_daemon
 from engine.api import EngineOptions
 from tests.daemon.fake_renderer import FakeRenderer
 
@@ -204,3 +207,29 @@ def no_leaked_threads() -> Iterator[None]:
         if time.monotonic() > deadline:
             pytest.fail(f"threads leaked: {[t.name for t in extra]}")
         time.sleep(0.05)
+
+
+# -- the real daemon process (tests/daemon/fake_daemon.py) ---------------------------------------
+
+
+def spawn(env: Env, *, steps: int, step_s: float, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    e = dict(os.environ, FAKE_STEPS=str(steps), FAKE_STEP_S=str(step_s), FAKE_RECORD=str(env.root / "renders.txt"),
+             PYTHONPATH=str(REPO))
+    e.pop("NOTIFY_SOCKET", None)
+    e.update(extra_env or {})
+    # the daemon's JSON log lines go to <root>/daemon.log (appended across restarts), for assertions
+    with open(env.root / "daemon.log", "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "tests.daemon.fake_daemon", str(env.config_path)], cwd=REPO,
+                                env=e, stdout=out, stderr=subprocess.PIPE)
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+        if p.stderr:
+            p.stderr.close()

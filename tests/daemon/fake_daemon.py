@@ -3,18 +3,22 @@
     python -m tests.daemon.fake_daemon CONFIG.yaml
 
 FAKE_STEPS, FAKE_STEP_S and FAKE_RECORD (a file that gets "start/done <stem> <pid>" lines) tune
-the fake engine. Used by the subprocess tests (kill -9, SIGTERM, sd_notify).
+the fake engine. FAKE_FAULTS (a JSON spec or a list of them, tests/daemon/faults.py) injects disk faults;
+FAKE_BUSY_TIMEOUT_S shortens SQLite's busy timeout so that a lock held by another process outlasts
+it in a short test. Used by the subprocess tests (kill -9, SIGTERM, sd_notify, reliability).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
 
 from daemon.config import EX_CONFIG, ConfigError, load_config
-from daemon.worker import run_daemon
+from daemon.service import run_daemon
 from engine.api import EngineOptions
+from tests.daemon import faults
 from tests.daemon.fake_renderer import FakeRenderer
 
 
@@ -31,7 +35,12 @@ def main(argv: list[str]) -> int:
     def make(options: EngineOptions) -> FakeRenderer:
         return FakeRenderer(options, steps=steps, step_s=step_s, record=record)
 
-    return run_daemon(config, make)
+    if os.environ.get("FAKE_FAULTS"):
+        specs = json.loads(os.environ["FAKE_FAULTS"])
+        for spec in specs if isinstance(specs, list) else [specs]:
+            faults.install(spec)
+    busy = os.environ.get("FAKE_BUSY_TIMEOUT_S")
+    return run_daemon(config, make, busy_timeout_ms=int(float(busy) * 1000) if busy else None)
 
 
 if __name__ == "__main__":

@@ -3,41 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from daemon.jobs import JobStatus
-from tests.daemon.conftest import REPO, Env, wait_for
-
-
-def spawn(env: Env, *, steps: int, step_s: float, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    e = dict(os.environ, FAKE_STEPS=str(steps), FAKE_STEP_S=str(step_s), FAKE_RECORD=str(env.root / "renders.txt"),
-             PYTHONPATH=str(REPO))
-    e.pop("NOTIFY_SOCKET", None)
-    e.update(extra_env or {})
-    return subprocess.Popen([sys.executable, "-m", "tests.daemon.fake_daemon", str(env.config_path)], cwd=REPO,
-                            env=e, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-        p.wait(10)
-        if p.stderr:
-            p.stderr.close()
+from tests.daemon.conftest import REPO, Env, spawn, wait_for
 
 
 def renders(env: Env) -> list[str]:
