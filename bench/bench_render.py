@@ -30,7 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import load_engine  # noqa: E402
-from engine.api import EngineOptions, request_from_settings  # noqa: E402
+from engine.api import EngineOptions  # noqa: E402
+from engine.settings import request_from_settings  # noqa: E402
 from engine.tiny import write_models  # noqa: E402
 
 

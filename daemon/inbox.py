@@ -25,7 +25,8 @@ from typing import Any, Literal
 import yaml
 from PIL import Image, UnidentifiedImageError
 
-from engine.api import InputError, RenderRequest, request_from_settings
+from engine.api import InputError, RenderRequest
+from engine.settings import request_from_settings
 
 __all__ = [
     "IMAGE_EXTS", "VIDEO_EXTS", "AUDIO_EXTS", "SIDECAR_EXTS", "MARKER_EXT",
