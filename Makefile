@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 CONFIG ?= config.yaml
 BIN     = $(VENV)/bin
 
-.PHONY: venv run test lint demo clean-demo
+.PHONY: venv run test lint readme demo clean-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,8 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 venv: $(VENV)/.installed
 
-## make run: start the daemon on ./inbox -> ./outbox with config.yaml
+## make run: start the daemon on ./inbox -> ./outbox with config.yaml. When infinitetalkd exits non-zero
+## (78: bad config or missing models), make reports "Error 78" and exits 2 itself.
 run: venv
 	$(BIN)/infinitetalkd run --config $(CONFIG)
 
@@ -32,7 +33,11 @@ test: venv
 
 lint: venv
 	$(BIN)/ruff check .
-	$(BIN)/mypy daemon engine/api.py
+	$(BIN)/mypy daemon engine/api.py engine/recipes.py engine/settings.py engine/schema.py
+
+## make readme: regenerate README.md's configuration, sidecar and exit-code tables from the schema
+readme: venv
+	$(BIN)/python -m daemon.readme README.md
 
 ## make demo: the real daemon on a generated tiny models folder and a bundled sample.
 ## Tiny random weights make noise, not a face: this proves the plumbing, not the model.

@@ -30,7 +30,7 @@ from pydantic import (
 
 from engine.api import MAX_IMAGE_PIXELS, EngineOptions, InputError
 from engine.recipes import BUCKET_TABLES, PRESETS, WARM_BUCKETS, PresetName
-from engine.schema import SCHEMA_CONFIG, fail, problems
+from engine.schema import SCHEMA_CONFIG, doc, fail, problems
 from engine.settings import PER_JOB_ONLY, check_settings
 
 __all__ = [
@@ -120,10 +120,6 @@ Text = Annotated[str, Field(min_length=1)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
-def _doc(**extra: object) -> dict[str, object]:
-    return dict(extra)
-
-
 # -- sections -----------------------------------------------------------------------------------
 
 
@@ -137,10 +133,10 @@ class PathsConfig(BaseModel):
     outbox: ConfigPath = Field(Path("outbox"), description="results: `<stem>.mp4`, `.json`, `.log`; "
                                "`outbox/.tmp` holds work in progress")
     failed: ConfigPath = Field(Path("outbox/failed"), description="refused or failed jobs: `failed/<stem>/` with "
-                               "the inputs, `error.txt` and the log", json_schema_extra=_doc(
+                               "the inputs, `error.txt` and the log", json_schema_extra=doc(
                                    doc_default="`<outbox>/failed`"))
     archive: ConfigPath = Field(Path("outbox/archive"), description="inputs of finished jobs "
-                                "(`jobs.after_success: archive`)", json_schema_extra=_doc(
+                                "(`jobs.after_success: archive`)", json_schema_extra=doc(
                                     doc_default="`<outbox>/archive`"))
     state: ConfigPath = Field(Path("state"), description="`jobs.db` (SQLite), the lock file, `inbox.json`; "
                               "**a local disk, never a share**")
@@ -219,19 +215,22 @@ class JobsConfig(BaseModel):
                                       "hours (0: deleted when the job ends)")
 
 
+_ROLE_DOC = doc(doc_type="bare file name", doc_default="[the models table](#the-models-folder)")
+
+
 class EngineFiles(BaseModel):
     """File names per role, each inside its ComfyUI sub-folder (the README's models table)."""
 
     model_config = ConfigDict(**SCHEMA_CONFIG, title="role")
 
-    dit: BareName | None = Field(None, description="Wan 2.1 I2V 14B DiT")
-    patch_single: BareName | None = Field(None, description="InfiniteTalk single-speaker patch")
-    patch_multi: BareName | None = Field(None, description="InfiniteTalk two-speaker patch")
-    text_encoder: BareName | None = Field(None, description="umT5-XXL encoder")
-    audio_encoder: BareName | None = Field(None, description="chinese-wav2vec2-base")
-    vae: BareName | None = Field(None, description="Wan 2.1 VAE")
-    lora: BareName | None = Field(None, description="lightx2v step-distill LoRA")
-    clip_vision: BareName | None = Field(None, description="CLIP ViT-H/14 vision tower")
+    dit: BareName | None = Field(None, description="Wan 2.1 I2V 14B DiT", json_schema_extra=_ROLE_DOC)
+    patch_single: BareName | None = Field(None, description="InfiniteTalk single-speaker patch", json_schema_extra=_ROLE_DOC)
+    patch_multi: BareName | None = Field(None, description="InfiniteTalk two-speaker patch", json_schema_extra=_ROLE_DOC)
+    text_encoder: BareName | None = Field(None, description="umT5-XXL encoder", json_schema_extra=_ROLE_DOC)
+    audio_encoder: BareName | None = Field(None, description="chinese-wav2vec2-base", json_schema_extra=_ROLE_DOC)
+    vae: BareName | None = Field(None, description="Wan 2.1 VAE", json_schema_extra=_ROLE_DOC)
+    lora: BareName | None = Field(None, description="lightx2v step-distill LoRA", json_schema_extra=_ROLE_DOC)
+    clip_vision: BareName | None = Field(None, description="CLIP ViT-H/14 vision tower", json_schema_extra=_ROLE_DOC)
     tokenizer: ConfigPath | None = Field(None, description="a `spiece.model` of google/umt5-xxl, for a "
                                          "text-encoder file without the `spiece_model` tensor: a path, relative "
                                          "to the config file's folder")
@@ -250,9 +249,9 @@ class EngineConfig(BaseModel):
                                    "(`diffusion_models/`, `vae/`, `loras/`, ...)")
     files: EngineFiles = Field(default_factory=EngineFiles, description="role: file name, to override the "
                                "default file names (roles: " + ", ".join(EngineFiles.model_fields) + ")",
-                               json_schema_extra=_doc(doc_type="mapping", doc_default="`{}`"))
+                               json_schema_extra=doc(doc_type="mapping", doc_default="`{}`"))
     device: Annotated[str, AfterValidator(_device)] = Field(
-        "auto", description="where the models run", json_schema_extra=_doc(
+        "auto", description="where the models run", json_schema_extra=doc(
             doc_type="`auto` \\| `cpu` \\| `cuda` \\| `cuda:N`", expects="auto, cpu, cuda or cuda:N"))
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="`auto`: bf16 on a GPU, "
                                                                      "fp32 on the CPU")
@@ -274,7 +273,7 @@ class EngineConfig(BaseModel):
     warm_buckets: Annotated[tuple[tuple[int, int], ...], BeforeValidator(_warm_buckets)] = Field(
         WARM_BUCKETS, description="`[width, height]` bucket sizes the DiT compiles for at start when `fast`; "
         "other sizes compile during their first job (once per process, and the log says so). 9:16 portraits: "
-        "`[448, 832]`", json_schema_extra=_doc(doc_type="list of `[width, height]`", doc_default="`[[896, 448]]`",
+        "`[448, 832]`", json_schema_extra=doc(doc_type="list of `[width, height]`", doc_default="`[[896, 448]]`",
                                                expects="a list of [width, height] bucket sizes"))
 
     def options(self) -> EngineOptions:

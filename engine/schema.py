@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import annotated_types
 from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic.config import JsonDict
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
@@ -34,6 +35,7 @@ __all__ = [
     "Loc",
     "problems",
     "fail",
+    "doc",
     "show",
     "field_at",
     "bounds",
@@ -64,6 +66,11 @@ class SchemaProblem(ValueError):
         super().__init__(message)
         self.loc = loc
         self.message = message
+
+
+def doc(**extra: str | bool) -> JsonDict:
+    """A field's ``json_schema_extra``: ``expects``, ``doc_type``, ``doc_default`` (see above) and flags."""
+    return dict(extra)
 
 
 def fail(message: str, *, show_value: bool = True) -> PydanticCustomError:
@@ -267,7 +274,7 @@ def doc_default(field: FieldInfo) -> str:
     if isinstance(value, str):
         return f"`{value}`" if len(value) < 40 else f'"{value[:36]}…"'
     if isinstance(value, Path):
-        return f"`{value}`"
+        return f"`{value if value.is_absolute() else './' + str(value)}`"
     if isinstance(value, float):
         return _num(value)
     return f"`{value}`" if isinstance(value, (list, tuple, dict)) else str(value)

@@ -20,7 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from engine.api import MAX_IMAGE_PIXELS, InputError, RenderRequest
 from engine.recipes import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, PRESETS, PresetName, Resolution
-from engine.schema import SCHEMA_CONFIG, doc_default, doc_type, fail, problems
+from engine.schema import SCHEMA_CONFIG, doc, doc_default, doc_type, fail, problems
 
 __all__ = [
     "JobSettings",
@@ -62,58 +62,55 @@ _BOXES = "a list of [x0, y0, x1, y1] lists of whole pixel numbers"
 _PRESET_DEFAULT = "the preset's"
 
 
-def _doc(**extra: object) -> dict[str, object]:
-    return dict(extra)
-
-
 class JobSettings(BaseModel):
     """Every key a job may set. ``None`` means "not given": the default named in the help applies."""
 
     model_config = ConfigDict(**SCHEMA_CONFIG, title="setting")
 
     audio2: str | None = Field(None, description="second speaker's speech file",
-                               json_schema_extra=_doc(doc_type="bare file name", expects="a bare file name",
+                               json_schema_extra=doc(doc_type="bare file name", expects="a bare file name",
                                                       per_job=True))
     audio_mode: Literal["para", "add"] = Field("para", description="two speakers: simultaneous (`para`), or one "
                                                "after the other (`add`)")
     masks: list[str] | None = Field(None, description="two speakers: one mask image per speaker (white = that "
-                                    "speaker)", json_schema_extra=_doc(doc_type="list of bare file names",
+                                    "speaker)", json_schema_extra=doc(doc_type="list of bare file names",
                                                                        expects="a list of bare file names",
                                                                        per_job=True))
     boxes: list[Box] | None = Field(None, description="two speakers: a box per speaker in image pixels (x right, "
                                     "y down); not with `masks`",
-                                    json_schema_extra=_doc(doc_type="`[[x0, y0, x1, y1], [x0, y0, x1, y1]]`",
+                                    json_schema_extra=doc(doc_type="`[[x0, y0, x1, y1], [x0, y0, x1, y1]]`",
                                                            expects=_BOXES, per_job=True))
-    prompt: str = Field(DEFAULT_PROMPT, max_length=MAX_TEXT, description="text prompt")
+    prompt: str = Field(DEFAULT_PROMPT, max_length=MAX_TEXT, description="text prompt",
+                        json_schema_extra=doc(doc_default='"A person is talking to the camera, …"'))
     negative_prompt: str = Field(DEFAULT_NEGATIVE_PROMPT, max_length=MAX_TEXT,
                                  description="negative prompt, used when text guidance ≠ 1",
-                                 json_schema_extra=_doc(doc_default="the official negative prompt"))
+                                 json_schema_extra=doc(doc_default="the official negative prompt"))
     seed: int = Field(42, ge=0, le=2**63 - 1, description="random seed",
-                      json_schema_extra=_doc(doc_type="int [0..2^63-1]"))
+                      json_schema_extra=doc(doc_type="int [0..2^63-1]"))
     preset: PresetName = Field("lightx2v", description="sampling preset (steps, shift, guidance); must agree with "
                                "engine.preset on the step-distill LoRA",
-                               json_schema_extra=_doc(doc_default="`engine.preset` (`lightx2v`)"))
+                               json_schema_extra=doc(doc_default="`engine.preset` (`lightx2v`)"))
     steps: int | None = Field(None, ge=1, le=200, description="denoising steps",
-                              json_schema_extra=_doc(doc_default=_PRESET_DEFAULT))
+                              json_schema_extra=doc(doc_default=_PRESET_DEFAULT))
     shift: float | None = Field(None, ge=0.1, le=100, description="timestep shift",
-                                json_schema_extra=_doc(doc_default=_PRESET_DEFAULT))
+                                json_schema_extra=doc(doc_default=_PRESET_DEFAULT))
     text_guidance: float | None = Field(None, ge=0, le=30, description="text guidance scale (1 = off)",
-                                        json_schema_extra=_doc(doc_default=_PRESET_DEFAULT))
+                                        json_schema_extra=doc(doc_default=_PRESET_DEFAULT))
     audio_guidance: float | None = Field(None, ge=0, le=30, description="audio guidance scale (1 = off)",
-                                         json_schema_extra=_doc(doc_default=_PRESET_DEFAULT))
+                                         json_schema_extra=doc(doc_default=_PRESET_DEFAULT))
     resolution: Resolution = Field("480p", description="resolution bucket family")
     size: Size | None = Field(None, description="explicit output size instead of a bucket",
-                              json_schema_extra=_doc(doc_type="`[width, height]`, multiples of 16, 16..2048",
+                              json_schema_extra=doc(doc_type="`[width, height]`, multiples of 16, 16..2048",
                                                      expects="[width, height]"))
     frame_window: Annotated[int, AfterValidator(_window)] = Field(
         81, ge=5, le=201, description="frames per chunk (4n+1: 81, 77, 45, ...)")
     motion_frames: int = Field(9, ge=1, le=33, description="frames carried between chunks (4n+1, smaller than "
-                               "frame_window)")
+                               "`frame_window`)")
     color_correction: float = Field(1.0, ge=0, le=1, description="Lab colour matching to the portrait (0 = off)")
     apg: bool = Field(False, description="adaptive projected guidance")
     lora_strength: float | None = Field(None, ge=0, le=4, description="strength of the step-distill LoRA; it is "
                                         "merged at load, so a job must agree with the engine",
-                                        json_schema_extra=_doc(doc_default="`engine.lora_strength`"))
+                                        json_schema_extra=doc(doc_default="`engine.lora_strength`"))
     max_duration_s: float = Field(600.0, ge=0.1, le=86400, description="refuse speech longer than this many "
                                   "seconds")
     crf: int = Field(18, ge=0, le=51, description="H.264 quality (lower = better, bigger)")
@@ -122,7 +119,7 @@ class JobSettings(BaseModel):
                             "(0 = off; 0.2 suggested for the 40-step `quality` preset): steps whose timestep "
                             "embedding barely changed reuse the DiT blocks' last residual. Faster, **not "
                             "identical** output; the result JSON's `video.blocks_skipped` counts the skipped "
-                            "forwards", json_schema_extra=_doc(doc_default="0 (off)"))
+                            "forwards", json_schema_extra=doc(doc_default="0 (off)"))
 
     @field_validator("motion_frames")
     @classmethod
