@@ -224,13 +224,16 @@ class EngineFiles(BaseModel):
     model_config = ConfigDict(**SCHEMA_CONFIG, title="role")
 
     dit: BareName | None = Field(None, description="Wan 2.1 I2V 14B DiT", json_schema_extra=_ROLE_DOC)
-    patch_single: BareName | None = Field(None, description="InfiniteTalk single-speaker patch", json_schema_extra=_ROLE_DOC)
-    patch_multi: BareName | None = Field(None, description="InfiniteTalk two-speaker patch", json_schema_extra=_ROLE_DOC)
+    patch_single: BareName | None = Field(None, description="InfiniteTalk single-speaker patch",
+                                          json_schema_extra=_ROLE_DOC)
+    patch_multi: BareName | None = Field(None, description="InfiniteTalk two-speaker patch",
+                                         json_schema_extra=_ROLE_DOC)
     text_encoder: BareName | None = Field(None, description="umT5-XXL encoder", json_schema_extra=_ROLE_DOC)
     audio_encoder: BareName | None = Field(None, description="chinese-wav2vec2-base", json_schema_extra=_ROLE_DOC)
     vae: BareName | None = Field(None, description="Wan 2.1 VAE", json_schema_extra=_ROLE_DOC)
     lora: BareName | None = Field(None, description="lightx2v step-distill LoRA", json_schema_extra=_ROLE_DOC)
-    clip_vision: BareName | None = Field(None, description="CLIP ViT-H/14 vision tower", json_schema_extra=_ROLE_DOC)
+    clip_vision: BareName | None = Field(None, description="CLIP ViT-H/14 vision tower",
+                                         json_schema_extra=_ROLE_DOC)
     tokenizer: ConfigPath | None = Field(None, description="a `spiece.model` of google/umt5-xxl, for a "
                                          "text-encoder file without the `spiece_model` tensor: a path, relative "
                                          "to the config file's folder")

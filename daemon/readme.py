@@ -50,7 +50,8 @@ def config_tables() -> str:
     for section, field in Config.model_fields.items():
         model = _sub_model(field)
         if model is None:  # render: the sidecar schema
-            out.append(f"**`{section}`**: {_cell(field.description or '')}; see [the sidecar keys](#sidecar-keys-stemyaml).\n")
+            out.append(f"**`{section}`**: {_cell(field.description or '')}; see "
+                       "[the sidecar keys](#sidecar-keys-stemyaml).\n")
             continue
         rows = []
         for key, f in model.model_fields.items():
