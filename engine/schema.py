@@ -82,7 +82,7 @@ def fail(message: str, *, show_value: bool = True) -> PydanticCustomError:
 def show(value: object, limit: int = 60) -> str:
     """``repr`` for messages: short, and safe for integers too long to print."""
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
-        return f"a number of {len(str(value)) if value.bit_length() < 10_000 else 'thousands of'} digits"
+        return f"a number of {len(str(abs(value))) if value.bit_length() < 10_000 else 'thousands of'} digits"
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

@@ -334,3 +334,12 @@ def test_short_identity_keeps_console_lines_short() -> None:
     assert len(ident) > 600 and len(short) < 120
     assert short.startswith("infinitetalkd-engine=0.1.0 (+8 parts, sha256 ")
     assert short_identity(ident + "x") != short and short_identity("engine=1") == "engine=1"
+
+
+def test_numbers_of_any_size_get_the_range_in_the_message() -> None:
+    for key, rng in (("max_duration_s", ">= 0.1 and <= 86400"), ("seed", ">= 0 and <= 9223372036854775807"),
+                     ("shift", ">= 0.1 and <= 100")):
+        for value in (HUGE, -HUGE):
+            with pytest.raises(InputError) as err:
+                check_settings({key: value})
+            assert str(err.value) == f"setting '{key}': must be {rng} (got a number of {len(str(abs(value)))} digits)"
