@@ -32,18 +32,16 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, cast
 
-from daemon import doctor
+from daemon import doctor, oneshot
 from daemon.config import EX_CONFIG, Config, ConfigError, load_config
 from daemon.jobs import Job, JobStatus
-from daemon.progress import Eta, describe_progress, format_duration
+from daemon.progress import format_duration
 from daemon.store import Store, StoreError
 from engine.api import (
     EngineOptions,
     InputError,
-    Progress,
     Renderer,
     RenderError,
-    RenderRequest,
     RenderStopped,
 )
 from engine.recipes import PRESETS
@@ -53,8 +51,6 @@ __all__ = ["main"]
 
 DEFAULT_CONFIG = os.environ.get("INFINITETALKD_CONFIG", "config.yaml")
 EXIT_INPUT = 2
-# Above this many output pixels a CPU render gets a warning before it starts (a 128x128 test render is fine).
-_CPU_QUICK_PIXELS = 256 * 256
 
 
 class _Fail(Exception):
@@ -291,68 +287,6 @@ def cmd_tiny_models(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Bar:
-    """Progress on stderr: one redrawn line on a terminal, plain lines otherwise."""
-
-    def __init__(self) -> None:
-        self.tty = sys.stderr.isatty()
-        self._last = ""
-        self._eta = Eta()
-
-    def __call__(self, p: Progress) -> None:
-        text = describe_progress(p, self._eta.update(p))
-        if self.tty:
-            filled = int(p.fraction * 30)
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {text:<64}")
-            sys.stderr.flush()
-            return
-        key = f"{p.stage} {p.chunk} {int(p.fraction * 20)}"  # a line per stage/chunk change or 5 %
-        if key != self._last:
-            self._last = key
-            print(text, file=sys.stderr, flush=True)
-
-    def done(self) -> None:
-        if self.tty:
-            sys.stderr.write("\n")
-
-
-def _output_size(request: RenderRequest) -> tuple[int, int, str] | None:
-    """(width, height, why) of the video the request will make; None when the source cannot be read here
-    (the engine then says what is wrong with it)."""
-    if request.size is not None:
-        return request.size[0], request.size[1], "the size setting"
-    try:
-        if request.image is not None:
-            from PIL import Image
-
-            with Image.open(request.image) as im:
-                w, h = im.size
-                if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientation: a quarter turn
-                    w, h = h, w
-            what = "portrait"
-        else:
-            assert request.video is not None
-            info = _engine("engine.media").probe(request.video)
-            w, h, what = int(info["width"]), int(info["height"]), "video"
-        bh, bw = _engine("engine.frames").choose_bucket(h, w, request.resolution)
-    except Exception:  # only a preview: the render itself reports what is wrong with the source
-        return None
-    return bw, bh, f"the {request.resolution} bucket for a {w}x{h} {what}"
-
-
-def _announce(request: RenderRequest, options: EngineOptions) -> None:
-    """Say up front what the render makes, and that a full-size render on the CPU takes very long."""
-    size = _output_size(request)
-    on_cpu = options.device == "cpu" or (options.device == "auto" and not _engine("torch").cuda.is_available())
-    device = "the CPU" if on_cpu else (options.device if options.device != "auto" else "the GPU")
-    if size is not None:
-        print(f"infinitetalkd render: output {size[0]}x{size[1]} ({size[2]}), 25 fps, on {device}", file=sys.stderr)
-    if on_cpu and (size is None or size[0] * size[1] > _CPU_QUICK_PIXELS):
-        print("infinitetalkd render: on the CPU a render of this size is very slow (each 81-frame chunk runs the "
-              "14B model for many minutes); use a GPU, or --set size=[128,128] for a quick test",
-              file=sys.stderr)
-
-
 def cmd_render(args: argparse.Namespace) -> int:
     from daemon import inbox as ib
     from daemon.log import setup_logging
@@ -395,7 +329,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         print("infinitetalkd render: model files missing or wrong:\n  " + "\n  ".join(lines), file=sys.stderr)
         return EX_CONFIG
     setup_logging("warning", "console" if sys.stderr.isatty() else "json")
-    _announce(request, options)
+    oneshot.announce(request, options, _engine)
     out = Path(args.output).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.partial.mp4")
@@ -406,7 +340,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         stop = True
 
     old = signal.signal(signal.SIGINT, on_signal)
-    bar = _Bar()
+    bar = oneshot.ProgressBar()
     try:
         t0 = time.monotonic()
         renderer = _load_engine(options)
