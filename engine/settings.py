@@ -16,7 +16,17 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from engine.api import MAX_IMAGE_PIXELS, InputError, RenderRequest
 from engine.recipes import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, PRESETS, PresetName, Resolution
@@ -34,20 +44,23 @@ __all__ = [
 MAX_TEXT = 4000
 
 
-def _box(b: list[int]) -> tuple[int, int, int, int]:
+BoxT = tuple[int, int, int, int]
+
+
+def _box(b: BoxT) -> BoxT:
     x0, y0, x1, y1 = b
     if not (0 <= x0 < x1 and 0 <= y0 < y1):
         raise fail("each box needs 0 <= x0 < x1 and 0 <= y0 < y1")
     if max(x1, y1) > MAX_IMAGE_PIXELS:  # no image is that large; keeps absurd numbers out of the engine
         raise fail(f"box coordinates must be at most {MAX_IMAGE_PIXELS}")
-    return (x0, y0, x1, y1)
+    return b
 
 
-def _size(wh: list[int]) -> tuple[int, int]:
+def _size(wh: tuple[int, int]) -> tuple[int, int]:
     w, h = wh
     if w % 16 or h % 16 or not (16 <= w <= 2048 and 16 <= h <= 2048):
         raise fail("width and height must be multiples of 16 between 16 and 2048")
-    return (w, h)
+    return wh
 
 
 def _window(n: int) -> int:
@@ -56,8 +69,9 @@ def _window(n: int) -> int:
     return n
 
 
-Box = Annotated[list[int], Field(min_length=4, max_length=4), AfterValidator(_box)]
-Size = Annotated[list[int], Field(min_length=2, max_length=2), AfterValidator(_size)]
+# Lists in YAML and JSON, tuples here: the tuple itself is read leniently (a list is fine), its numbers strictly.
+Box = Annotated[tuple[StrictInt, StrictInt, StrictInt, StrictInt], Strict(False), AfterValidator(_box)]
+Size = Annotated[tuple[StrictInt, StrictInt], Strict(False), AfterValidator(_size)]
 _BOXES = "a list of [x0, y0, x1, y1] lists of whole pixel numbers"
 _PRESET_DEFAULT = "the preset's"
 
@@ -180,7 +194,7 @@ def request_from_settings(
         video=video,
         audio_mode=s.audio_mode,
         masks=tuple(res("masks", n) for n in s.masks or ()),
-        boxes=tuple(_box(b) for b in s.boxes or ()),
+        boxes=tuple(s.boxes or ()),
         prompt=s.prompt,
         negative_prompt=s.negative_prompt,
         seed=s.seed,
@@ -190,7 +204,7 @@ def request_from_settings(
         text_guidance=preset.text_guidance if s.text_guidance is None else s.text_guidance,
         audio_guidance=preset.audio_guidance if s.audio_guidance is None else s.audio_guidance,
         resolution=s.resolution,
-        size=None if s.size is None else _size(s.size),
+        size=s.size,
         frame_window=s.frame_window,
         motion_frames=s.motion_frames,
         color_correction=s.color_correction,
