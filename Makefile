@@ -10,7 +10,7 @@ CONFIG ?= config.yaml
 DEMO   ?= demo
 BIN     = $(VENV)/bin
 
-.PHONY: venv run web test lint demo clean-demo bench
+.PHONY: venv run web test lint readme demo clean-demo bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,8 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 venv: $(VENV)/.installed
 
-## make run: start the daemon on ./inbox -> ./outbox with config.yaml
+## make run: start the daemon on ./inbox -> ./outbox with config.yaml. When infinitetalkd exits non-zero
+## (78: bad config or missing models), make reports "Error 78" and exits 2 itself.
 run: venv
 	$(BIN)/infinitetalkd run --config $(CONFIG)
 
@@ -37,7 +38,11 @@ test: venv
 
 lint: venv
 	$(BIN)/ruff check .
-	$(BIN)/mypy daemon engine/api.py
+	$(BIN)/mypy daemon engine/api.py engine/recipes.py engine/settings.py engine/schema.py
+
+## make readme: regenerate README.md's configuration, sidecar and exit-code tables from the schema
+readme: venv
+	$(BIN)/python -m daemon.readme README.md
 
 ## make bench: the benchmark suite on whatever this machine has (a GPU with >= 48 GiB: the released sizes;
 ## anything else: the tiny sizes, a smoke test), one table at the end; results in .bench/out/suite.json.

@@ -31,7 +31,8 @@ import torch
 
 from bench import common as c
 from engine import load_engine
-from engine.api import EngineOptions, request_from_settings
+from engine.api import EngineOptions
+from engine.settings import request_from_settings
 from engine.tiny import write_models, write_tiny_models
 
 BENCH = "render"

@@ -5,16 +5,17 @@
     infinitetalkd retry JOB | cancel JOB               JOB is a job id or a stem (``cancel -- -x``
                                                        for a stem beginning with '-')
     infinitetalkd web [--config FILE]                  the web page and HTTP API (no GPU, no engine)
-    infinitetalkd doctor [--config FILE] [--models-dir DIR]
+    infinitetalkd doctor [--config FILE] [--models-dir DIR] [--json]
     infinitetalkd migrate [--config FILE]              bring the job database's schema up to date
     infinitetalkd tiny-models DIR [--seed N]           write a tiny random models folder (tests, demo)
     infinitetalkd render IMAGE AUDIO [AUDIO2] -o OUT.mp4 [...]   one render, no daemon, no database
 
-Exit codes: 0 ok; 1 failure; 2 bad input (render); 78 configuration error (EX_CONFIG, which the
-systemd unit lists in RestartPreventExitStatus); 75 device fault (the daemon wants a restart).
+Exit codes: :data:`EXIT_CODES` (``--help`` lists them). 78 (EX_CONFIG) is in the systemd unit's
+RestartPreventExitStatus.
 
-This is the only daemon module that imports the engine beyond ``engine.api``, and only inside
-functions (through :func:`_engine`), so ``status`` or ``cancel`` never pay for torch.
+This is the only daemon module that imports the engine beyond its torch-free modules (``engine.api``,
+``engine.recipes``, ``engine.settings``), and only inside functions (through :func:`_engine`), so
+``status`` or ``cancel`` never pay for torch.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import importlib.metadata
 import json
 import os
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,23 +36,22 @@ from typing import Any, cast
 
 from sqlalchemy.exc import DatabaseError, OperationalError
 
+from daemon import doctor, oneshot
 from daemon.config import EX_CONFIG, Config, ConfigError, load_config
 from daemon.jobs import Job, JobStatus
 from daemon.ops import OpError, retry_job
 from daemon.patience import unusable_database
-from daemon.progress import Eta, describe_progress, format_duration
+from daemon.progress import format_duration
 from daemon.store import Store, StoreError
 from engine.api import (
-    PRESETS,
     EngineOptions,
     InputError,
-    Progress,
     Renderer,
     RenderError,
     RenderStopped,
-    parse_set_option,
-    request_from_settings,
 )
+from engine.recipes import PRESETS
+from engine.settings import parse_set_option, request_from_settings, settings_help
 
 __all__ = ["main"]
 
@@ -129,8 +129,16 @@ def _fmt_time(ts: float | None) -> str:
     return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
-def _models_check(cfg_models: Path, files: Mapping[str, str], preset: str) -> tuple[bool, list[str]]:
-    return _models_doctor(cfg_models, files, PRESETS[preset].use_lora)
+def _models_check(models_dir: Path, files: Mapping[str, str], preset: str) -> tuple[bool, list[str]]:
+    """The model files for ``preset``'s LoRA policy, plus the tokenizer file when engine.files names one."""
+    ok, lines = _models_doctor(models_dir, files, PRESETS[preset].use_lora)
+    tokenizer = files.get("tokenizer")
+    if tokenizer:  # checked here, not by the engine's model check: it is a path of its own, not in models_dir
+        found = Path(tokenizer).is_file()
+        ok = ok and found
+        lines.append(f"{'ok' if found else 'MISSING':<8} tokenizer     {tokenizer}  (engine.files.tokenizer"
+                     + (")" if found else ": no such file; give the spiece.model of google/umt5-xxl)"))
+    return ok, lines
 
 
 # -- subcommands ----------------------------------------------------------------------------
@@ -138,7 +146,7 @@ def _models_check(cfg_models: Path, files: Mapping[str, str], preset: str) -> tu
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args.config)
-    ok, lines = _models_check(cfg.engine.models_dir, cfg.engine.files, cfg.engine.preset)
+    ok, lines = _models_check(cfg.engine.models_dir, cfg.engine.options().files, cfg.engine.preset)
     if not ok:
         print(f"infinitetalkd: model files missing or wrong in {cfg.engine.models_dir} "
               f"(engine.models_dir in {cfg.source}):", file=sys.stderr)
@@ -276,92 +284,28 @@ def cmd_web(args: argparse.Namespace) -> int:
     return serve(_config(args.config))
 
 
-def _writable(d: Path) -> str | None:
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=d, prefix=".doctor-"):
-            pass
-        return None
-    except OSError as exc:
-        return exc.strerror or str(exc)
-
-
 def cmd_doctor(args: argparse.Namespace) -> int:
     if args.config is None and args.models_dir is not None:
-        ok, lines = _models_check(Path(args.models_dir), {}, "lightx2v")
-        print("\n".join(lines))
-        return 0 if ok else 1
-    from daemon.watcher import filesystem_type, is_network_fs, watch_mode
-
-    cfg = _config(args.config or DEFAULT_CONFIG)
-    problems = 0
-
-    def line(ok: bool, what: str) -> None:
-        nonlocal problems
-        problems += 0 if ok else 1
-        print(f"{'ok ' if ok else 'BAD'}  {what}")
-
-    line(True, f"config {cfg.source}")
-    p = cfg.paths
-    for name, d in (("inbox", p.inbox), ("outbox", p.outbox), ("failed", p.failed), ("archive", p.archive),
-                    ("state", p.state)):
-        err = _writable(d)
-        line(err is None, f"{name:<8} {d} " + ("writable" if err is None else f"not writable: {err}"))
-    fs = filesystem_type(p.inbox)
-    mode = watch_mode(cfg.watch.mode, fs)
-    line(True, f"inbox filesystem {fs}: watcher {mode} (watch.mode = {cfg.watch.mode})"
-         + (f"; stable_window_s {cfg.watch.stable_window_s:g} must exceed the share's attribute cache"
-            if is_network_fs(fs) else ""))
-    sfs = filesystem_type(p.state)
-    line(not is_network_fs(sfs), f"state filesystem {sfs}" + (" is a network filesystem: SQLite needs a local disk"
-                                                               if is_network_fs(sfs) else ""))
-    try:
-        store = Store.open(p.database)
-        try:
-            line(True, f"database {p.database}: schema {store.schema_version()}, jobs {store.counts()}")
-        finally:
-            store.close()
-    except (StoreError, OSError) as exc:
-        line(False, f"database {p.database}: {exc}")
-    models_dir = Path(args.models_dir) if args.models_dir else cfg.engine.models_dir
-    ok, lines = _models_check(models_dir, cfg.engine.files, cfg.engine.preset)
-    line(ok, f"models {models_dir}")
-    for m in lines:
-        print(f"       {m}")
-    problems += _doctor_gpu(cfg.engine.device)
-    return 0 if problems == 0 else 1
+        checks = doctor.check_models(Path(args.models_dir), {}, "lightx2v", _models_check)
+        if not args.json:
+            print("\n".join(checks[0].details))
+    else:
+        cfg = _config(args.config or DEFAULT_CONFIG)
+        models_dir = Path(args.models_dir) if args.models_dir else cfg.engine.models_dir
+        checks = doctor.check_installation(cfg, models_dir, _models_check, _engine)
+        if not args.json:
+            doctor.print_checks(checks)
+    report = doctor.as_json(checks)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return 0 if report["ok"] else 1
 
 
 def _doctor_gpu(device: str) -> int:
-    nodes = [n for n in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/nvidia-uvm") if os.path.exists(n)]
-    print(f"info GPU device nodes: {', '.join(nodes) or 'none'}")
-    if device == "cpu":
-        print("ok   engine.device = cpu (no GPU needed)")
-        return 0
-    try:
-        torch = _engine("torch")
-    except ImportError:
-        print("BAD  torch is not installed")
-        return 1
-    if not torch.cuda.is_available():
-        ok = device == "auto"
-        print(f"{'ok ' if ok else 'BAD'}  CUDA not available to torch {torch.__version__}"
-              + ("; engine.device = auto falls back to the CPU (very slow)" if ok else ""))
-        return 0 if ok else 1
-    fast = _engine("engine.fast")
-    attention = _engine("engine.attention")
-    for i in range(torch.cuda.device_count()):
-        props = torch.cuda.get_device_properties(i)
-        fp8 = "fp8 GEMMs available" if fast.supports_fp8(i) else "no fp8 GEMMs (engine.fp8 needs compute 8.9+)"
-        if attention.flash3_available(f"cuda:{i}"):
-            fa3 = "FlashAttention-3 installed"
-        elif props.major == 9:
-            fa3 = "no FlashAttention-3 (optional: build flash-attention's hopper/ folder, README 'Speed')"
-        else:
-            fa3 = "SDPA attention (FlashAttention-3 is Hopper-only)"
-        print(f"ok   cuda:{i} {props.name}, {props.total_memory / 2**30:.0f} GiB, compute {props.major}.{props.minor}, "
-              f"{fp8}, {fa3}, cuDNN {torch.backends.cudnn.version()}, torch {torch.__version__}")
-    return 0
+    """Print the GPU checks; the number of problems."""
+    checks = doctor.check_gpu(device, _engine)
+    doctor.print_checks(checks)
+    return sum(c.status == "bad" for c in checks)
 
 
 def cmd_tiny_models(args: argparse.Namespace) -> int:
@@ -369,31 +313,6 @@ def cmd_tiny_models(args: argparse.Namespace) -> int:
     _engine("engine.tiny").write_tiny_models(out, seed=args.seed)
     print(f"wrote a tiny random models folder to {out} (for tests and the demo; it renders noise)")
     return 0
-
-
-class _Bar:
-    """Progress on stderr: one redrawn line on a terminal, plain lines otherwise."""
-
-    def __init__(self) -> None:
-        self.tty = sys.stderr.isatty()
-        self._last = ""
-        self._eta = Eta()
-
-    def __call__(self, p: Progress) -> None:
-        text = describe_progress(p, self._eta.update(p))
-        if self.tty:
-            filled = int(p.fraction * 30)
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {text:<64}")
-            sys.stderr.flush()
-            return
-        key = f"{p.stage} {p.chunk} {int(p.fraction * 20)}"  # a line per stage/chunk change or 5 %
-        if key != self._last:
-            self._last = key
-            print(text, file=sys.stderr, flush=True)
-
-    def done(self) -> None:
-        if self.tty:
-            sys.stderr.write("\n")
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -438,6 +357,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         print("infinitetalkd render: model files missing or wrong:\n  " + "\n  ".join(lines), file=sys.stderr)
         return EX_CONFIG
     setup_logging("warning", "console" if sys.stderr.isatty() else "json")
+    oneshot.announce(request, options, _engine)
     out = Path(args.output).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.partial.mp4")
@@ -448,7 +368,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         stop = True
 
     old = signal.signal(signal.SIGINT, on_signal)
-    bar = _Bar()
+    bar = oneshot.ProgressBar()
     try:
         t0 = time.monotonic()
         renderer = _load_engine(options)
@@ -503,8 +423,29 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 # -- entry point ----------------------------------------------------------------------------
 
 
+# (code, meaning): the epilog of --help and the README's list
+EXIT_CODES: tuple[tuple[int, str], ...] = (
+    (0, "ok"),
+    (1, "failure (a job not found, a doctor check failed, a render failed)"),
+    (2, "bad input: a wrong setting or an unreadable file (render), or a wrong command line"),
+    (75, "device fault: the daemon wants a clean restart (EX_TEMPFAIL)"),
+    (EX_CONFIG, "configuration error or missing model files (EX_CONFIG; systemd does not restart on it)"),
+    (130, "interrupted (render, Ctrl-C)"),
+)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("infinitetalkd")
+    except importlib.metadata.PackageNotFoundError:  # running from a checkout that was never installed
+        return str(_engine("engine").__version__)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="infinitetalkd", description="Watch-folder InfiniteTalk render daemon.")
+    codes = "\n".join(f"  {code:<4}{what}" for code, what in EXIT_CODES)
+    ap = argparse.ArgumentParser(prog="infinitetalkd", description="Watch-folder InfiniteTalk render daemon.",
+                                 epilog=f"exit codes:\n{codes}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"infinitetalkd {_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser, default: str | None = DEFAULT_CONFIG) -> None:
@@ -531,15 +472,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="check config, folders, filesystems, database, models and GPU")
     with_config(p, default=None)
     p.add_argument("--models-dir", help="check this models folder (alone: only the model check)")
+    p.add_argument("--json", action="store_true", help="machine-readable output: {ok, problems, checks: [...]}")
     p.set_defaults(func=cmd_doctor)
     p = sub.add_parser("migrate", help="create or upgrade the job database schema")
     with_config(p)
     p.set_defaults(func=cmd_migrate)
-    p = sub.add_parser("tiny-models", help="write a tiny random models folder (tests, demo)")
-    p.add_argument("dir")
-    p.add_argument("--seed", type=int, default=0)
+    what = "write a tiny random models folder in the real ComfyUI layout (for tests and the demo; it renders noise)"
+    p = sub.add_parser("tiny-models", help=what, description=what)
+    p.add_argument("dir", help="the folder to write (created; files in it are replaced)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default: 0)")
     p.set_defaults(func=cmd_tiny_models)
-    p = sub.add_parser("render", help="render one job without the daemon")
+    p = sub.add_parser("render", help="render one job without the daemon", description="Render one job without "
+                       "the daemon and its database.", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="settings (--set KEY=VALUE, or keys of --sidecar; values are JSON: 7, 2.5, true, "
+                       "[896, 448]):\n" + settings_help())
     p.add_argument("image", help="portrait image, or a video to dub")
     p.add_argument("audio", help="speech file")
     p.add_argument("audio2", nargs="?", help="second speaker's speech file")
@@ -547,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models-dir", help="ComfyUI models folder (default: engine.models_dir, else ./models)")
     p.add_argument("--config", default=None, help="take engine settings and render defaults from this config")
     p.add_argument("--sidecar", help="a job YAML with settings; file names in it are relative to it")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a setting (repeatable)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a setting (repeatable; keys below)")
     p.set_defaults(func=cmd_render)
     return ap
 

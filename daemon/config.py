@@ -1,4 +1,9 @@
-"""config.yaml -> frozen dataclasses, validated once, with errors that name the key.
+"""config.yaml: one declarative schema (pydantic v2 models), validated once, with errors that name the key.
+
+Each key is a field with its type, range, default and help text; the README's configuration table is
+generated from these fields (daemon/readme.py) and a test fails when the two disagree. The per-job keys
+of the ``render:`` section are the same schema as a job's sidecar (engine/settings.py). pydantic is also
+what FastAPI validates the web API with, so every setting, wherever it enters, is checked by one library.
 
 Relative paths are resolved against the folder that holds the config file, so ``./inbox`` in the
 repository's config.yaml means ``<repo>/inbox`` whatever the current directory is.
@@ -7,24 +12,40 @@ repository's config.yaml means ``<repo>/inbox`` whatever the current directory i
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, cast
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
-from engine.api import BUCKET_TABLES, PRESETS, WARM_BUCKETS, EngineOptions, InputError, request_from_settings
+from engine.api import MAX_IMAGE_PIXELS, EngineOptions, InputError
+from engine.recipes import BUCKET_TABLES, PRESETS, WARM_BUCKETS, PresetName
+from engine.schema import SCHEMA_CONFIG, doc, fail, problems
+from engine.settings import PER_JOB_ONLY, check_settings
 
 __all__ = [
+    "EX_CONFIG",
     "ConfigError",
     "Config",
     "PathsConfig",
     "WatchConfig",
     "JobsConfig",
+    "EngineFiles",
     "EngineConfig",
     "LoggingConfig",
     "MetricsConfig",
+    "StoreConfig",
+    "WorkerConfig",
     "WebConfig",
     "load_config",
     "parse_config",
@@ -32,27 +53,109 @@ __all__ = [
 
 EX_CONFIG = 78  # sysexits.h: configuration error (systemd's RestartPreventExitStatus)
 
-WatchMode = Literal["auto", "inotify", "poll"]
-Policy = Literal["optional", "required"]
-Redo = Literal["skip", "render"]
-AfterSuccess = Literal["archive", "delete"]
-LogFormat = Literal["auto", "json", "console"]
-
-# Per-job settings that name files belong in a job's sidecar, never in the shared defaults.
-_PER_JOB_ONLY = ("audio2", "masks", "boxes")
-
 
 class ConfigError(ValueError):
     """config.yaml is wrong. The message names the file and the key."""
 
 
-@dataclass(frozen=True)
-class PathsConfig:
-    inbox: Path
-    outbox: Path
-    failed: Path
-    archive: Path
-    state: Path  # SQLite database and lock file; must be a local disk
+# -- value types ------------------------------------------------------------------------------
+
+
+def _path_text(value: object) -> Path:
+    if isinstance(value, Path):
+        return value
+    if not isinstance(value, str) or not value:
+        raise fail("must be a path")
+    return Path(value)
+
+
+def _resolve(path: Path, info: ValidationInfo) -> Path:
+    """Relative to the config file's folder (the validation context's ``base``), absolute, ~ expanded."""
+    base = info.context.get("base") if isinstance(info.context, dict) else None
+    p = path.expanduser()
+    return (p if p.is_absolute() else Path(base or Path.cwd()) / p).resolve()
+
+
+def _bare_name(name: str) -> str:
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise fail("must be a bare file name")
+    return name
+
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+def _device(value: str) -> str:
+    if not _DEVICE_RE.match(value):
+        raise fail("must be auto, cpu, cuda or cuda:N")
+    return value
+
+
+def _warm_buckets(raw: object) -> object:
+    """A list of [width, height] bucket sizes (like render.size) -> a tuple of (h, w), as the engine's tables."""
+    if isinstance(raw, tuple):  # the default, already (h, w)
+        return raw
+    known = {hw for table in BUCKET_TABLES.values() for _, hw in table}
+    if not isinstance(raw, list):
+        raise fail("must be a list of [width, height] bucket sizes, e.g. [[896, 448]]")
+    out: list[tuple[int, int]] = []
+    for item in raw:
+        if (not isinstance(item, list) or len(item) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in item)):
+            raise fail(f"each entry must be [width, height] in pixels (got {item!r})", show_value=False)
+        w, h = item
+        if (h, w) not in known:
+            sizes = "; ".join(f"{family}: " + ", ".join(f"[{bw}, {bh}]" for _, (bh, bw) in table)
+                              for family, table in BUCKET_TABLES.items())
+            raise fail(f"[{w}, {h}] is not a resolution bucket; the buckets ([width, height]) are {sizes}",
+                       show_value=False)
+        if (h, w) not in out:
+            out.append((h, w))
+    return tuple(out)
+
+
+ConfigPath = Annotated[Path, BeforeValidator(_path_text), AfterValidator(_resolve)]
+BareName = Annotated[str, AfterValidator(_bare_name)]
+Text = Annotated[str, Field(min_length=1)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+# -- sections -----------------------------------------------------------------------------------
+
+
+class PathsConfig(BaseModel):
+    """Where jobs come from and go to."""
+
+    model_config = SCHEMA_CONFIG
+
+    inbox: ConfigPath = Field(Path("inbox"), description="drop jobs here: `<stem>.png` + `<stem>.wav` "
+                              "(+ `<stem>.yaml`, + `<stem>.ready`)")
+    outbox: ConfigPath = Field(Path("outbox"), description="results: `<stem>.mp4`, `.json`, `.log`; "
+                               "`outbox/.tmp` holds work in progress")
+    failed: ConfigPath = Field(Path("outbox/failed"), description="refused or failed jobs: `failed/<stem>/` with "
+                               "the inputs, `error.txt` and the log", json_schema_extra=doc(
+                                   doc_default="`<outbox>/failed`"))
+    archive: ConfigPath = Field(Path("outbox/archive"), description="inputs of finished jobs "
+                                "(`jobs.after_success: archive`)", json_schema_extra=doc(
+                                    doc_default="`<outbox>/archive`"))
+    state: ConfigPath = Field(Path("state"), description="`jobs.db` (SQLite), the lock file, `inbox.json`; "
+                              "**a local disk, never a share**")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _under_outbox(cls, data: Any) -> Any:
+        """failed/ and archive/ default to folders inside the outbox, wherever it is."""
+        if isinstance(data, dict):
+            outbox = data.get("outbox", "outbox")
+            if isinstance(outbox, str) and outbox:
+                data = {"failed": f"{outbox}/failed", "archive": f"{outbox}/archive", **data}
+        return data
+
+    @model_validator(mode="after")
+    def _distinct(self) -> PathsConfig:
+        if self.inbox in (self.outbox, self.failed, self.archive) or self.outbox == self.state:
+            raise fail("inbox, outbox, failed, archive and state must be different folders", show_value=False)
+        return self
 
     @property
     def database(self) -> Path:
@@ -64,48 +167,122 @@ class PathsConfig:
         return self.outbox / ".tmp"
 
 
-@dataclass(frozen=True)
-class WatchConfig:
-    mode: WatchMode = "auto"
-    poll_interval_s: float = 2.0
-    stable_window_s: float = 5.0
-    rescan_interval_s: float = 60.0
-    incomplete_after_s: float = 3600.0
+class WatchConfig(BaseModel):
+    """How the inbox is watched."""
+
+    model_config = SCHEMA_CONFIG
+
+    mode: Literal["auto", "inotify", "poll"] = Field("auto", description="`auto` polls when the inbox is on a "
+                                                     "network filesystem (nfs, cifs/smb3, sshfs and other FUSE, "
+                                                     "9p, ...), where inotify misses remote writes")
+    poll_interval_s: float = Field(2.0, gt=0, description="how often settling files are re-checked; in poll "
+                                   "mode, how often the inbox is listed")
+    stable_window_s: float = Field(5.0, ge=0, description="files must keep their size and mtime this long "
+                                   "before a job starts; on a share, longer than the attribute cache")
+    rescan_interval_s: float = Field(60.0, gt=0, description="a full rescan at least this often, even when no "
+                                     "event arrived")
+    incomplete_after_s: float = Field(3600.0, ge=0, description="a stem whose files are stable but incomplete "
+                                      "(no speech, say) fails after this long (at once with `<stem>.ready`)")
 
 
-@dataclass(frozen=True)
-class JobsConfig:
-    sidecar: Policy = "optional"
-    ready_marker: Policy = "optional"
-    redo_finished: Redo = "skip"
-    after_success: AfterSuccess = "archive"
-    max_attempts: int = 3
-    lease_s: float = 900.0
-    min_free_mb: int = 1024
-    max_input_mb: int = 2048
-    max_sidecar_kb: int = 64
-    max_image_pixels: int = 40_000_000
+class JobsConfig(BaseModel):
+    """What makes a job, limits on its inputs, retries."""
+
+    model_config = SCHEMA_CONFIG
+
+    sidecar: Literal["optional", "required"] = Field("optional", description="whether every job needs "
+                                                     "`<stem>.yaml`")
+    ready_marker: Literal["optional", "required"] = Field("optional", description="`required`: wait for "
+                                                          "`<stem>.ready`; a present marker always commits the "
+                                                          "job at once, without the stable window")
+    redo_finished: Literal["skip", "render"] = Field("skip", description="inputs dropped again after they were "
+                                                     "rendered are archived with a log line (`skip`) or rendered "
+                                                     "once more (`render`)")
+    after_success: Literal["archive", "delete"] = Field("archive", description="what happens to the inputs of "
+                                                        "a finished job")
+    max_attempts: int = Field(3, ge=1, le=100, description="renders interrupted by a crash (or a device fault) "
+                              "this often make the job fail")
+    lease_s: float = Field(900.0, gt=0, description="a running job's claim lasts this long without a heartbeat "
+                           "(progress renews it)")
+    min_free_mb: int = Field(1024, ge=0, description="no job starts while the outbox filesystem has less free "
+                             "space than this")
+    max_input_mb: int = Field(2048, ge=1, description="larger input files are refused")
+    max_sidecar_kb: int = Field(64, ge=1, le=1024, description="larger sidecars are refused (YAML is parsed "
+                                "with aliases disabled)")
+    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=256, le=MAX_IMAGE_PIXELS, description="larger images are "
+                                  "refused before they are decoded (pixel bombs); at most the engine's own limit")
+    keep_checkpoints_h: float = Field(0.0, ge=0, description="a finished job's last checkpoint is kept this many "
+                                      "hours (0: deleted when the job ends)")
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    models_dir: Path
-    files: Mapping[str, str] = field(default_factory=dict)
-    device: str = "auto"
-    dtype: str = "auto"
-    preset: str = "lightx2v"
-    lora_strength: float = 1.0
-    memory_mode: str = "auto"
-    fast: bool = True
-    fp8: bool = False
-    attention: str = "auto"
-    cache_dir: Path | None = None
-    warm_buckets: tuple[tuple[int, int], ...] = WARM_BUCKETS  # (h, w)
+_ROLE_DOC = doc(doc_type="bare file name", doc_default="[the models table](#the-models-folder)")
+
+
+class EngineFiles(BaseModel):
+    """File names per role, each inside its ComfyUI sub-folder (the README's models table)."""
+
+    model_config = ConfigDict(**SCHEMA_CONFIG, title="role")
+
+    dit: BareName | None = Field(None, description="Wan 2.1 I2V 14B DiT", json_schema_extra=_ROLE_DOC)
+    patch_single: BareName | None = Field(None, description="InfiniteTalk single-speaker patch",
+                                          json_schema_extra=_ROLE_DOC)
+    patch_multi: BareName | None = Field(None, description="InfiniteTalk two-speaker patch",
+                                         json_schema_extra=_ROLE_DOC)
+    text_encoder: BareName | None = Field(None, description="umT5-XXL encoder", json_schema_extra=_ROLE_DOC)
+    audio_encoder: BareName | None = Field(None, description="chinese-wav2vec2-base", json_schema_extra=_ROLE_DOC)
+    vae: BareName | None = Field(None, description="Wan 2.1 VAE", json_schema_extra=_ROLE_DOC)
+    lora: BareName | None = Field(None, description="lightx2v step-distill LoRA", json_schema_extra=_ROLE_DOC)
+    clip_vision: BareName | None = Field(None, description="CLIP ViT-H/14 vision tower",
+                                         json_schema_extra=_ROLE_DOC)
+    tokenizer: ConfigPath | None = Field(None, description="a `spiece.model` of google/umt5-xxl, for a "
+                                         "text-encoder file without the `spiece_model` tensor: a path, relative "
+                                         "to the config file's folder")
+
+    def mapping(self) -> dict[str, str]:
+        """The roles that are set, as EngineOptions.files (the tokenizer as an absolute path)."""
+        return {k: str(v) for k, v in self.model_dump().items() if v is not None}
+
+
+class EngineConfig(BaseModel):
+    """Which model files, on which device, how (EngineOptions)."""
+
+    model_config = SCHEMA_CONFIG
+
+    models_dir: ConfigPath = Field(Path("models"), description="your ComfyUI `models/` folder "
+                                   "(`diffusion_models/`, `vae/`, `loras/`, ...)")
+    files: EngineFiles = Field(default_factory=EngineFiles, description="role: file name, to override the "
+                               "default file names (roles: " + ", ".join(EngineFiles.model_fields) + ")",
+                               json_schema_extra=doc(doc_type="mapping", doc_default="`{}`"))
+    device: Annotated[str, AfterValidator(_device)] = Field(
+        "auto", description="where the models run", json_schema_extra=doc(
+            doc_type="`auto` \\| `cpu` \\| `cuda` \\| `cuda:N`", expects="auto, cpu, cuda or cuda:N"))
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="`auto`: bf16 on a GPU, "
+                                                                     "fp32 on the CPU")
+    preset: PresetName = Field("lightx2v", description="LoRA policy at load: `lightx2v` and `fast1` merge the "
+                               "step-distill LoRA, `quality` renders without it")
+    lora_strength: float = Field(1.0, ge=0, le=4, description="strength of the step-distill LoRA merged at load")
+    memory_mode: Literal["auto", "resident", "low"] = Field("auto", description="`low` streams the DiT blocks "
+                                                            "from host memory (small GPUs); `auto` picks by free "
+                                                            "GPU memory")
+    fast: bool = Field(True, description="on a GPU: compiled DiT blocks and the fastest attention kernel "
+                       "(compiled at start)")
+    fp8: bool = Field(False, description="fp8 GEMMs in the DiT: faster, opt-in until shown close enough "
+                      "(bench/RESULTS.md)")
+    attention: Literal["auto", "sdpa", "fa3"] = Field("auto", description="DiT self-attention kernel: `auto` = "
+                                                      "FlashAttention-3 where installed on a Hopper GPU, else SDPA; "
+                                                      "`fa3` makes its absence an error (README 'Speed')")
+    cache_dir: ConfigPath | None = Field(None, description="prompt-embedding cache on disk (none: in memory "
+                                         "only)")
+    warm_buckets: Annotated[tuple[tuple[int, int], ...], BeforeValidator(_warm_buckets)] = Field(
+        WARM_BUCKETS, description="`[width, height]` bucket sizes the DiT compiles for at start when `fast`; "
+        "other sizes compile during their first job (once per process, and the log says so). 9:16 portraits: "
+        "`[448, 832]`", json_schema_extra=doc(doc_type="list of `[width, height]`", doc_default="`[[896, 448]]`",
+                                               expects="a list of [width, height] bucket sizes"))
 
     def options(self) -> EngineOptions:
         return EngineOptions(
             models_dir=self.models_dir,
-            files=dict(self.files),
+            files=self.files.mapping(),
             device=self.device,
             dtype=self.dtype,
             preset=self.preset,
@@ -119,258 +296,146 @@ class EngineConfig:
         )
 
 
-@dataclass(frozen=True)
-class LoggingConfig:
-    level: str = "info"
-    format: LogFormat = "auto"
+class LoggingConfig(BaseModel):
+    """Log lines on stdout (the journal under systemd)."""
+
+    model_config = SCHEMA_CONFIG
+
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="least severe level logged")
+    format: Literal["auto", "json", "console"] = Field("auto", description="`auto`: JSON when stdout is not a "
+                                                       "terminal (systemd), readable lines on a terminal")
 
 
-@dataclass(frozen=True)
-class MetricsConfig:
-    enabled: bool = False
-    host: str = "127.0.0.1"
-    port: int = 9464
+class MetricsConfig(BaseModel):
+    """Prometheus metrics over HTTP."""
+
+    model_config = SCHEMA_CONFIG
+
+    enabled: bool = Field(False, description="serve `/metrics`")
+    host: Text = Field("127.0.0.1", description="listen address")
+    port: Port = Field(9464, description="listen port")
 
 
-@dataclass(frozen=True)
-class WebConfig:
-    """``infinitetalkd web``: the page and HTTP API (daemon/web/). Off unless that command runs."""
+class StoreConfig(BaseModel):
+    """The job database."""
 
-    host: str = "127.0.0.1"
-    port: int = 8787
-    token_file: Path | None = None  # a file holding the bearer token (wins over token_env)
-    token_env: str = "INFINITETALKD_WEB_TOKEN"  # else the environment variable holding it
-    max_upload_mb: int = 2048  # one submission (all its files) at most this big
+    model_config = SCHEMA_CONFIG
 
-
-@dataclass(frozen=True)
-class Config:
-    source: Path  # the config file (or "<memory>")
-    paths: PathsConfig
-    watch: WatchConfig
-    jobs: JobsConfig
-    engine: EngineConfig
-    render: Mapping[str, object]  # defaults for every job, same keys as a sidecar
-    logging: LoggingConfig
-    metrics: MetricsConfig
-    web: WebConfig = WebConfig()
+    url: Text | None = Field(None, description="a SQLAlchemy URL such as "
+                             "`postgresql+psycopg://user@host/db`; none: SQLite in `<paths.state>/jobs.db`")
+    password_env: Text | None = Field(None, description="environment variable holding the database password")
+    password_file: ConfigPath | None = Field(None, description="file holding the database password (e.g. a "
+                                             "systemd credential)")
+    connect_timeout_s: float = Field(10.0, gt=0, description="give up connecting after this long")
+    statement_timeout_s: float = Field(30.0, gt=0, description="longest a statement may run (PostgreSQL)")
+    lock_timeout_s: float = Field(10.0, gt=0, description="longest a statement waits for a lock (PostgreSQL)")
+    busy_timeout_s: float = Field(10.0, gt=0, description="longest a statement waits for the database lock "
+                                  "(SQLite)")
 
 
-# --------------------------------------------------------------------------------------------
-# Typed readers: each takes the section mapping, the key and the dotted prefix for messages.
-# --------------------------------------------------------------------------------------------
+class WorkerConfig(BaseModel):
+    """This process as one worker among several sharing a store."""
+
+    model_config = SCHEMA_CONFIG
+
+    name: Text | None = Field(None, description="the worker's name in the store and logs (none: "
+                              "`<host>/<device>`)")
+    ingest: Literal["auto", "never"] = Field("auto", description="`never`: render only, leave the inbox to "
+                                             "other workers")
+    heartbeat_s: float = Field(5.0, gt=0, description="how often the worker renews its claim and says it is alive")
 
 
-class _Section:
-    """One mapping of config.yaml; reads typed values and rejects unknown keys."""
+class WebConfig(BaseModel):
+    """The web page and HTTP API (`infinitetalkd web`)."""
 
-    def __init__(self, where: str, name: str, raw: object, known: tuple[str, ...]) -> None:
-        self.where = where
-        self.name = name
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            raise self.error(name, "must be a mapping of key: value lines")
-        self.raw: dict[str, object] = raw
-        for key in raw:
-            if key not in known:
-                raise self.error(f"{name}.{key}", "unknown key; known keys: " + ", ".join(known))
+    model_config = SCHEMA_CONFIG
 
-    def error(self, key: str, what: str) -> ConfigError:
-        return ConfigError(f"{self.where}: {key}: {what}")
-
-    def _key(self, key: str) -> str:
-        return f"{self.name}.{key}" if self.name else key
-
-    def number(self, key: str, default: float, *, minimum: float = 0.0, strict_min: bool = True) -> float:
-        value = self.raw.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.error(self._key(key), f"must be a number (got {value!r})")
-        if value < minimum or (strict_min and value == minimum):
-            cmp = ">" if strict_min else ">="
-            raise self.error(self._key(key), f"must be {cmp} {minimum:g} (got {value!r})")
-        return float(value)
-
-    def integer(self, key: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
-        value = self.raw.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(self._key(key), f"must be a whole number (got {value!r})")
-        if value < minimum or (maximum is not None and value > maximum):
-            hi = f" and <= {maximum}" if maximum is not None else ""
-            raise self.error(self._key(key), f"must be >= {minimum}{hi} (got {value!r})")
-        return value
-
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self.raw.get(key, default)
-        if not isinstance(value, bool):
-            raise self.error(self._key(key), f"must be true or false (got {value!r})")
-        return value
-
-    def text(self, key: str, default: str) -> str:
-        value = self.raw.get(key, default)
-        if not isinstance(value, str) or not value:
-            raise self.error(self._key(key), f"must be a non-empty text (got {value!r})")
-        return value
-
-    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
-        value = self.raw.get(key, default)
-        if value not in choices:
-            raise self.error(self._key(key), f"must be one of {', '.join(choices)} (got {value!r})")
-        return str(value)
-
-    def path(self, key: str, default: str | None, base: Path) -> Path:
-        value = self.raw.get(key, default)
-        if not isinstance(value, str) or not value:
-            raise self.error(self._key(key), f"must be a path (got {value!r})")
-        p = Path(value).expanduser()
-        return (p if p.is_absolute() else base / p).resolve()
+    host: Text = Field("127.0.0.1", description="listen address")
+    port: Port = Field(8787, description="listen port")
+    token_file: ConfigPath | None = Field(None, description="file holding the API token")
+    token_env: Text = Field("INFINITETALKD_WEB_TOKEN", description="environment variable holding the API token "
+                            "(when `token_file` is not set)")
+    max_upload_mb: int = Field(2048, ge=1, description="larger uploads are refused")
 
 
-_TOP = ("paths", "watch", "jobs", "engine", "render", "logging", "metrics", "web")
-_FILE_ROLES = ("dit", "text_encoder", "patch_single", "patch_multi", "audio_encoder", "vae", "lora", "clip_vision")
-_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+class Config(BaseModel):
+    """The whole config.yaml; every section and key is optional."""
+
+    model_config = SCHEMA_CONFIG
+
+    paths: PathsConfig = Field(default_factory=PathsConfig)
+    watch: WatchConfig = Field(default_factory=WatchConfig)
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    render: dict[str, Any] = Field(default_factory=dict, description="defaults for every job: any sidecar key "
+                                   "except " + ", ".join(PER_JOB_ONLY))
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    web: WebConfig = Field(default_factory=WebConfig)
+
+    _source: Path = PrivateAttr(default=Path("<memory>"))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data: Any) -> Any:
+        """An empty file, or ``section:`` with nothing under it, means the defaults. Absent sections are
+        validated as empty ones, so their relative paths resolve against the config file's folder too."""
+        if data is None:
+            data = {}
+        if isinstance(data, dict):
+            given = {k: ({} if v is None and k in cls.model_fields else v) for k, v in data.items()}
+            return {**{k: {} for k in cls.model_fields}, **given}
+        return data
+
+    @property
+    def source(self) -> Path:
+        """The config file (or ``<memory>``)."""
+        return self._source
+
+
+# -- loading -------------------------------------------------------------------------------------
+
+
+def _dotted(loc: tuple[str | int, ...]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc))
+
+
+def _render_defaults(cfg: Config, where: str) -> dict[str, object]:
+    """config.yaml's ``render:``: the sidecar schema, minus per-job keys, agreeing with the engine's LoRA."""
+    render_raw = dict(cfg.render)
+    for key in render_raw:
+        if key in PER_JOB_ONLY:
+            raise ConfigError(f"{where}: render.{key}: is a per-job setting; put it in the job's sidecar YAML")
+    try:
+        check_settings(render_raw)
+    except InputError as exc:
+        raise ConfigError(f"{where}: render: {exc}") from None
+    engine_preset = cfg.engine.preset
+    # The engine loads with or without the step-distill LoRA (engine.preset); jobs must agree. Without a
+    # render.preset the jobs default to the engine's; a render.preset of the other policy would fail every job.
+    if "preset" not in render_raw:
+        render_raw["preset"] = engine_preset
+    elif PRESETS[str(render_raw["preset"])].use_lora != PRESETS[engine_preset].use_lora:
+        raise ConfigError(f"{where}: render.preset: {render_raw['preset']!r} and engine.preset {engine_preset!r} "
+                          "disagree on the step-distill LoRA (quality renders without it, lightx2v and fast1 with "
+                          "it), so every job would fail; make them agree")
+    return render_raw
 
 
 def parse_config(raw: object, *, base: Path, where: str = "config.yaml") -> Config:
     """Validate a parsed config.yaml document. ``base`` anchors relative paths."""
-    top = _Section(where, "", raw, _TOP)
-
-    p = _Section(where, "paths", top.raw.get("paths"), ("inbox", "outbox", "failed", "archive", "state"))
-    outbox = p.path("outbox", "./outbox", base)
-    paths = PathsConfig(
-        inbox=p.path("inbox", "./inbox", base),
-        outbox=outbox,
-        failed=p.path("failed", str(outbox / "failed"), base),
-        archive=p.path("archive", str(outbox / "archive"), base),
-        state=p.path("state", "./state", base),
-    )
-    if paths.inbox in (paths.outbox, paths.failed, paths.archive) or paths.outbox == paths.state:
-        raise p.error("paths", "inbox, outbox, failed, archive and state must be different folders")
-
-    w = _Section(where, "watch", top.raw.get("watch"),
-                 ("mode", "poll_interval_s", "stable_window_s", "rescan_interval_s", "incomplete_after_s"))
-    watch = WatchConfig(
-        mode=cast(WatchMode, w.choice("mode", "auto", ("auto", "inotify", "poll"))),
-        poll_interval_s=w.number("poll_interval_s", 2.0),
-        stable_window_s=w.number("stable_window_s", 5.0, strict_min=False),
-        rescan_interval_s=w.number("rescan_interval_s", 60.0),
-        incomplete_after_s=w.number("incomplete_after_s", 3600.0, strict_min=False),
-    )
-
-    j = _Section(where, "jobs", top.raw.get("jobs"),
-                 ("sidecar", "ready_marker", "redo_finished", "after_success", "max_attempts", "lease_s",
-                  "min_free_mb", "max_input_mb", "max_sidecar_kb", "max_image_pixels"))
-    jobs = JobsConfig(
-        sidecar=cast(Policy, j.choice("sidecar", "optional", ("optional", "required"))),
-        ready_marker=cast(Policy, j.choice("ready_marker", "optional", ("optional", "required"))),
-        redo_finished=cast(Redo, j.choice("redo_finished", "skip", ("skip", "render"))),
-        after_success=cast(AfterSuccess, j.choice("after_success", "archive", ("archive", "delete"))),
-        max_attempts=j.integer("max_attempts", 3, minimum=1, maximum=100),
-        lease_s=j.number("lease_s", 900.0),
-        min_free_mb=j.integer("min_free_mb", 1024),
-        max_input_mb=j.integer("max_input_mb", 2048, minimum=1),
-        max_sidecar_kb=j.integer("max_sidecar_kb", 64, minimum=1, maximum=1024),
-        max_image_pixels=j.integer("max_image_pixels", 40_000_000, minimum=256),
-    )
-
-    e = _Section(where, "engine", top.raw.get("engine"),
-                 ("models_dir", "files", "device", "dtype", "preset", "lora_strength", "memory_mode", "fast",
-                  "fp8", "attention", "cache_dir", "warm_buckets"))
-    files_raw = e.raw.get("files") or {}
-    if not isinstance(files_raw, dict):
-        raise e.error("engine.files", "must be a mapping of role: file name")
-    files: dict[str, str] = {}
-    for role, name in files_raw.items():
-        if role not in _FILE_ROLES:
-            raise e.error(f"engine.files.{role}", "unknown role; known roles: " + ", ".join(_FILE_ROLES))
-        if not isinstance(name, str) or not name or "/" in name or "\\" in name:
-            raise e.error(f"engine.files.{role}", f"must be a bare file name (got {name!r})")
-        files[str(role)] = name
-    device = e.text("device", "auto")
-    if not _DEVICE_RE.match(device):
-        raise e.error("engine.device", f"must be auto, cpu, cuda or cuda:N (got {device!r})")
-    cache_raw = e.raw.get("cache_dir")
-    engine = EngineConfig(
-        models_dir=e.path("models_dir", "./models", base),
-        files=files,
-        device=device,
-        dtype=e.choice("dtype", "auto", ("auto", "bfloat16", "float16", "float32")),
-        preset=e.choice("preset", "lightx2v", tuple(PRESETS)),
-        lora_strength=e.number("lora_strength", 1.0, strict_min=False),
-        memory_mode=e.choice("memory_mode", "auto", ("auto", "resident", "low")),
-        fast=e.boolean("fast", True),
-        fp8=e.boolean("fp8", False),
-        attention=e.choice("attention", "auto", ("auto", "sdpa", "fa3")),
-        cache_dir=None if cache_raw is None else e.path("cache_dir", None, base),
-        warm_buckets=_warm_buckets(e),
-    )
-
-    render_raw = top.raw.get("render") or {}
-    if not isinstance(render_raw, dict):
-        raise top.error("render", "must be a mapping of setting: value")
-    for key in render_raw:
-        if key in _PER_JOB_ONLY:
-            raise top.error(f"render.{key}", "is a per-job setting; put it in the job's sidecar YAML")
     try:
-        # Validate the defaults with the same code that validates sidecars (dummy input paths).
-        request_from_settings({}, audio=Path("a.wav"), image=Path("a.png"), defaults=render_raw)
-    except InputError as exc:
-        raise top.error("render", str(exc)) from None
-    # The engine loads with or without the step-distill LoRA (engine.preset); jobs must agree. Without a
-    # render.preset the jobs default to the engine's; a render.preset of the other policy would fail every job.
-    if "preset" not in render_raw:
-        render_raw = {**render_raw, "preset": engine.preset}
-    elif PRESETS[str(render_raw["preset"])].use_lora != PRESETS[engine.preset].use_lora:
-        raise top.error("render.preset", f"{render_raw['preset']!r} and engine.preset {engine.preset!r} disagree on "
-                        "the step-distill LoRA (quality renders without it, lightx2v and fast1 with it), so every "
-                        "job would fail; make them agree")
-
-    lg = _Section(where, "logging", top.raw.get("logging"), ("level", "format"))
-    logging_cfg = LoggingConfig(
-        level=lg.choice("level", "info", ("debug", "info", "warning", "error")),
-        format=cast(LogFormat, lg.choice("format", "auto", ("auto", "json", "console"))),
-    )
-
-    m = _Section(where, "metrics", top.raw.get("metrics"), ("enabled", "host", "port"))
-    metrics = MetricsConfig(
-        enabled=m.boolean("enabled", False),
-        host=m.text("host", "127.0.0.1"),
-        port=m.integer("port", 9464, minimum=1, maximum=65535),
-    )
-    wb = _Section(where, "web", top.raw.get("web"), ("host", "port", "token_file", "token_env", "max_upload_mb"))
-    web = WebConfig(
-        host=wb.text("host", "127.0.0.1"),
-        port=wb.integer("port", 8787, minimum=1, maximum=65535),
-        token_file=None if wb.raw.get("token_file") is None else wb.path("token_file", None, base),
-        token_env=wb.text("token_env", "INFINITETALKD_WEB_TOKEN"),
-        max_upload_mb=wb.integer("max_upload_mb", 2048, minimum=1),
-    )
-    return Config(source=Path(where), paths=paths, watch=watch, jobs=jobs, engine=engine,
-                  render=dict(render_raw), logging=logging_cfg, metrics=metrics, web=web)
-
-
-def _warm_buckets(e: _Section) -> tuple[tuple[int, int], ...]:
-    """engine.warm_buckets: a list of [width, height] bucket sizes (like render.size); returned as (h, w)."""
-    raw = e.raw.get("warm_buckets")
-    if raw is None:
-        return WARM_BUCKETS
-    known = {hw for table in BUCKET_TABLES.values() for _, hw in table}
-    sizes = "; ".join(f"{family}: " + ", ".join(f"[{w}, {h}]" for _, (h, w) in table)
-                      for family, table in BUCKET_TABLES.items())
-    if not isinstance(raw, list):
-        raise e.error("engine.warm_buckets", "must be a list of [width, height] bucket sizes, e.g. [[896, 448]]")
-    out: list[tuple[int, int]] = []
-    for item in raw:
-        if (not isinstance(item, list) or len(item) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) for v in item)):
-            raise e.error("engine.warm_buckets", f"each entry must be [width, height] in pixels (got {item!r})")
-        w, h = item
-        if (h, w) not in known:
-            raise e.error("engine.warm_buckets",
-                          f"[{w}, {h}] is not a resolution bucket; the buckets ([width, height]) are {sizes}")
-        if (h, w) not in out:
-            out.append((h, w))
-    return tuple(out)
+        cfg = Config.model_validate(raw, context={"base": base})
+    except ValidationError as exc:
+        first = problems(Config, exc)[0]
+        if not first.loc:
+            raise ConfigError(f"{where}: the file must be a mapping of section: key lines") from None
+        raise ConfigError(f"{where}: {_dotted(first.loc)}: {first.message}") from None
+    cfg = cfg.model_copy(update={"render": _render_defaults(cfg, where)})
+    cfg._source = Path(where)
+    return cfg
 
 
 def load_config(path: Path) -> Config:
@@ -383,6 +448,8 @@ def load_config(path: Path) -> Config:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    except ValueError as exc:  # e.g. an integer longer than Python converts
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     cfg = parse_config(raw, base=path.resolve().parent, where=str(path))
-    return Config(source=path.resolve(), paths=cfg.paths, watch=cfg.watch, jobs=cfg.jobs, engine=cfg.engine,
-                  render=cfg.render, logging=cfg.logging, metrics=cfg.metrics, web=cfg.web)
+    cfg._source = path.resolve()
+    return cfg

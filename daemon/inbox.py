@@ -24,7 +24,8 @@ from typing import Any, Literal
 import yaml
 from PIL import Image, UnidentifiedImageError
 
-from engine.api import InputError, RenderRequest, request_from_settings
+from engine.api import InputError, RenderRequest
+from engine.settings import request_from_settings
 from engine.sniff import sniff
 
 __all__ = [

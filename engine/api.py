@@ -1,22 +1,24 @@
-"""The engine's public, torch-free interface.
+"""The engine's public, torch-free boundary: errors, options, request and result, progress, the Renderer protocol.
 
-The daemon imports only this module: plain dataclasses cross the boundary, plus one output path
-and two callables (``progress`` and ``should_stop``). Nothing here imports torch, PyAV or numpy,
+The daemon sees the engine through this module: plain dataclasses cross the boundary, plus one output
+path and two callables (``progress`` and ``should_stop``). Nothing here imports torch, PyAV or numpy,
 so daemon tests run against a fake renderer without the GPU stack.
 
-Settings arrive as a mapping (a job's sidecar YAML, ``--set key=value`` on the command line,
-the ``render`` defaults in config.yaml). :func:`request_from_settings` validates them against
-:data:`SETTINGS` and names the offending key in every error.
+What a render is made of (buckets, presets, default prompts) is data in engine/recipes.py; the per-job
+settings (sidecar keys, ``render --set``, config.yaml's ``render:``) are declared and turned into a
+:class:`RenderRequest` by engine/settings.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
+
+from engine.recipes import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, WARM_BUCKETS
 
 __all__ = [
     "InputError",
@@ -31,46 +33,14 @@ __all__ = [
     "RenderRequest",
     "RenderResult",
     "Renderer",
-    "PRESETS",
-    "Preset",
-    "SETTINGS",
-    "Setting",
-    "request_from_settings",
-    "parse_set_option",
-    "DEFAULT_PROMPT",
-    "DEFAULT_NEGATIVE_PROMPT",
-    "BUCKET_TABLES",
-    "WARM_BUCKETS",
+    "MAX_IMAGE_PIXELS",
+    "short_identity",
 ]
 
-
-# --------------------------------------------------------------------------------------------
-# Resolution buckets (data only; engine/frames.py chooses among them)
-# --------------------------------------------------------------------------------------------
-
-# (ratio key, (h, w)) in the order of upstream's dicts. The bucket is chosen by comparing the
-# source h/w ratio with the *rounded key* (e.g. 0.26 for 320/1216 = 0.263), not with the exact
-# h/w of the bucket, so the keys are kept verbatim. Source: MeiGen-AI/InfiniteTalk
-# wan/utils/multitalk_utils.py, ASPECT_RATIO_627 ("infinitetalk-480") and ASPECT_RATIO_960
-# ("infinitetalk-720").
-_BUCKETS_480: tuple[tuple[float, tuple[int, int]], ...] = (
-    (0.26, (320, 1216)), (0.38, (384, 1024)), (0.50, (448, 896)), (0.67, (512, 768)),
-    (0.82, (576, 704)), (1.00, (640, 640)), (1.22, (704, 576)), (1.50, (768, 512)),
-    (1.86, (832, 448)), (2.00, (896, 448)), (2.50, (960, 384)), (2.83, (1088, 384)),
-    (3.60, (1152, 320)), (3.80, (1216, 320)), (4.00, (1280, 320)),
-)
-_BUCKETS_720: tuple[tuple[float, tuple[int, int]], ...] = (
-    (0.22, (448, 2048)), (0.29, (512, 1792)), (0.36, (576, 1600)), (0.45, (640, 1408)),
-    (0.55, (704, 1280)), (0.63, (768, 1216)), (0.76, (832, 1088)), (0.88, (896, 1024)),
-    (1.00, (960, 960)), (1.14, (1024, 896)), (1.31, (1088, 832)), (1.50, (1152, 768)),
-    (1.58, (1216, 768)), (1.82, (1280, 704)), (1.91, (1344, 704)), (2.20, (1408, 640)),
-    (2.30, (1472, 640)), (2.67, (1536, 576)), (2.89, (1664, 576)), (3.62, (1856, 512)),
-    (3.75, (1920, 512)),
-)
-BUCKET_TABLES: dict[str, tuple[tuple[float, tuple[int, int]], ...]] = {"480p": _BUCKETS_480, "720p": _BUCKETS_720}
-
-# Buckets the fast engine compiles at start (EngineOptions.warm_buckets): the 16:9 landscape one of 480p.
-WARM_BUCKETS: tuple[tuple[int, int], ...] = ((448, 896),)
+# The largest portrait or mask the engine decodes (width x height). Ingest refuses larger images before
+# decoding them (jobs.max_image_pixels, which may not exceed this), and the engine's own decoder checks the
+# same number, so a drop the daemon accepts is never refused later for its size.
+MAX_IMAGE_PIXELS = 40_000_000
 
 
 class InputError(ValueError):
@@ -99,11 +69,12 @@ class DeviceFault(RenderError):
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """How to load the engine (config.yaml's ``engine`` section).
+    """How to load the engine (config.yaml's ``engine`` section; daemon/config.py documents each key).
 
     ``files`` maps a role to a file name inside its ComfyUI sub-folder; roles: dit, text_encoder,
     patch_single, patch_multi, audio_encoder, vae, lora, clip_vision. Missing roles take the
-    default names from the README.
+    default names from the README. The role ``tokenizer`` is different: an absolute path to a
+    ``spiece.model`` (used when the text-encoder file carries no tokenizer).
     """
 
     models_dir: Path
@@ -138,41 +109,6 @@ class Progress:
 ProgressFn = Callable[[Progress], None]
 StopFn = Callable[[], bool]
 
-
-@dataclass(frozen=True)
-class Preset:
-    """Sampling defaults (model.md section 8)."""
-
-    steps: int
-    shift: float
-    text_guidance: float
-    audio_guidance: float
-    use_lora: bool
-
-
-# "quality" = the official defaults; "lightx2v" = the step-distill LoRA with 4 steps, text
-# guidance 1 (so 2 passes per step: cond and drop-audio) and audio guidance 2, as the official
-# README recommends for the lightx2v LoRA; shift 7 is the official 480 schedule. "fast1" is the
-# 1-pass variant (audio guidance 1) used by the ComfyUI templates.
-PRESETS: dict[str, Preset] = {
-    "quality": Preset(steps=40, shift=7.0, text_guidance=5.0, audio_guidance=4.0, use_lora=False),
-    "lightx2v": Preset(steps=4, shift=7.0, text_guidance=1.0, audio_guidance=2.0, use_lora=True),
-    "fast1": Preset(steps=4, shift=7.0, text_guidance=1.0, audio_guidance=1.0, use_lora=True),
-}
-
-DEFAULT_PROMPT = (
-    "A person is talking to the camera, natural facial expressions and lip movements, "
-    "steady head, realistic, high quality."
-)
-
-# The official negative prompt (InfiniteTalk wan/configs/shared_config.py), in English.
-DEFAULT_NEGATIVE_PROMPT = (
-    "bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, "
-    "images, static, overall gray, worst quality, low quality, JPEG compression residue, ugly, "
-    "incomplete, extra fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, "
-    "misshapen limbs, fused fingers, still picture, messy background, three legs, many people "
-    "in the background, walking backwards"
-)
 
 Box = tuple[int, int, int, int]
 
@@ -273,208 +209,15 @@ class Renderer(Protocol):
         ...
 
 
-# --------------------------------------------------------------------------------------------
-# Settings: the sidecar / --set keys
-# --------------------------------------------------------------------------------------------
+def short_identity(identity: str, limit: int = 100) -> str:
+    """A one-line stand-in for a long :meth:`Renderer.identity` (console lines, progress bars).
 
-
-@dataclass(frozen=True)
-class Setting:
-    kind: str  # "int" | "float" | "bool" | "str" | "choice" | "file" | "files" | "boxes" | "size"
-    default: object
-    help: str
-    choices: tuple[str, ...] = ()
-    minimum: float | None = None
-    maximum: float | None = None
-
-
-SETTINGS: dict[str, Setting] = {
-    "audio2": Setting("file", None, "second speaker's speech file (bare name in the inbox)"),
-    "audio_mode": Setting("choice", "para", "two speakers: 'para' = simultaneous, 'add' = one after the other",
-                          choices=("para", "add")),
-    "masks": Setting("files", None, "two speakers: one mask image per speaker (white = that speaker)"),
-    "boxes": Setting("boxes", None, "two speakers: [[x0, y0, x1, y1], [x0, y0, x1, y1]] in image pixels"),
-    "prompt": Setting("str", DEFAULT_PROMPT, "text prompt"),
-    "negative_prompt": Setting("str", DEFAULT_NEGATIVE_PROMPT, "negative prompt (used when text guidance != 1)"),
-    "seed": Setting("int", 42, "random seed", minimum=0, maximum=2**63 - 1),
-    "preset": Setting("choice", "lightx2v", "sampling preset: " + ", ".join(PRESETS), choices=tuple(PRESETS)),
-    "steps": Setting("int", None, "denoising steps (default: the preset's)", minimum=1, maximum=200),
-    "shift": Setting("float", None, "timestep shift (default: the preset's)", minimum=0.1, maximum=100),
-    "text_guidance": Setting("float", None, "text guidance scale (1 = off)", minimum=0, maximum=30),
-    "audio_guidance": Setting("float", None, "audio guidance scale (1 = off)", minimum=0, maximum=30),
-    "resolution": Setting("choice", "480p", "resolution bucket family", choices=("480p", "720p")),
-    "size": Setting("size", None, "explicit output size [width, height], multiples of 16"),
-    "frame_window": Setting("int", 81, "frames per chunk (4n+1)", minimum=5, maximum=201),
-    "motion_frames": Setting("int", 9, "frames carried between chunks", minimum=1, maximum=33),
-    "color_correction": Setting("float", 1.0, "Lab colour matching strength to the reference (0 = off)",
-                                minimum=0, maximum=1),
-    "apg": Setting("bool", False, "adaptive projected guidance"),
-    "lora_strength": Setting("float", None, "strength of the step-distill LoRA (default: engine.lora_strength; "
-                             "the LoRA is merged at load, so a job must agree with the engine)", minimum=0, maximum=4),
-    "max_duration_s": Setting("float", 600.0, "refuse speech longer than this many seconds", minimum=0.1),
-    "crf": Setting("int", 18, "H.264 quality (lower = better, bigger)", minimum=0, maximum=51),
-    "loudness_normalize": Setting("bool", True, "normalise speech loudness to -23 LUFS before feature extraction"),
-    "teacache": Setting("float", 0.0, "TeaCache threshold, 0 = off (official --teacache_thresh; 0.2 suggested "
-                        "for the 40-step quality preset): faster, not identical", minimum=0, maximum=2),
-}
-
-
-def _coerce(key: str, s: Setting, value: object) -> object:
-    def bad(what: str) -> InputError:
-        return InputError(f"setting '{key}': {what} (got {value!r})")
-
-    if value is None:
-        return None
-    if s.kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("must be a whole number")
-        out: object = value
-    elif s.kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-            raise bad("must be a number")
-        out = float(value)
-    elif s.kind == "bool":
-        if not isinstance(value, bool):
-            raise bad("must be true or false")
-        return value
-    elif s.kind == "str":
-        if not isinstance(value, str):
-            raise bad("must be text")
-        if len(value) > 4000:
-            raise bad("is longer than 4000 characters")
-        return value
-    elif s.kind == "choice":
-        if value not in s.choices:
-            raise bad("must be one of " + ", ".join(s.choices))
-        return value
-    elif s.kind == "file":
-        if not isinstance(value, str):
-            raise bad("must be a bare file name")
-        return value
-    elif s.kind == "files":
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise bad("must be a list of bare file names")
-        return tuple(value)
-    elif s.kind == "boxes":
-        ok = isinstance(value, list) and all(
-            isinstance(b, list) and len(b) == 4 and all(isinstance(c, int) and not isinstance(c, bool) for c in b)
-            for b in value
-        )
-        if not ok:
-            raise bad("must be a list of [x0, y0, x1, y1] lists of whole pixel numbers")
-        assert isinstance(value, list)
-        boxes = tuple(tuple(b) for b in value)
-        for b in boxes:
-            if not (0 <= b[0] < b[2] and 0 <= b[1] < b[3]):
-                raise bad("each box needs 0 <= x0 < x1 and 0 <= y0 < y1")
-        return boxes
-    elif s.kind == "size":
-        if not (isinstance(value, list) and len(value) == 2 and all(
-                isinstance(c, int) and not isinstance(c, bool) for c in value)):
-            raise bad("must be [width, height]")
-        w, h = value
-        if w % 16 or h % 16 or not (16 <= w <= 2048 and 16 <= h <= 2048):
-            raise bad("width and height must be multiples of 16 between 16 and 2048")
-        return (w, h)
-    else:  # pragma: no cover - table error
-        raise AssertionError(s.kind)
-    num = float(out)  # type: ignore[arg-type]
-    if s.minimum is not None and num < s.minimum:
-        raise bad(f"must be at least {s.minimum:g}")
-    if s.maximum is not None and num > s.maximum:
-        raise bad(f"must be at most {s.maximum:g}")
-    return out
-
-
-def request_from_settings(
-    settings: Mapping[str, object],
-    *,
-    audio: Path,
-    image: Path | None = None,
-    video: Path | None = None,
-    resolve: Callable[[str, str], Path] | None = None,
-    defaults: Mapping[str, object] | None = None,
-) -> RenderRequest:
-    """Build a request from sidecar-style settings layered over ``defaults``.
-
-    ``resolve(key, bare_name)`` turns a file name given in a setting (``audio2``, ``masks``) into
-    a path; the daemon uses it to confine names to the inbox. Unknown keys are errors.
+    The identity names every model file and option, several hundred characters; logs meant for people
+    show its first ``;``-separated part, how many parts follow and a digest that tells two identities
+    apart. The full string stays in fingerprints, result JSONs and JSON logs.
     """
-    merged: dict[str, object] = {}
-    for source in (defaults or {}, settings):
-        for key, value in source.items():
-            if key not in SETTINGS:
-                known = ", ".join(sorted(SETTINGS))
-                raise InputError(f"unknown setting '{key}'; known settings: {known}")
-            merged[key] = _coerce(key, SETTINGS[key], value)
-    values = {k: (merged[k] if merged.get(k) is not None else s.default) for k, s in SETTINGS.items()}
-
-    preset = PRESETS[str(values["preset"])]
-    for key, pv in (("steps", preset.steps), ("shift", preset.shift),
-                    ("text_guidance", preset.text_guidance), ("audio_guidance", preset.audio_guidance)):
-        if values[key] is None:
-            values[key] = pv
-    fw = int(values["frame_window"])  # type: ignore[call-overload]
-    mf = int(values["motion_frames"])  # type: ignore[call-overload]
-    if (fw - 1) % 4:
-        raise InputError(f"setting 'frame_window': must be 4n+1 (81, 77, 45, ...), got {fw}")
-    if (mf - 1) % 4 or mf >= fw:
-        raise InputError(f"setting 'motion_frames': must be 4n+1 and smaller than frame_window, got {mf}")
-
-    def res(key: str, name: str) -> Path:
-        if resolve is None:
-            return Path(name).resolve()
-        return resolve(key, name)
-
-    audios = [audio]
-    if values["audio2"] is not None:
-        audios.append(res("audio2", str(values["audio2"])))
-    masks = tuple(res("masks", n) for n in values["masks"]) if values["masks"] else ()  # type: ignore[attr-defined]
-    boxes = values["boxes"] or ()
-    return RenderRequest(
-        audio=tuple(audios),
-        image=image,
-        video=video,
-        audio_mode=values["audio_mode"],  # type: ignore[arg-type]
-        masks=masks,
-        boxes=boxes,  # type: ignore[arg-type]
-        prompt=str(values["prompt"]),
-        negative_prompt=str(values["negative_prompt"]),
-        seed=int(values["seed"]),  # type: ignore[call-overload]
-        preset=str(values["preset"]),
-        steps=int(values["steps"]),  # type: ignore[call-overload]
-        shift=float(values["shift"]),  # type: ignore[arg-type]
-        text_guidance=float(values["text_guidance"]),  # type: ignore[arg-type]
-        audio_guidance=float(values["audio_guidance"]),  # type: ignore[arg-type]
-        resolution=values["resolution"],  # type: ignore[arg-type]
-        size=values["size"],  # type: ignore[arg-type]
-        frame_window=fw,
-        motion_frames=mf,
-        color_correction=float(values["color_correction"]),  # type: ignore[arg-type]
-        apg=bool(values["apg"]),
-        lora_strength=None if values["lora_strength"] is None else float(values["lora_strength"]),  # type: ignore[arg-type]
-        max_duration_s=float(values["max_duration_s"]),  # type: ignore[arg-type]
-        crf=int(values["crf"]),  # type: ignore[call-overload]
-        loudness_normalize=bool(values["loudness_normalize"]),
-        teacache=float(values["teacache"]),  # type: ignore[arg-type]
-    )
-
-
-def parse_set_option(text: str) -> tuple[str, object]:
-    """Parse one ``--set key=value``; the value is read as YAML-ish scalar/list (JSON syntax)."""
-    import json
-
-    if "=" not in text:
-        raise InputError(f"--set expects key=value, got {text!r}")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    raw = raw.strip()
-    value: object
-    if raw.lower() in ("true", "false"):
-        value = raw.lower() == "true"
-    else:
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            value = raw
-    return key, value
+    if len(identity) <= limit:
+        return identity
+    parts = identity.split(";")
+    digest = hashlib.sha256(identity.encode("utf-8")).hexdigest()[:12]
+    return f"{parts[0][:limit]} (+{len(parts) - 1} parts, sha256 {digest})"

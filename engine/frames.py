@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.api import BUCKET_TABLES, InputError
+from engine.api import InputError
+from engine.recipes import BUCKET_TABLES
 
 __all__ = [
     "BUCKETS_480",
@@ -47,7 +48,7 @@ __all__ = [
 # Resolution buckets
 # --------------------------------------------------------------------------------------------
 
-# The tables (ratio key, (h, w)) live in engine/api.py (BUCKET_TABLES, torch-free, so the daemon's config can
+# The tables (ratio key, (h, w)) live in engine/recipes.py (BUCKET_TABLES, torch-free, so the daemon's config can
 # check engine.warm_buckets); the choice rule is here.
 _TABLES = BUCKET_TABLES
 _TABLE_480, _TABLE_720 = BUCKET_TABLES["480p"], BUCKET_TABLES["720p"]

@@ -333,7 +333,7 @@ def iter_roles(found: Mapping[str, Path | None]) -> Iterator[tuple[str, Path]]:
 
 def load_models(options: Any) -> Any:
     """Load every network for ``options`` (engine.api.EngineOptions) onto its device: a render.Models."""
-    from engine.api import PRESETS
+    from engine.recipes import PRESETS
     from engine.render import Models
 
     dev, dt = resolve_device(options.device, options.dtype)

@@ -39,7 +39,6 @@ import torch
 from engine import frames as fr
 from engine import media, sampling
 from engine.api import (
-    PRESETS,
     DeviceFault,
     InputError,
     OutOfMemory,
@@ -55,6 +54,7 @@ from engine.audio import audio_features, frames_for_duration
 from engine.dit import ContextKV
 from engine.image_encoder import encode_image
 from engine.prompts import PromptCache
+from engine.recipes import PRESETS
 from engine.teacache import TeaCache, coefficients_for
 from engine.text_encoder import encode_text
 

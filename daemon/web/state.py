@@ -19,7 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from daemon.config import Config
 from daemon.jobs import Job, JobStatus
 from daemon.store import Store, StoreError
-from engine.api import SETTINGS
+from engine.settings import form_fields
 
 __all__ = ["Unavailable", "StoreAccess", "job_doc", "workers", "daemon_seen", "read_inbox_status",
            "settings_fields", "Snapshot", "snapshot"]
@@ -116,16 +116,10 @@ def daemon_seen(cfg: Config, inbox: dict[str, Any], running: list[Job]) -> dict[
 
 
 def settings_fields(cfg: Config) -> list[dict[str, Any]]:
-    """The submit form's settings: the documented keys (engine.api.SETTINGS, the one lookup), with
-    config.yaml's render defaults shown as the defaults. File settings are uploads instead."""
-    out = []
-    for key, s in SETTINGS.items():
-        if s.kind in ("file", "files"):
-            continue
-        default = cfg.render.get(key, s.default)
-        out.append({"key": key, "kind": s.kind, "default": default, "help": s.help, "choices": list(s.choices),
-                    "min": s.minimum, "max": s.maximum})
-    return out
+    """The submit form's settings: the documented keys (engine.settings.form_fields, from the one schema),
+    with config.yaml's render defaults shown as the defaults. File settings are uploads instead."""
+    return [{**f, "default": cfg.render.get(str(f["key"]), f["default"]), "min": f["minimum"], "max": f["maximum"]}
+            for f in form_fields()]
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ from typing import BinaryIO
 import yaml
 
 from daemon.inbox import AUDIO_EXTS, IMAGE_EXTS, MARKER_EXT, VIDEO_EXTS, split_name
-from engine.api import InputError, request_from_settings
+from engine.api import InputError
+from engine.settings import request_from_settings
 
 __all__ = ["Upload", "SubmitError", "TooLarge", "sanitize_stem", "choose_stem", "check_settings", "write_submission"]
 

@@ -199,3 +199,76 @@ def test_doctor_gpu_lines_say_what_the_fast_path_gets(monkeypatch: pytest.Monkey
     monkeypatch.setattr(attention, "flash3_available", lambda device: device == "cuda:0")
     assert cli._doctor_gpu("cuda") == 0
     assert "compute 9.0, fp8 GEMMs available, FlashAttention-3 installed, cuDNN" in capsys.readouterr().out
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.metadata
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"infinitetalkd {importlib.metadata.version('infinitetalkd')}"
+
+
+def test_help_lists_exit_codes_and_every_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    from daemon.worker import EXIT_DEVICE_FAULT
+    from engine.settings import JobSettings
+
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "exit codes:" in out
+    for code in (0, 1, 2, EXIT_DEVICE_FAULT, 78, 130):
+        assert f"\n  {code:<4}" in out, code
+    with pytest.raises(SystemExit):
+        cli.main(["render", "--help"])
+    out = capsys.readouterr().out
+    for key in JobSettings.model_fields:
+        assert f"\n  {key:<20}" in out, key
+    assert "seed                int [0..2^63-1]; default 42. random seed" in out
+    with pytest.raises(SystemExit):
+        cli.main(["tiny-models", "--help"])
+    out = capsys.readouterr().out
+    assert "tiny random models folder" in out and "the folder to write" in out and "random seed of the weights" in out
+
+
+def test_doctor_json_and_the_tokenizer(env: Env, capsys: pytest.CaptureFixture[str],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "_models_doctor", lambda d, f, need_lora: (True, [f"ok dit {d}/diffusion_models/x"]))
+    code, out, _ = run_cli(capsys, "doctor", "--json", "--config", str(env.config_path))
+    doc = json.loads(out)
+    assert code == 0 and doc["ok"] is True and doc["problems"] == 0
+    names = [c["name"] for c in doc["checks"]]
+    assert names[:6] == ["config", "inbox", "outbox", "failed", "archive", "state"] and "database" in names
+    models = next(c for c in doc["checks"] if c["name"] == "models")
+    assert models["status"] == "ok" and models["details"] == [f"ok dit {env.root / 'models'}/diffusion_models/x"]
+    # engine.files.tokenizer: resolved against the config's folder, named by doctor, checked to exist
+    env.write_config({"engine": {"files": {"tokenizer": "umt5/spiece.model"}}})
+    tok = env.root / "umt5" / "spiece.model"
+    code, out, _ = run_cli(capsys, "doctor", "--config", str(env.config_path))
+    assert code == 1 and "BAD  models" in out and f"MISSING  tokenizer     {tok}" in out
+    code, out, _ = run_cli(capsys, "doctor", "--json", "--config", str(env.config_path))
+    doc = json.loads(out)
+    assert code == 1 and doc["ok"] is False and doc["problems"] == 1
+    tok.parent.mkdir()
+    tok.write_bytes(b"\x0a\x00")
+    code, out, _ = run_cli(capsys, "doctor", "--config", str(env.config_path))
+    assert code == 0 and f"ok       tokenizer     {tok}  (engine.files.tokenizer)" in out, out
+    code, out, _ = run_cli(capsys, "doctor", "--json", "--models-dir", str(env.root / "models"))
+    assert code == 0 and json.loads(out)["checks"][0]["name"] == "models"
+
+
+def test_render_says_the_output_size_and_warns_on_the_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          fake_engine: None) -> None:
+    img, wav = write_png(tmp_path / "me.png", size=(1000, 500)), write_wav(tmp_path / "me.wav")
+    out_mp4 = str(tmp_path / "me.mp4")
+    (tmp_path / "config.yaml").write_text("engine:\n  device: cpu\n")
+    cpu = ("--config", str(tmp_path / "config.yaml"))
+    code, _, err = run_cli(capsys, "render", str(img), str(wav), "-o", out_mp4, *cpu, "--set", "seed=1")
+    assert code == 0, err
+    lines = err.splitlines()
+    assert lines[0] == ("infinitetalkd render: output 896x448 (the 480p bucket for a 1000x500 portrait), 25 fps, "
+                        "on the CPU")
+    assert "very slow" in lines[1] and "--set size=[128,128]" in lines[1]
+    code, _, err = run_cli(capsys, "render", str(img), str(wav), "-o", out_mp4, *cpu, "--set", "size=[128,128]")
+    assert code == 0 and "output 128x128 (the size setting)" in err and "very slow" not in err

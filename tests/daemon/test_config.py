@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from daemon.config import ConfigError, JobsConfig, LoggingConfig, MetricsConfig, WatchConfig, load_config
-from engine.api import WARM_BUCKETS
+from engine.recipes import WARM_BUCKETS
 from tests.daemon.conftest import REPO
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.api import EngineOptions, InputError, Progress, RenderRequest, RenderStopped, request_from_settings
+from engine.api import EngineOptions, InputError, Progress, RenderRequest, RenderStopped
+from engine.settings import request_from_settings
 from tests.conftest import make_portrait, speech_like, write_wav
 
 SIZE = [64, 64]

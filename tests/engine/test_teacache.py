@@ -85,7 +85,8 @@ def test_dit_with_a_cache_that_runs_is_bit_identical_and_a_skip_reuses_the_resid
 def test_render_with_teacache_skips_blocks_and_reports_it(tiny_models: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     from engine import load_engine, render
-    from engine.api import EngineOptions, request_from_settings
+    from engine.api import EngineOptions
+    from engine.settings import request_from_settings
     from tests.conftest import make_portrait, speech_like, write_wav
 
     # a constant 0.1 per call (random tiny weights say nothing about the fitted polynomial): with threshold 0.25,
