@@ -14,7 +14,8 @@ def test_defaults_and_values(tmp_path: Path) -> None:
     assert parse_config({}, base=tmp_path).web == WebConfig()
     web = parse_config({"web": {"host": "0.0.0.0", "port": 9000, "token_file": "secret/web.token",
                                 "token_env": "MY_TOKEN", "max_upload_mb": 10}}, base=tmp_path).web
-    assert web == WebConfig("0.0.0.0", 9000, (tmp_path / "secret" / "web.token").resolve(), "MY_TOKEN", 10)
+    assert web == WebConfig(host="0.0.0.0", port=9000, token_file=(tmp_path / "secret" / "web.token").resolve(),
+                            token_env="MY_TOKEN", max_upload_mb=10)
 
 
 @pytest.mark.parametrize(("web", "where"), [({"port": 0}, "web.port"), ({"prt": 1}, "web.prt"),
