@@ -75,8 +75,8 @@ def announce(request: RenderRequest, options: EngineOptions, engine: ImportFn) -
     on_cpu = options.device == "cpu" or (options.device == "auto" and not engine("torch").cuda.is_available())
     device = "the CPU" if on_cpu else (options.device if options.device != "auto" else "the GPU")
     if size is not None:
-        print(f"infinitetalkd render: output {size[0]}x{size[1]} ({size[2]}), 25 fps, on {device}", file=sys.stderr)
+        print(f"output {size[0]}x{size[1]} ({size[2]}), 25 fps, on {device}", file=sys.stderr)
     if on_cpu and (size is None or size[0] * size[1] > _CPU_QUICK_PIXELS):
-        print("infinitetalkd render: on the CPU a render of this size is very slow (each 81-frame chunk runs the "
+        print("note: on the CPU a render of this size is very slow (each 81-frame chunk runs the "
               "14B model for many minutes); use a GPU, or --set size=[128,128] for a quick test",
               file=sys.stderr)
