@@ -38,7 +38,7 @@ test: venv
 
 lint: venv
 	$(BIN)/ruff check .
-	$(BIN)/mypy daemon engine/api.py engine/recipes.py engine/settings.py engine/schema.py
+	$(BIN)/mypy daemon engine/api.py engine/recipes.py engine/settings.py engine/schema.py engine/sniff.py
 
 ## make readme: regenerate README.md's configuration, sidecar and exit-code tables from the schema
 readme: venv
