@@ -1,4 +1,4 @@
-"""The GPU fast path for the DiT: fp8 GEMMs, compiled blocks, the best SDPA kernel (issue 5, first part).
+"""The GPU fast path for the DiT: fp8 GEMMs, compiled blocks, the best attention kernel.
 
 Three independent switches, each applied to a built and loaded :class:`engine.dit.WanInfiniteTalk`:
 
@@ -6,27 +6,19 @@ Three independent switches, each applied to a built and loaded :class:`engine.di
   stored as ``float8_e4m3fn`` with one fp32 scale per output channel, the activation is quantised per row
   (abs-max / 448, divide, cast) on every call, and the product is ``torch._scaled_mm`` with fp32
   accumulation and a bf16 result. Per-row x per-channel scaling is the usual choice for fp8 inference
-  (performance.md section 8; LightX2V ``fp8-sgl``/``fp8-vllm``). The activation quantisation is written in
+  (docs/performance.md §8; LightX2V ``fp8-sgl``/``fp8-vllm``). The activation quantisation is written in
   plain tensor ops so that ``torch.compile`` fuses it into the norm / modulation / GELU that produces the
-  activation; run eagerly it costs about as much as fp8 saves (performance.md 4.1).
+  activation; run eagerly it costs about as much as fp8 saves (docs/performance.md §4.1).
 - :func:`compile_blocks` compiles every block with static shapes. All 40 blocks run the same code on
   parameters of identical shapes, so one graph serves all of them; a new resolution bucket (token count)
   compiles once more, and later steps, chunks and jobs of a seen bucket reuse the cached graphs.
-- :func:`preferred_attention` puts cuDNN SDPA first (593 vs 353 TF/s for the FA2-class kernel at 32K tokens,
-  performance.md 4.2 / 7); :func:`use_flash3` runs the blocks' self-attention on FlashAttention-3 instead where it
-  is installed on a Hopper GPU (706 TF/s, same error; bench/RESULTS.md session 4).
+- :func:`preferred_attention` puts cuDNN SDPA first (docs/performance.md §4.2, §7); :func:`use_flash3` runs the
+  blocks' self-attention on FlashAttention-3 instead where it is installed on a Hopper GPU.
 
-Measured on an H100 at 448x896x81 (bench/bench_fast.py, bench/RESULTS.md 2026-11-25, random weights): eager bf16
-4.42-4.49 s per forward; compiled bf16 3.14-3.20 s (closer to an fp32 forward than eager: rel L2 0.99e-2 vs
-1.36e-2); compiled fp8 2.84-2.89 s (rel L2 4.8e-2 vs fp32; outside the 3e-2 written down beforehand, so not a
-default yet); with ``fast_accum`` 2.69-2.71 s at the same error, which is what ``engine.fp8`` uses. One graph
-serves all 40 blocks; compile 11-22 s per bucket (3-4 s from Inductor's on-disk cache on a restart); no recompiles
-across steps, chunks or buckets. With FlashAttention-3 for the self-attention (:func:`use_flash3`, session 4):
-2.89 s compiled bf16, 2.41 s compiled fp8 with fast accumulation (fp8 from the file's grid: 3.1e-2 vs fp32).
-:func:`enable_int8_attention` swaps in the 8-bit self-attention kernel of engine/attention_int8.py (benchmarks
-only: 1-2 % faster per forward, 17x cuDNN's attention error).
+The measured speed and error of each combination (forward time, compile time, error against an fp32 forward) are
+in bench/RESULTS.md; ``engine.fp8`` uses fast accumulation because it was faster at the same error there.
 
-Order of use: load (LoRAs merged into the dequantised weights first, formats.md 3.4), cast with ``.to()``,
+Order of use: load (LoRAs merged into the dequantised weights first, docs/formats.md §3.4), cast with ``.to()``,
 then :func:`enable_fp8`, then :func:`compile_blocks`, then run the forwards inside
 :func:`preferred_attention`. Nothing here changes global state except for the duration of that context.
 """
@@ -34,7 +26,6 @@ then :func:`enable_fp8`, then :func:`compile_blocks`, then run the forwards insi
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
@@ -50,7 +41,6 @@ __all__ = [
     "compile_blocks",
     "dequantize",
     "enable_fp8",
-    "enable_int8_attention",
     "fp8_targets",
     "preferred_attention",
     "use_flash3",
@@ -336,21 +326,6 @@ def compile_blocks(dit: nn.Module, *, mode: str | None = None, backend: str = "i
         torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
     for block in dit.blocks:  # type: ignore[union-attr]
         block.compile(dynamic=False, mode=mode, backend=backend)
-
-
-def enable_int8_attention(dit: nn.Module, *, pv_fp8: bool = True, on: bool = True) -> int:
-    """Route every block's self-attention through :func:`engine.attention_int8.int8_attention` (``on=False``:
-    back to :func:`engine.attention.attention`). Returns the number of blocks changed. Call before
-    :func:`compile_blocks` (a compiled graph keeps the function it was traced with).
-
-    Raises RuntimeError where the kernel cannot run (no Triton, no CUDA GPU of compute capability 8.9+).
-    """
-    from engine.attention import attention
-    from engine.attention_int8 import available, int8_attention
-
-    if on and not available():
-        raise RuntimeError("int8 attention needs a CUDA GPU of compute capability 8.9+ and Triton")
-    return _set_self_attention(dit, functools.partial(int8_attention, pv_fp8=pv_fp8) if on else attention)
 
 
 def _set_self_attention(dit: nn.Module, kernel: Callable[[Tensor, Tensor, Tensor], Tensor]) -> int:
