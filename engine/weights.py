@@ -39,7 +39,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -47,9 +47,6 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from engine.api import RenderError
-
-if TYPE_CHECKING:
-    from engine.lora import LoraReport
 
 # fmt: off
 __all__ = [
@@ -554,59 +551,29 @@ def load_module(
 
 
 def load_network(
-    files: FileInfo | Sequence[FileInfo],
+    info: FileInfo,
     *,
     config_from_shapes: Callable[[dict[str, tuple[int, ...]]], Any],
     build: Callable[[Any, torch.device], nn.Module],
     normalize_keys: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     dtype: DTypeSpec,
     device: torch.device | str,
-    loras: Sequence[tuple[FileInfo, float]] = (),
-    allow_missing: Iterable[str] = (),
-) -> tuple[nn.Module, Any, list[LoraReport]]:
-    """Detect the config from header shapes, build on meta, stream (+ LoRA merge), load strictly.
+) -> tuple[nn.Module, Any]:
+    """One network from one file: config from the header's shapes, built on meta, streamed, loaded strictly.
 
-    ``files`` may be several files whose keys together form one network (the Wan DiT plus the InfiniteTalk
-    adapter); a key present in two files is an error. LoRAs target the logical keys *before*
-    ``normalize_keys`` and are merged in fp32 (their targets are read as fp32 and cast to ``dtype`` after the
-    merge). Returns ``(module, cfg, lora reports)``.
+    The encoders and the VAE load this way; the DiT (base file + InfiniteTalk patch + LoRA merge) loads through
+    engine.models_dir.load_dit, which uses the same steps (:func:`iter_tensors`, :func:`load_module`).
+    Returns ``(module, cfg)``.
     """
-    from engine.lora import lora_deltas, merge_lora  # lora.py builds on this module
-
-    infos = [files] if isinstance(files, FileInfo) else list(files)
-    shapes: dict[str, tuple[int, ...]] = {}
-    owner: dict[str, Path] = {}
-    for info in infos:
-        for k, s in logical_shapes(info).items():
-            if k in shapes:
-                raise WeightsError(f"{info.path}: key {k!r} is also in {owner[k]}; these files overlap.")
-            shapes[k], owner[k] = s, info.path
+    shapes = logical_shapes(info)
     cfg = config_from_shapes(normalize_keys(dict(shapes)) if normalize_keys else dict(shapes))
     # build's contract: parameters on meta, non-persistent buffers real on ``device`` (assign-load fills the rest)
     module = build(cfg, torch.device(device))
-
-    targets: set[str] = set()
-    plans = []
-    for lora, _ in loras:
-        plan = lora_deltas(lora, shapes)
-        plans.append(plan)
-        targets |= set(plan.deltas)
-
-    def read_dtype(k: str) -> torch.dtype:
-        return torch.float32 if k in targets else _dtype_for(dtype, k)
-
-    stream: Iterable[tuple[str, Tensor]] = (
-        item for info in infos for item in iter_tensors(info, dtype=read_dtype, device=device)
-    )
-    reports = []
-    for (lora, strength), plan in zip(loras, plans):
-        stream, report = merge_lora(stream, lora, strength, shapes, out_dtype=dtype, plan=plan)
-        reports.append(report)
-    state = dict(stream)
+    state = dict(iter_tensors(info, dtype=dtype, device=device))
     if normalize_keys:
         state = normalize_keys(state)
-    load_module(module, state.items(), source=" + ".join(str(i.path) for i in infos), allow_missing=allow_missing)
-    return module, cfg, reports
+    load_module(module, state.items(), source=str(info.path))
+    return module, cfg
 
 
 # --------------------------------------------------------------------------------------------------------
