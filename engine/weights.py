@@ -580,6 +580,32 @@ def load_network(
 # writing (tiny-model generator, benchmarks, tests)
 
 
+def file_mode() -> int:
+    """The permissions a new file gets under this process's umask (0644 under the usual 022)."""
+    try:  # Linux 4.7+: read it without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic read-by-setting, restored at once
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def save_tensors(path: Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> None:
+    """Write a safetensors file with the umask's permissions (safetensors alone writes 0600), via a temporary name
+    and a rename, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file(dict(tensors), str(tmp), metadata=dict(metadata) if metadata else None)
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_scaled_fp8(
     path: Path,
     tensors: Mapping[str, Tensor],
@@ -624,6 +650,7 @@ def write_scaled_fp8(
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         save_file(out, str(tmp), metadata=dict(metadata) if metadata else None)
+        os.chmod(tmp, file_mode())  # safetensors creates 0600 files; a models folder is usually shared
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

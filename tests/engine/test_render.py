@@ -263,3 +263,21 @@ def test_low_memory_render_skips_the_cache_and_matches(engine, tiny_models: Path
     low.render(_request(tmp_path, 1.0, seed=3), tmp_path / "low.mp4", lambda p: None, lambda: False)
     engine.render(_request(tmp_path, 1.0, seed=3), tmp_path / "res.mp4", lambda p: None, lambda: False)
     assert np.array_equal(_frames(tmp_path / "low.mp4"), _frames(tmp_path / "res.mp4"))
+
+
+def test_progress_moves_through_the_decode_and_the_file_end(engine, tmp_path: Path) -> None:
+    """Progress does not stop at the last denoising step: the VAE decode reports per latent frame and the writer's
+    end has its own share, so an ETA from the fraction covers every stage. One name for the encode timing."""
+    seen: list[Progress] = []
+    result = engine.render(_request(tmp_path, 4.0), tmp_path / "p.mp4", seen.append, lambda: False)
+    assert result.chunks >= 2
+    steps = seen[-1].steps or max(p.steps for p in seen)
+    for chunk in range(1, result.chunks + 1):
+        last_step = [p for p in seen if p.stage == "denoise" and p.chunk == chunk and p.step == steps]
+        decode = [p for p in seen if p.stage == "decode" and p.chunk == chunk]
+        assert len(last_step) == 1 and len(decode) >= 3, (chunk, decode)  # one report per latent frame or more
+        assert last_step[0].fraction < decode[0].fraction < decode[-1].fraction < 1.0
+    mux = [p for p in seen if p.stage == "mux"]
+    assert [p.fraction for p in mux][-1] == 1.0 and mux[0].fraction < 1.0
+    assert [p.fraction for p in seen] == sorted(p.fraction for p in seen)
+    assert "mp4_encode" in result.timings and "encode" not in result.timings
