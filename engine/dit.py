@@ -3,7 +3,7 @@
 Positions (RoPE, audio windows, two-speaker routing) live in :mod:`engine.positions` and are re-exported here.
 
 Math follows the official InfiniteTalk code (MeiGen-AI/InfiniteTalk ``wan/modules/multitalk_model.py``,
-``wan/modules/attention.py``, ``wan/utils/multitalk_utils.py``); see shared/reference/model.md
+``wan/modules/attention.py``, ``wan/utils/multitalk_utils.py``); see docs/model.md
 sections 3 and 5. Module attribute names equal the released checkpoint keys (``blocks.N.self_attn.q``,
 ``audio_proj.proj1_vf`` ...), so the merged base + adapter state dict loads strictly, no rename table.
 Build the 14B model under ``with torch.device("meta"):`` and load with ``assign=True``.
@@ -18,7 +18,7 @@ Where this deviates from the official code (numerically equivalent or deliberate
 - The two-speaker reference-attention map is computed only when there are two speakers (official: in
   every block, also for one speaker, then discarded), in fp32, chunked over queries, averaged over all
   heads (official: two head groups averaged, identical for an even head count), and an empty class
-  mask contributes zero mass instead of dividing by zero (model.md 14a).
+  mask contributes zero mass instead of dividing by zero (docs/model.md §14a).
 - fp32 islands are written out with ``.float()`` instead of ``torch.cuda.amp.autocast(float32)``.
 - The blocks' context K/V (text, image, audio) can be projected once per chunk (:meth:`WanInfiniteTalk.context_kv`)
   instead of on every step (official); the same ops on the same inputs, so the result is bit-identical.
@@ -121,7 +121,7 @@ TINY = DiTConfig(
 def config_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> DiTConfig:
     """Derive the config from the merged base + adapter state dict's shapes (prefix already stripped).
 
-    Follows ComfyUI's detection (formats.md section 4): num_heads = dim // 128, the audio feature size
+    Follows ComfyUI's detection (docs/formats.md §4): num_heads = dim // 128, the audio feature size
     from ``proj1`` given the default audio window, vae_scale from ``proj1_vf``. ``text_len``, ``eps`` and
     ``audio_window`` cannot be seen in shapes and keep their defaults. Raises ValueError naming the first
     missing key or an inconsistent shape.
@@ -280,7 +280,7 @@ class CrossAttention(nn.Module):
         """x [B, L, dim] attends to the projected context from :meth:`project` -> [B, L, dim]."""
         b, n = x.shape[0], self.num_heads
         q = self.norm_q(self.q(x)).view(b, -1, n, x.shape[-1] // n)
-        # No text padding mask: padded rows are attended like real tokens (model.md 3.2, 14a).
+        # No text padding mask: padded rows are attended like real tokens (docs/model.md §3.2, §14a).
         out = attention(q, k, v).reshape(b, x.shape[1], -1) + attention(q, k_img, v_img).reshape(b, x.shape[1], -1)
         return self.o(out)
 
@@ -448,7 +448,7 @@ class ImageEmbedding(nn.Module):
 
 
 class AudioProj(nn.Module):
-    """wav2vec2 windows -> audio context tokens (official AudioProjModel, model.md 5.2)."""
+    """wav2vec2 windows -> audio context tokens (official AudioProjModel, docs/model.md §5.2)."""
 
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()

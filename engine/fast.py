@@ -60,7 +60,7 @@ _AMAX_FLOOR = 1e-12
 # Linear layers converted by :func:`enable_fp8`, relative to a block. All 15 Linears of a block: q/k/v/o of the
 # self-attention, q/k/v/o/k_img/v_img of the text+image cross-attention, the two FFN layers and the audio
 # cross-attention's q_linear/kv_linear/proj. That is 16.3 B of the 16.4 B block parameters, so the weights
-# drop from 35.3 GiB to 19.3 GiB (measured). A ComfyUI fp8 DiT file stores the first 12 in fp8 (formats.md 3.1);
+# drop from 35.3 GiB to 19.3 GiB (measured). A ComfyUI fp8 DiT file stores the first 12 in fp8 (docs/formats.md §3.1);
 # the loader hands those bytes to ``weights_fp8`` unchanged when no LoRA is merged (models_dir._to_fp8), while
 # the audio cross-attention comes from the fp16 InfiniteTalk patch and is quantised here. The embeddings, head,
 # img_emb and audio_proj stay in 16 bits (small, and they run on few tokens).
@@ -164,7 +164,7 @@ class Fp8Linear(nn.Module):
     """A Linear whose weight is float8_e4m3fn [out, in] with a float32 scale per output channel.
 
     State dict: ``weight`` (fp8, the Linear's key and shape), ``bias`` (unchanged, 16-bit) and ``weight_scale``
-    [out] float32 (ComfyUI's newer spelling, formats.md 3.2; here one scale per row, not per tensor).
+    [out] float32 (ComfyUI's newer spelling, docs/formats.md §3.2; here one scale per row, not per tensor).
     The true weight is ``weight.float() * weight_scale[:, None]``.
 
     Forward: x [..., in] is quantised per row (:func:`quantize_rowwise`) and multiplied with ``torch._scaled_mm``
@@ -188,7 +188,7 @@ class Fp8Linear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         # Hopper's fp8 "fast accumulation" (fewer promotions of the tensor-core accumulator to fp32): faster
-        # GEMMs (performance.md 4.1), slightly less accurate sums; only the CUDA kernel honours it.
+        # GEMMs (docs/performance.md §4.1), slightly less accurate sums; only the CUDA kernel honours it.
         self.fast_accum = fast_accum
         self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
         # A per-tensor scale (ComfyUI files) is broadcast to one per channel: same math, one kernel path.
@@ -253,7 +253,7 @@ def enable_fp8(
     Weights are quantised per output channel from the loaded (dequantised, LoRA-merged) weights. ``weights_fp8``
     may instead supply a layer's stored fp8 weight and scale as read from a ComfyUI scaled-fp8 file, keyed by
     the layer's name in the model (``"blocks.3.ffn.0"``): (weight [out, in] float8_e4m3fn, scale [] or [out]
-    float32). Use it only when no LoRA was merged (a merge changes the weight, formats.md 3.4). The file's
+    float32). Use it only when no LoRA was merged (a merge changes the weight, docs/formats.md §3.4). The file's
     static ``scale_input`` is not used: activations are always scaled per row at run time.
 
     The old bf16 weights are released (the bias Parameter is reused), so the converted layers take half the

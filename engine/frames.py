@@ -189,7 +189,7 @@ def person_masks(
     look-ups so no full-size intermediate is built. Background = not any person.
 
     Raises InputError when a person or the background is empty on the DiT's token grid: an
-    empty class makes the routing divide by a zero area (model.md 14a).
+    empty class makes the routing divide by a zero area (docs/model.md §14a).
     """
     if dst_hw is not None and tuple(dst_hw) != (h, w):
         raise ValueError(f"dst_hw {dst_hw} disagrees with the output size {(h, w)}")
@@ -276,7 +276,7 @@ def from_model(video: torch.Tensor) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# Colour matching (model.md 9.3)
+# Colour matching (docs/model.md §9.3)
 # --------------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """LoRA files: which target weights they change, and merging them into a stream of dequantised weights.
 
-Split from engine/weights.py (which reads and loads safetensors files); formats.md section 10 has the key forms
+Split from engine/weights.py (which reads and loads safetensors files); docs/formats.md §10 has the key forms
 and the merge formula: ``W' = W + s * (alpha / r if alpha else 1) * (up @ down)``, ``b' = b + s * diff_b``,
 ``W' = W + s * diff``, computed in fp32.
 """

@@ -262,7 +262,7 @@ def load_dit(base: wt.FileInfo, patch: wt.FileInfo, *, device: torch.device, dty
     if lora is None:
         stream: Iterable[tuple[str, torch.Tensor]] = wt.iter_tensors(base, dtype=dtype, device=device)
     else:
-        # LoRA targets are read in fp32 and rounded once, after the merge (formats.md 10.2).
+        # LoRA targets are read in fp32 and rounded once, after the merge (docs/formats.md §10.2).
         plan = lora_mod.lora_deltas(lora, {k: tuple(v.shape) for k, v in dit.state_dict().items()})
         targets = set(plan.deltas)
         stream = wt.iter_tensors(base, dtype=lambda k: torch.float32 if k in targets else dtype, device=device)

@@ -1,4 +1,4 @@
-"""Low-memory mode: the DiT's blocks streamed from pinned host memory, one block ahead of the compute (issue 5).
+"""Low-memory mode: the DiT's blocks streamed from pinned host memory, one block ahead of the compute.
 
 The 40 blocks of the released DiT hold 34.6 GiB of its 35.2 GiB of bf16 weights (0.865 GiB each); everything else
 (patch / text / time embeddings, head, CLIP projection, audio projection) is 0.6 GiB. A 24 GB or 16 GB card

@@ -132,7 +132,7 @@ def _released_encoder(net):  # type: ignore[no-untyped-def]
 
 
 def _file_spelling(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Module state-dict names -> the spelling of the released files (formats.md 7, 8)."""
+    """Module state-dict names -> the spelling of the released files (docs/formats.md §7, §8)."""
     out = {}
     for k, v in sd.items():
         if k == "encoder.embed_tokens.weight":

@@ -13,7 +13,7 @@ them in (:func:`load_network`). The flow for one network:
    engine.lora.merge_lora merges LoRA deltas into the stream; :func:`load_module` checks the collected state
    against the network key by key and assigns it. There is never a host copy of a whole file.
 
-Formats follow the reference notes (formats.md sections 2-4, 10), learned from ComfyUI's
+Formats follow the reference notes (docs/formats.md §2-4, §10), learned from ComfyUI's
 ``comfy/utils.py`` (``convert_old_quants``), ``comfy/model_detection.py`` and ``comfy/lora.py`` and from
 kijai's ComfyUI-WanVideoWrapper; no code is copied from them.
 
@@ -86,10 +86,10 @@ DEFAULT_PREFIXES: tuple[str, ...] = (
 # detect_prefix: the share of (non-extra) keys that must carry a candidate prefix for it to be stripped.
 PREFIX_SHARE = 0.9
 
-# Top-level tensors that are not network weights (formats.md 3.1, 8.3).
+# Top-level tensors that are not network weights (docs/formats.md §3.1, §8.3).
 _MARKER = "scaled_fp8"
 _EXTRAS = (_MARKER, "spiece_model")
-# Per-layer quantisation companions, both spellings (formats.md 3.4 rule 3); nvfp4's second scale too.
+# Per-layer quantisation companions, both spellings (docs/formats.md §3.4 rule 3); nvfp4's second scale too.
 _WEIGHT_SCALES = (".scale_weight", ".weight_scale")
 _COMPANIONS = (*_WEIGHT_SCALES, ".scale_input", ".input_scale", ".comfy_quant", ".weight_scale_2")
 
@@ -616,7 +616,7 @@ def write_scaled_fp8(
     metadata: Mapping[str, str] | None = None,
     scale_suffix: str = "scale_weight",
 ) -> None:
-    """Write the legacy ComfyUI scaled-fp8 format (formats.md 3.1).
+    """Write the legacy ComfyUI scaled-fp8 format (docs/formats.md §3.1).
 
     Chosen ``*.weight`` tensors become F8_E4M3 ``W / scale`` (scale = absmax / 448, 1 for an all-zero
     tensor) with a per-tensor F32 ``<layer>.<scale_suffix>`` of shape ``[]`` (``"scale_weight"``, or

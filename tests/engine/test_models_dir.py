@@ -273,7 +273,7 @@ def _without_spiece(models: Path) -> Path:
     """Rewrite the tiny umT5 file without its spiece_model tensor (as some text-encoder files come)."""
     path = models / "text_encoders" / md.ROLE_BY_NAME["text_encoder"].default
     with safe_open(str(path), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "spiece_model"}
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "spiece_model"}  # noqa: SIM118 (safe_open is not iterable)
         meta = f.metadata()
     wt.save_tensors(path, tensors, meta)
     return path

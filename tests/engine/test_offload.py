@@ -1,4 +1,4 @@
-"""Tests for engine/offload.py: DiT blocks streamed from host memory (low-memory mode, issue 5).
+"""Tests for engine/offload.py: DiT blocks streamed from host memory (low-memory mode).
 
 On CPU ``stream_blocks(dit, "cpu")`` runs the real packing, slot copies and hooks synchronously, so a streamed
 tiny DiT must give bit-identical outputs to the plain one. The CUDA path (pinned memory, side stream, events) is
