@@ -82,9 +82,9 @@ FP8_TARGETS: tuple[str, ...] = (
     "audio_cross_attn.proj",
 )
 # The 10 of them whose input is the 32K video tokens. The other 5 (K/V of the 512 text, 257 image and 32-per-frame
-# audio context tokens) gain no speed from fp8 but add error: on the H100 bench (random weights, bench/RESULTS.md
-# 2026-11-25) leaving them in bf16 kept the forward at 2.84 s, lowered the error against an fp32 forward from
-# 4.8e-2 to 3.7e-2, and cost 4.2 GiB more weights (23.5 GiB). Pass ``targets=FP8_LARGE_M_TARGETS`` to use it.
+# audio context tokens) gain no speed from fp8 but add error: leaving them in bf16 kept the forward's speed, lowered
+# the error against an fp32 forward and cost more weight memory (bench/RESULTS.md, fp8 targets). Pass
+# ``targets=FP8_LARGE_M_TARGETS`` to use it.
 FP8_LARGE_M_TARGETS: tuple[str, ...] = tuple(
     t for t in FP8_TARGETS if t not in ("cross_attn.k", "cross_attn.v", "cross_attn.k_img", "cross_attn.v_img",
                                          "audio_cross_attn.kv_linear")
@@ -345,11 +345,10 @@ def use_flash3(dit: nn.Module, *, on: bool = True) -> int:
     """Route every block's self-attention through :func:`engine.attention.flash3_attention` (FlashAttention-3;
     ``on=False``: back to SDPA). Returns the number of blocks changed. Call before :func:`compile_blocks`.
 
-    Only the self-attention changes: it is ~95 % of the DiT's attention time at 480p (32 928 queries x 32 928
-    keys; H100 profile, bench/RESULTS.md session 4); the cross-attentions (512 text, 257 image, 32-per-frame audio
-    keys) stay on SDPA. The kernel is chosen here, per module, instead of by re-routing torch's flash SDPA
-    backend: that routing is process-wide, and in the H100 probe a forward compiled under it still ran cuDNN's
-    kernel (seen in the profile; a 1.8 s compile suggests a cached graph was reused, not proven), while a
+    Only the self-attention changes: it is nearly all of the DiT's attention time at 480p (32 928 queries x 32 928
+    keys; the profile is in bench/RESULTS.md); the cross-attentions (512 text, 257 image, 32-per-frame audio keys)
+    stay on SDPA. The kernel is chosen here, per module, instead of by re-routing torch's flash SDPA backend: that
+    routing is process-wide, and a forward compiled under it was seen to still run cuDNN's kernel, while a
     different kernel function is a different graph.
 
     Raises RuntimeError where FA3 cannot run (see :func:`engine.attention.flash3_available`).
@@ -396,9 +395,8 @@ def preferred_attention() -> Iterator[None]:
     """SDPA backends in order of speed for the DiT's shapes: cuDNN, flash, memory-efficient, math.
 
     Every backend stays allowed (the 32-key audio attention or an fp32 run may need a fallback); only the
-    priority changes (cuDNN 581 TF/s vs the FA2-class flash kernel's 357 at 32K tokens on the H100,
-    bench/RESULTS.md). Under torch.compile the backend is chosen when a graph is traced: compile inside this
-    context. FlashAttention-3 is not routed through here but set per module (:func:`use_flash3`).
+    priority changes (cuDNN was the fastest at 32K tokens, bench/RESULTS.md). Under torch.compile the backend is
+    chosen when a graph is traced: compile inside this context. FlashAttention-3 is not routed through here but set per module (:func:`use_flash3`).
     """
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     with sdpa_kernel(order, set_priority=True):

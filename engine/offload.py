@@ -21,9 +21,9 @@ blocks are untouched and every attribute name / state-dict key stays what the ch
    block's tensors at its view inside the slot (``tensor.data = view``); start copying blocks ``i+1 .. i+prefetch``
    into their slots. Each of those copies first waits (on the side stream) for the ``free`` event of the block that
    used the slot last, so a copy never overwrites weights a queued kernel still reads.
-3. Block ``i`` runs while block ``i+1`` is being copied. At 448x896x81 a block computes for ~110 ms and its copy
-   takes 18 ms (50.7 GB/s measured on the H100), so the copies hide behind the compute: a streamed forward took
-   1.008x the resident one under a 24 GiB cap, with 5.9 GiB allocated at peak (bench/RESULTS.md).
+3. Block ``i`` runs while block ``i+1`` is being copied. At 480p a block computes for several times as long as its
+   copy takes, so the copies hide behind the compute (the streamed vs resident forward times and the peak memory
+   under a capped GPU are in bench/RESULTS.md).
 4. Block ``i`` post-hook (``always_call``, so it also runs when the forward raises): record ``free`` on the compute
    stream and point the block's tensors back at their host views. Outside a forward, ``state_dict()``,
    ``named_parameters()`` and in-place writes (``p.data.copy_``) see and change the host copy.
