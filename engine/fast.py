@@ -396,7 +396,8 @@ def preferred_attention() -> Iterator[None]:
 
     Every backend stays allowed (the 32-key audio attention or an fp32 run may need a fallback); only the
     priority changes (cuDNN was the fastest at 32K tokens, bench/RESULTS.md). Under torch.compile the backend is
-    chosen when a graph is traced: compile inside this context. FlashAttention-3 is not routed through here but set per module (:func:`use_flash3`).
+    chosen when a graph is traced: compile inside this context. FlashAttention-3 is not routed through here but set
+    per module (:func:`use_flash3`).
     """
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     with sdpa_kernel(order, set_priority=True):
