@@ -14,8 +14,8 @@ LOGGER_NAME = "infinitetalkd.engine"
 log = logging.getLogger(LOGGER_NAME)
 
 
-def emit(name: str, level: int = logging.INFO, **fields: Any) -> None:
-    """Log event ``name`` with ``fields`` (kept whole in ``record.fields``, never merged into the record's own
+def emit(event: str, level: int = logging.INFO, /, **fields: Any) -> None:
+    """Log ``event`` with ``fields`` (kept whole in ``record.fields``, never merged into the record's own
     attributes, so a field called ``name`` or ``module`` cannot collide with LogRecord's)."""
     if log.isEnabledFor(level):
-        log.log(level, name, extra={"event": name, "fields": fields})
+        log.log(level, event, extra={"event": event, "fields": fields})

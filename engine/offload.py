@@ -62,6 +62,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from engine.events import emit
+
 __all__ = [
     "ALIGN",
     "RESIDENT_HEADROOM_BYTES",
@@ -72,7 +74,6 @@ __all__ = [
     "stream_blocks",
 ]
 
-log = logging.getLogger("infinitetalkd.engine")
 
 ALIGN = 256  # byte alignment of every tensor inside a block's region (dtype views need it; DMA prefers it)
 ARENA_MAX_BYTES = 16 * 2**30  # largest single pinned allocation planned
@@ -253,8 +254,8 @@ class BlockStreamer:
             try:
                 return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
             except RuntimeError as e:  # e.g. a container or WSL limit on locked memory
-                log.warning("could not pin %.1f GiB of host memory (%s); streaming from pageable memory, slower",
-                            nbytes / 2**30, str(e).splitlines()[0])
+                emit("engine.pin_memory_failed", logging.WARNING, gib=round(nbytes / 2**30, 3),
+                     error=str(e).splitlines()[0], note="streaming from pageable memory, slower")
                 self.pinned = False
         return torch.empty(nbytes, dtype=torch.uint8)
 

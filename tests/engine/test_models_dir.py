@@ -311,3 +311,25 @@ def test_tokenizer_inside_the_file_wins_and_is_named(tiny_models: Path) -> None:
     m = md.load_models(EngineOptions(models_dir=tiny_models, device="cpu", dtype="float32", preset="quality",
                                      files={"tokenizer": "/nonexistent/spiece.model"}))
     assert "spiece_model tensor" in m.tokenizer_source
+
+
+def test_engine_log_records_are_events_with_fields(tiny_models: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Every engine record is an event name plus fields (for the daemon's JSON logs), never prose with values
+    formatted into it; a field may be called like a LogRecord attribute."""
+    import logging
+
+    from engine.api import EngineOptions
+    from engine.events import LOGGER_NAME, emit
+
+    with caplog.at_level(logging.INFO, logger=LOGGER_NAME):
+        md.load_models(EngineOptions(models_dir=tiny_models, device="cpu", dtype="float32", preset="lightx2v",
+                                     memory_mode="auto"))
+        emit("engine.test", name="x", module="y")
+    records = [r for r in caplog.records if r.name == LOGGER_NAME]
+    events = [getattr(r, "event", None) for r in records]
+    assert {"engine.memory_mode", "engine.load_dit", "engine.lora_merged", "engine.test"} <= set(events), events
+    for r in records:
+        assert r.getMessage() == r.event and isinstance(r.fields, dict), r.getMessage()
+    merged = next(r for r in records if r.event == "engine.lora_merged")
+    assert merged.fields["weights"] > 0 and merged.fields["strength"] == 1.0
+    assert records[-1].fields == {"name": "x", "module": "y"}
