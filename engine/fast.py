@@ -26,11 +26,15 @@ then :func:`enable_fp8`, then :func:`compile_blocks`, then run the forwards insi
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+if TYPE_CHECKING:
+    from engine.dit import WanInfiniteTalk
 
 __all__ = [
     "FP8_DTYPE",
@@ -328,20 +332,12 @@ def compile_blocks(dit: nn.Module, *, mode: str | None = None, backend: str = "i
         block.compile(dynamic=False, mode=mode, backend=backend)
 
 
-def _set_self_attention(dit: nn.Module, kernel: Callable[[Tensor, Tensor, Tensor], Tensor]) -> int:
-    """Every block's self-attention function (``SelfAttention.kernel``); returns the number of blocks."""
-    blocks = list(dit.blocks)  # type: ignore[union-attr]
-    for block in blocks:
-        block.self_attn.kernel = kernel
-    return len(blocks)
-
-
 FA3_MISSING = ("FlashAttention-3 is not available: it needs a Hopper GPU (compute capability 9.x) and the "
                "'flash_attn_interface' module (build flash-attention's hopper/ folder: cd flash-attention/hopper && "
                "pip install --no-build-isolation .); set engine.attention: auto or sdpa to run without it")
 
 
-def use_flash3(dit: nn.Module, *, on: bool = True) -> int:
+def use_flash3(dit: WanInfiniteTalk, *, on: bool = True) -> int:
     """Route every block's self-attention through :func:`engine.attention.flash3_attention` (FlashAttention-3;
     ``on=False``: back to SDPA). Returns the number of blocks changed. Call before :func:`compile_blocks`.
 
@@ -357,7 +353,7 @@ def use_flash3(dit: nn.Module, *, on: bool = True) -> int:
 
     if on and not flash3_available():
         raise RuntimeError(FA3_MISSING)
-    return _set_self_attention(dit, flash3_attention if on else attention)
+    return dit.set_self_attention(flash3_attention if on else attention)
 
 
 def wants_flash3(setting: str, *, fast: bool, available: bool, dtype: torch.dtype) -> bool:
@@ -383,11 +379,11 @@ def wants_flash3(setting: str, *, fast: bool, available: bool, dtype: torch.dtyp
     return True
 
 
-def uses_flash3(dit: nn.Module) -> bool:
+def uses_flash3(dit: WanInfiniteTalk) -> bool:
     """True when the blocks' self-attention runs on FlashAttention-3 (:func:`use_flash3`)."""
     from engine.attention import flash3_attention
 
-    return any(block.self_attn.kernel is flash3_attention for block in dit.blocks)  # type: ignore[union-attr]
+    return dit.self_attention is flash3_attention
 
 
 @contextlib.contextmanager

@@ -36,7 +36,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -56,7 +55,7 @@ from engine.api import (
     RenderStopped,
     StopFn,
 )
-from engine.dit import ContextKV, WanInfiniteTalk
+from engine.dit import Conditioning, ContextEmb, ContextKV, WanInfiniteTalk
 from engine.events import emit
 from engine.image_encoder import encode_image
 from engine.job import FPS, OUTPUT_AUDIO_RATE, JobPlan, plan_job
@@ -136,11 +135,9 @@ class Engine:
                                     dtype=dt)
                 t = torch.tensor([500.0], device=dev)
                 dit = self.m.dit
-                if dit.blocks_streamed:
-                    dit(x, t, ctx, clip, y, audio)
-                else:  # the renders pass precomputed context K/V: compile that graph, not the uncached one
-                    kv = dit.context_kv(dit.embed_context(ctx, clip), dit.embed_audio(audio))
-                    dit(x, t, y=y, context_kv=kv)
+                cond = dit.condition(ctx, clip, audio)
+                # the renders pass precomputed context K/V where they can: compile that graph, not the uncached one
+                dit(x, t, y, cond if dit.blocks_streamed else dit.context_kv(cond.context, cond.audio))
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 emit("engine.warmup_pass", latent=[F, h, w], seconds=round(time.perf_counter() - t0, 3))
@@ -309,22 +306,21 @@ class Engine:
         # drop_audio = (prompt, null audio), uncond = (negative, null audio)
         conds = {name: (emb_pos if name in ("cond", "drop_audio") else emb_neg,
                         audio_emb if name in ("cond", "drop_text") else null_emb) for name in plan.pass_names}
-        inputs: dict[str, dict[str, Any]] = {}
+        inputs: dict[str, Conditioning]
         if dit.blocks_streamed:  # the block weights reach the GPU only inside each block: pass the embeddings
-            inputs = {name: {"context_emb": c, "audio_emb": a} for name, (c, a) in conds.items()}
+            inputs = {name: ContextEmb(c, a) for name, (c, a) in conds.items()}
         else:  # each distinct context / audio projected once (<= 2 of each)
             distinct_ctx = {id(c): c for c, _ in conds.values()}
             distinct_aud = {id(a): a for _, a in conds.values()}
             text_kv = {key: dit.text_kv(c) for key, c in distinct_ctx.items()}
             audio_kv = {key: dit.audio_kv(a) for key, a in distinct_aud.items()}
-            inputs = {name: {"context_kv": ContextKV(text_kv[id(c)], audio_kv[id(a)])}
-                      for name, (c, a) in conds.items()}
-        for name, (_, a) in conds.items():  # the regions apply where the real audio of two speakers is heard
-            inputs[name]["ref_target_masks"] = plan.masks if a.shape[1] == 2 else None
+            inputs = {name: ContextKV(text_kv[id(c)], audio_kv[id(a)]) for name, (c, a) in conds.items()}
+        # the regions apply where the real audio of two speakers is heard
+        masks = {name: plan.masks if a.shape[1] == 2 else None for name, (_, a) in conds.items()}
         # TeaCache (opt-in approximation): one cache per pass, fresh each chunk, as upstream
         caches = {name: TeaCache(req.teacache, coefficients_for(plan.height, plan.width))
                   for name in plan.pass_names} if req.teacache > 0 else {}
-        return ChunkContext(y=y, clean=clean.to(torch.float32), inputs=inputs, caches=caches,
+        return ChunkContext(y=y, clean=clean.to(torch.float32), inputs=inputs, masks=masks, caches=caches,
                             apg=sampling.APGState() if req.apg else None)
 
     def _decode_write(self, plan: JobPlan, chunk: sampling.Chunk, z: torch.Tensor, out: _Output,
@@ -376,7 +372,8 @@ class ChunkContext:
 
     y: torch.Tensor  # [1, 20, F, h, w] mask + reference latent
     clean: torch.Tensor  # [16, k, h, w] fp32 clean context latents, pinned at the window's front on every step
-    inputs: dict[str, dict[str, Any]]  # per guidance pass: the DiT's conditioning keyword arguments
+    inputs: dict[str, Conditioning]  # per guidance pass: the DiT's conditioning (K/V, or embeddings when streamed)
+    masks: dict[str, torch.Tensor | None]  # per pass: the two-speaker regions where two speakers are heard
     caches: dict[str, TeaCache]  # per pass, when TeaCache is on
     apg: sampling.APGState | None
 
@@ -386,7 +383,8 @@ class ChunkContext:
 
     def predict(self, dit: WanInfiniteTalk, z: torch.Tensor, t: torch.Tensor, name: str) -> torch.Tensor:
         """The DiT's velocity for pass ``name`` at latent z [16, F, h, w] and timestep t [1] -> [16, F, h, w] fp32."""
-        return dit(z[None], t, y=self.y, block_cache=self.caches.get(name), **self.inputs[name])[0].float()
+        out = dit(z[None], t, self.y, self.inputs[name], self.masks[name], block_cache=self.caches.get(name))
+        return out[0].float()
 
     def blocks_skipped(self) -> int:
         return sum(c.skipped for c in self.caches.values())
