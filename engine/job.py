@@ -21,8 +21,8 @@ from engine import media, sampling
 from engine.api import InputError, RenderRequest
 from engine.audio import audio_features, frames_for_duration
 from engine.models import Models
+from engine.writer import FPS
 
-FPS = 25
 SAMPLE_RATE = 16000
 OUTPUT_AUDIO_RATE = 48000  # the mp4 carries the speech at this rate (the model only needs 16 kHz)
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from engine import frames as fr
-from engine import media, sampling
+from engine import sampling
 from engine.api import (
     PRESETS,
     DeviceFault,
@@ -63,6 +63,7 @@ from engine.models import Models
 from engine.prompts import PromptCache
 from engine.teacache import TeaCache, coefficients_for
 from engine.text_encoder import encode_text
+from engine.writer import VideoWriter
 
 __all__ = ["CONDITION_CACHE_ITEMS", "ChunkContext", "Engine", "Models"]
 
@@ -234,7 +235,7 @@ class Engine:
         self._note_new_size(plan.height, plan.width)
         meter = _Meter(plan, progress)
         # background: a chunk's x264 encoding runs in the writer's thread while the next chunk denoises
-        writer = media.VideoWriter(out_path, width=plan.width, height=plan.height, fps=FPS, crf=req.crf,
+        writer = VideoWriter(out_path, width=plan.width, height=plan.height, fps=FPS, crf=req.crf,
                                    audio=plan.out_audio, audio_rate=OUTPUT_AUDIO_RATE, background=True)
         out = _Output(writer)
         dit_calls = blocks_skipped = 0
@@ -393,7 +394,7 @@ class ChunkContext:
 class _Output:
     """The writer of one render and what the loop carries between chunks: frames written, motion context."""
 
-    def __init__(self, writer: media.VideoWriter) -> None:
+    def __init__(self, writer: VideoWriter) -> None:
         self.writer = writer
         self.written = 0
         self.context_frames: torch.Tensor | None = None  # [3, motion, H, W] in [-1, 1], CPU
