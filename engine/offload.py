@@ -181,7 +181,6 @@ class BlockStreamer:
 
         with torch.inference_mode(False), torch.no_grad():
             # Everything outside the blocks: onto the device, once.
-            moved_from_cuda = False
             for t in others:
                 if t.device != device:
                     t.data = t.data.to(device)
@@ -198,28 +197,8 @@ class BlockStreamer:
                 sizes.append(max(pos, ALIGN))
             self.block_bytes = sizes
 
-            # Host arenas (pinned when asked and possible), then each block packed into its region.
             self.pinned = pin
-            self._arenas: list[Tensor] = []
-            self._host_flat: list[Tensor] = [torch.empty(0)] * len(sizes)
-            for group in plan_arenas(sizes):
-                total = sum(sizes[j] for j in group)
-                arena = self._host_alloc(total)
-                self._arenas.append(arena)
-                pos = 0
-                for j in group:
-                    self._host_flat[j] = arena[pos : pos + sizes[j]]
-                    pos += sizes[j]
-            self._host: list[list[Tensor]] = []
-            for j, ts in enumerate(self._tensors):
-                views = []
-                for t, off in zip(ts, layouts[j]):
-                    v = _carve(self._host_flat[j], off, t)
-                    moved_from_cuda |= t.is_cuda
-                    v.copy_(t.data)
-                    t.data = v  # the old storage (CPU or GPU) is released here
-                    views.append(v)
-                self._host.append(views)
+            moved_from_cuda = self._pack_host(sizes, layouts)
 
             # Device slots and, per block, the views of its tensors inside its slot.
             self.slot_bytes = max(sizes)
@@ -249,6 +228,31 @@ class BlockStreamer:
             self._handles.append(b.register_forward_hook(self._make_post(i), always_call=True))
 
     # ------------------------------------------------------------------ setup helpers
+    def _pack_host(self, sizes: list[int], layouts: list[list[int]]) -> bool:
+        """Host arenas (pinned when asked and possible), then each block packed into its region and its tensors
+        pointed at their host views. Returns True when some block tensor came from a CUDA device."""
+        moved_from_cuda = False
+        self._arenas: list[Tensor] = []
+        self._host_flat: list[Tensor] = [torch.empty(0)] * len(sizes)
+        for group in plan_arenas(sizes):
+            arena = self._host_alloc(sum(sizes[j] for j in group))
+            self._arenas.append(arena)
+            pos = 0
+            for j in group:
+                self._host_flat[j] = arena[pos : pos + sizes[j]]
+                pos += sizes[j]
+        self._host: list[list[Tensor]] = []
+        for j, ts in enumerate(self._tensors):
+            views = []
+            for t, off in zip(ts, layouts[j]):
+                v = _carve(self._host_flat[j], off, t)
+                moved_from_cuda |= t.is_cuda
+                v.copy_(t.data)
+                t.data = v  # the old storage (CPU or GPU) is released here
+                views.append(v)
+            self._host.append(views)
+        return moved_from_cuda
+
     def _host_alloc(self, nbytes: int) -> Tensor:
         if self.pinned:
             try:
