@@ -58,12 +58,12 @@ from engine.api import (
 from engine.dit import Conditioning, ContextEmb, ContextKV, WanInfiniteTalk
 from engine.events import emit
 from engine.image_encoder import encode_image
-from engine.job import FPS, OUTPUT_AUDIO_RATE, JobPlan, plan_job
+from engine.job import OUTPUT_AUDIO_RATE, JobPlan, plan_job
 from engine.models import Models
 from engine.prompts import PromptCache
 from engine.teacache import TeaCache, coefficients_for
 from engine.text_encoder import encode_text
-from engine.writer import VideoWriter
+from engine.writer import FPS, VideoWriter
 
 __all__ = ["CONDITION_CACHE_ITEMS", "ChunkContext", "Engine", "Models"]
 
