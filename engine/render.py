@@ -236,7 +236,7 @@ class Engine:
         meter = _Meter(plan, progress)
         # background: a chunk's x264 encoding runs in the writer's thread while the next chunk denoises
         writer = VideoWriter(out_path, width=plan.width, height=plan.height, fps=FPS, crf=req.crf,
-                                   audio=plan.out_audio, audio_rate=OUTPUT_AUDIO_RATE, background=True)
+                             audio=plan.out_audio, audio_rate=OUTPUT_AUDIO_RATE, background=True)
         out = _Output(writer)
         dit_calls = blocks_skipped = 0
         try:
@@ -289,8 +289,8 @@ class Engine:
         if plan.reader is not None:  # dubbing: this chunk's reference is the source frame at its start
             src = plan.reader.frame(min(chunk.start, plan.reader.num_frames - 1))
             cur_ref = fr.to_model(fr.resize_cover_crop(src, (plan.height, plan.width))[None])[:, 0]
-            y, clip_fea = self._to_dev(self._condition(cur_ref, req.frame_window)).unsqueeze(0), \
-                self._clip(cur_ref.unsqueeze(0))
+            y = self._to_dev(self._condition(cur_ref, req.frame_window)).unsqueeze(0)
+            clip_fea = self._clip(cur_ref.unsqueeze(0))
         else:
             assert plan.still is not None
             y, clip_fea = plan.still
