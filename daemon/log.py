@@ -25,13 +25,35 @@ from typing import Any
 import structlog
 from structlog.tracebacks import ExceptionDictTransformer
 
+from engine.api import short_identity
+
 __all__ = ["setup_logging", "job_log", "get_logger", "ENGINE_LOGGER"]
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
+def _record_fields(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """Lift the fields of an engine event (engine/events.py: ``record.fields``) into the line, so the
+    engine's records are structured in JSON and readable on the console, never a dict in a dict."""
+    record = event_dict.get("_record")
+    fields = getattr(record, "fields", None)
+    if isinstance(fields, dict):
+        for key, value in fields.items():
+            event_dict.setdefault(str(key), value)
+    return event_dict
+
+
+def _short_identity(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """Console only: the engine identity (hundreds of characters) shortened; JSON keeps it whole."""
+    identity = event_dict.get("identity")
+    if isinstance(identity, str):
+        event_dict["identity"] = short_identity(identity)
+    return event_dict
+
+
 def _shared_processors() -> list[Any]:
     return [
+        _record_fields,
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
@@ -55,6 +77,7 @@ def _console_formatter(colors: bool) -> logging.Formatter:
         foreign_pre_chain=_shared_processors(),
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            _short_identity,
             # plain_traceback: no rich tracebacks (those show locals by default).
             structlog.dev.ConsoleRenderer(colors=colors, exception_formatter=structlog.dev.plain_traceback),
         ],

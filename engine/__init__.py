@@ -23,17 +23,15 @@ def load_engine(options: EngineOptions) -> Renderer:
     fa3 = wants_flash3(options.attention, fast=fast, available=fast and flash3_available(dev), dtype=dtype)
     models = load_models(options)
     if fast:
-        import logging
-
+        from engine.events import emit
         from engine.fast import compile_blocks, use_flash3
 
         # engine.fp8, if on, was applied by load_models while loading (models_dir._to_fp8)
         if fa3:
             use_flash3(models.dit)
-        kernel = "FlashAttention-3" if fa3 else "SDPA, cuDNN first"
-        if not fa3 and options.attention == "auto":
-            kernel += " (on a Hopper GPU, FlashAttention-3 makes a forward ~9 % faster: README 'Speed')"
-        logging.getLogger(__name__).info("DiT self-attention: %s", kernel)
+        emit("engine.self_attention", kernel="fa3" if fa3 else "sdpa_cudnn_first",
+             hint=None if fa3 or options.attention != "auto" else
+             "on a Hopper GPU, FlashAttention-3 makes a forward faster (README 'Speed')")
         compile_blocks(models.dit)
     return Engine(models, cache_dir=options.cache_dir, version=__version__, fast=fast,
                   warm_buckets=tuple(options.warm_buckets) if fast else ())

@@ -13,8 +13,8 @@ the audio attention; both compute the same softmax attention as SDPA (only round
 
 :func:`flash3_attention` is the same function through FlashAttention-3 (``flash_attn_interface``, built from
 flash-attention's ``hopper/`` folder), which the fast path uses for the DiT's self-attention on Hopper GPUs when it
-is installed: 706 vs 581 TF/s for cuDNN at 32 928 tokens on an H100, identical error against fp32
-(bench/RESULTS.md, 2026-11-25 session 4).
+is installed (faster than cuDNN's kernel at the DiT's shapes with the same error against fp32; figures in
+bench/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """wav2vec2 speech features (chinese-wav2vec2-base) as transformers' ``Wav2Vec2Model``.
 
-The library model is used as it is; its state-dict names equal the released file's (formats.md 7) once
+The library model is used as it is; its state-dict names equal the released file's (docs/formats.md §7) once
 :func:`normalize_keys` has removed a ``wav2vec2.`` prefix and mapped the positional conv's old weight-norm
 spelling (``weight_g``/``weight_v``) to torch's parametrization names.
 
 :func:`audio_features` reproduces the official InfiniteTalk feature path (``src/audio_analysis/wav2vec2.py``
-``Wav2Vec2Model.forward`` and ``generate_infinitetalk.py`` ``get_embedding``; model.md 6) with the library's
+``Wav2Vec2Model.forward`` and ``generate_infinitetalk.py`` ``get_embedding``; docs/model.md §6) with the library's
 submodules, step by step:
 
 1. conv feature encoder at 50 Hz -> [1, 512, T50];
@@ -17,7 +17,7 @@ submodules, step by step:
    input embedding) -> [num_frames, 12, 768] float32.
 
 The official wrapper sets ``config.output_attentions = True`` in its forward, which breaks on recent
-transformers (model.md 14a); the math here does not need attentions.
+transformers (docs/model.md §14a); the math here does not need attentions.
 
 Waveform normalisation: the official code passes the waveform through ``Wav2Vec2FeatureExtractor`` loaded
 from the model folder's ``preprocessor_config.json``. For TencentGameMate/chinese-wav2vec2-base that file
@@ -25,7 +25,7 @@ has ``do_normalize: false``: ComfyUI's loader says so (``comfy/audio_encoders/au
 "chinese-wav2vec2-base has this False"), kijai's wrapper hard-codes the same feature-extractor config
 (``multitalk/nodes.py``: do_normalize False, feature_size 1, padding right, padding_value 0.0,
 return_attention_mask False, sampling_rate 16000), and that config written as indented JSON is exactly
-160 bytes, the size formats.md lists for the released file. So the extractor only casts to float32 and
+160 bytes, the size docs/formats.md lists for the released file. So the extractor only casts to float32 and
 ``normalize`` defaults to False.
 """
 

@@ -3,7 +3,7 @@
 Positions (RoPE, audio windows, two-speaker routing) live in :mod:`engine.positions` and are re-exported here.
 
 Math follows the official InfiniteTalk code (MeiGen-AI/InfiniteTalk ``wan/modules/multitalk_model.py``,
-``wan/modules/attention.py``, ``wan/utils/multitalk_utils.py``); see shared/reference/model.md
+``wan/modules/attention.py``, ``wan/utils/multitalk_utils.py``); see docs/model.md
 sections 3 and 5. Module attribute names equal the released checkpoint keys (``blocks.N.self_attn.q``,
 ``audio_proj.proj1_vf`` ...), so the merged base + adapter state dict loads strictly, no rename table.
 Build the 14B model under ``with torch.device("meta"):`` and load with ``assign=True``.
@@ -18,7 +18,7 @@ Where this deviates from the official code (numerically equivalent or deliberate
 - The two-speaker reference-attention map is computed only when there are two speakers (official: in
   every block, also for one speaker, then discarded), in fp32, chunked over queries, averaged over all
   heads (official: two head groups averaged, identical for an even head count), and an empty class
-  mask contributes zero mass instead of dividing by zero (model.md 14a).
+  mask contributes zero mass instead of dividing by zero (docs/model.md §14a).
 - fp32 islands are written out with ``.float()`` instead of ``torch.cuda.amp.autocast(float32)``.
 - The blocks' context K/V (text, image, audio) can be projected once per chunk (:meth:`WanInfiniteTalk.context_kv`)
   instead of on every step (official); the same ops on the same inputs, so the result is bit-identical.
@@ -61,6 +61,8 @@ __all__ = [
     "TextKV",
     "AudioKV",
     "ContextKV",
+    "ContextEmb",
+    "Conditioning",
     "build",
     "sinusoidal_embedding",
     "rope_3d_tables",
@@ -121,7 +123,7 @@ TINY = DiTConfig(
 def config_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> DiTConfig:
     """Derive the config from the merged base + adapter state dict's shapes (prefix already stripped).
 
-    Follows ComfyUI's detection (formats.md section 4): num_heads = dim // 128, the audio feature size
+    Follows ComfyUI's detection (docs/formats.md §4): num_heads = dim // 128, the audio feature size
     from ``proj1`` given the default audio window, vae_scale from ``proj1_vf``. ``text_len``, ``eps`` and
     ``audio_window`` cannot be seen in shapes and keep their defaults. Raises ValueError naming the first
     missing key or an inconsistent shape.
@@ -212,8 +214,11 @@ def _linear_fp32(layer: nn.Linear, x: Tensor) -> Tensor:
     return F.linear(x.float(), layer.weight.float(), bias)
 
 
+AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # [B, L, H, D] q, k, v -> [B, L, H, D]
+
+
 class SelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+    def __init__(self, dim: int, num_heads: int, eps: float, kernel: AttentionFn = attention) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim)
@@ -222,9 +227,9 @@ class SelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = WanRMSNorm(dim, eps)  # q/k norms span the full width, before the head split
         self.norm_k = WanRMSNorm(dim, eps)
-        # The softmax-attention function over [B, L, H, D]; the fast path may swap in an 8-bit kernel
-        # (engine.fast.enable_int8_attention). Not a parameter: the checkpoint keys are unchanged.
-        self.kernel: Callable[[Tensor, Tensor, Tensor], Tensor] = attention
+        # The softmax-attention function over [B, L, H, D] (SDPA, or FlashAttention-3 on the fast path: chosen with
+        # WanInfiniteTalk(self_attention=...) or set_self_attention). Not a parameter: checkpoint keys unchanged.
+        self.kernel: AttentionFn = kernel
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, ref_masks: Tensor | None = None
@@ -280,7 +285,7 @@ class CrossAttention(nn.Module):
         """x [B, L, dim] attends to the projected context from :meth:`project` -> [B, L, dim]."""
         b, n = x.shape[0], self.num_heads
         q = self.norm_q(self.q(x)).view(b, -1, n, x.shape[-1] // n)
-        # No text padding mask: padded rows are attended like real tokens (model.md 3.2, 14a).
+        # No text padding mask: padded rows are attended like real tokens (docs/model.md §3.2, §14a).
         out = attention(q, k, v).reshape(b, x.shape[1], -1) + attention(q, k_img, v_img).reshape(b, x.shape[1], -1)
         return self.o(out)
 
@@ -361,11 +366,11 @@ class BlockKV(NamedTuple):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: DiTConfig) -> None:
+    def __init__(self, cfg: DiTConfig, self_attention: AttentionFn = attention) -> None:
         super().__init__()
         dim = cfg.dim
         self.norm1 = WanLayerNorm(dim, cfg.eps)
-        self.self_attn = SelfAttention(dim, cfg.num_heads, cfg.eps)
+        self.self_attn = SelfAttention(dim, cfg.num_heads, cfg.eps, self_attention)
         self.norm3 = WanLayerNorm(dim, cfg.eps, elementwise_affine=True)  # cross-attention input norm
         self.cross_attn = CrossAttention(dim, cfg.num_heads, cfg.eps)
         self.norm2 = WanLayerNorm(dim, cfg.eps)
@@ -448,7 +453,7 @@ class ImageEmbedding(nn.Module):
 
 
 class AudioProj(nn.Module):
-    """wav2vec2 windows -> audio context tokens (official AudioProjModel, model.md 5.2)."""
+    """wav2vec2 windows -> audio context tokens (official AudioProjModel, docs/model.md §5.2)."""
 
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
@@ -507,10 +512,25 @@ class ContextKV:
     audio: AudioKV
 
 
+@dataclass(frozen=True, eq=False)
+class ContextEmb:
+    """One pass's conditioning as embeddings (:meth:`WanInfiniteTalk.condition`): every block projects them on every
+    step. The render uses it only where K/V cannot be precomputed (blocks streamed in low-memory mode)."""
+
+    context: Tensor  # [1 or B, Ni + text_len, dim] from embed_context
+    audio: Tensor  # [B, P, F, T, C] from embed_audio
+
+
+# What WanInfiniteTalk.forward takes as ``cond``: the same conditioning, embedded or projected.
+Conditioning = ContextEmb | ContextKV
+# TeaCache's call: (tokens, e0, run_blocks) -> tokens after the blocks (or their estimate)
+BlockCache = Callable[[Tensor, Tensor, Callable[[Tensor], Tensor]], Tensor]
+
+
 class WanInfiniteTalk(nn.Module):
     """The Wan 2.1 I2V DiT with InfiniteTalk's audio adapter; one module, released key names."""
 
-    def __init__(self, cfg: DiTConfig) -> None:
+    def __init__(self, cfg: DiTConfig, *, self_attention: AttentionFn = attention) -> None:
         super().__init__()
         self.cfg = cfg
         dim = cfg.dim
@@ -520,12 +540,28 @@ class WanInfiniteTalk(nn.Module):
         )
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
+        self.blocks = nn.ModuleList([Block(cfg, self_attention) for _ in range(cfg.num_layers)])
         self.head = Head(cfg)
         self.img_emb = ImageEmbedding(cfg.clip_dim, dim)
         self.audio_proj = AudioProj(cfg)
         # (grid, device) -> (cos, sin) RoPE tables; a plain attribute, so not in the state dict.
         self._rope_cache: dict[tuple[tuple[int, int, int], str], tuple[Tensor, Tensor]] = {}
+        # engine.offload.stream_blocks sets its BlockStreamer here while the blocks' weights live in host memory
+        # (low-memory mode); see blocks_streamed. A plain attribute: not a submodule, not in the state dict.
+        self._block_streamer: object | None = None
+
+    def set_self_attention(self, kernel: AttentionFn) -> int:
+        """Run every block's self-attention with ``kernel`` (e.g. engine.attention.flash3_attention); returns the
+        number of blocks. Call before compiling the blocks (a compiled graph keeps the function it was traced with).
+        """
+        for block in self._blocks():
+            block.self_attn.kernel = kernel
+        return len(self.blocks)
+
+    @property
+    def self_attention(self) -> AttentionFn:
+        """The self-attention function the blocks run."""
+        return self._blocks()[0].self_attn.kernel
 
     @property
     def dtype(self) -> torch.dtype:
@@ -583,7 +619,7 @@ class WanInfiniteTalk(nn.Module):
     def blocks_streamed(self) -> bool:
         """True while engine.offload streams the blocks (it sets ``_block_streamer``): their weights are on the
         device only inside each block's call, so context K/V cannot be precomputed outside it."""
-        return getattr(self, "_block_streamer", None) is not None
+        return self._block_streamer is not None
 
     def _check_not_streamed(self) -> None:
         if self.blocks_streamed:
@@ -631,97 +667,45 @@ class WanInfiniteTalk(nn.Module):
         """[B, P, F, T, C] -> [B·F, P·T, C] in the module dtype: per latent frame, person 1's tokens then person 2's."""
         return audio_emb.to(self.dtype).transpose(1, 2).flatten(2, 3).flatten(0, 1)
 
-    def forward(
-        self,
-        x: Tensor,
-        t: Tensor,
-        context: Tensor | None = None,
-        clip_fea: Tensor | None = None,
-        y: Tensor | None = None,
-        audio: Tensor | None = None,
-        ref_target_masks: Tensor | None = None,
-        *,
-        context_emb: Tensor | None = None,
-        audio_emb: Tensor | None = None,
-        context_kv: ContextKV | None = None,
-        block_cache: Callable[[Tensor, Tensor, Callable[[Tensor], Tensor]], Tensor] | None = None,
-    ) -> Tensor:
+    def condition(self, context: Tensor, clip_fea: Tensor | None, audio: Tensor) -> ContextEmb:
+        """The raw conditioning -> :class:`ContextEmb` for :meth:`forward`: context [B, Lt, text_dim], clip_fea
+        [B, Ni, clip_dim] or None, audio [B, P, 4(F-1)+1, W, A] (see :meth:`embed_context`, :meth:`embed_audio`)."""
+        return ContextEmb(self.embed_context(context, clip_fea), self.embed_audio(audio))
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, cond: Conditioning, ref_target_masks: Tensor | None = None,
+                *, block_cache: BlockCache | None = None) -> Tensor:
         """Predict the flow velocity.
 
-        x [B, 16, F, h, w] noisy latent; t [B] (or [1]) timesteps in [0, 1000]; context [B, Lt, text_dim] and
-        clip_fea [B, Ni, clip_dim], or context_emb from :meth:`embed_context`; y [B, 20, F, h, w] (4 mask + 16
-        reference-latent channels); audio [B, P, 4(F-1)+1, W, A] or audio_emb from :meth:`embed_audio`;
-        ref_target_masks [B or 1, 3, h, w] (person 1, person 2, background), required for P == 2.
-        context_kv (from :meth:`context_kv`, constant per chunk) replaces context/clip_fea/audio and their
-        embeddings: the blocks then attend to the precomputed K/V instead of projecting the context on every
-        step. Bit-identical to passing the embeddings it was built from (at the same batch; a batch-1 text cache
-        is expanded to B, which is the same math but may round differently from projecting an expanded context).
+        x [B, 16, F, h, w] noisy latent; t [B] (or [1]) timesteps in [0, 1000]; y [B, 20, F, h, w] (4 mask + 16
+        reference-latent channels); cond: the text/image context and the audio of this pass, either as embeddings
+        (:meth:`condition`; the blocks project them on every step) or as every block's projected K/V
+        (:meth:`context_kv`, constant per chunk; bit-identical to the embeddings it was built from at the same
+        batch; a batch-1 text cache is expanded to B, the same math but possibly other rounding);
+        ref_target_masks [B or 1, 3, h, w] (person 1, person 2, background), required for two speakers.
         block_cache (engine.teacache.TeaCache) is called as ``block_cache(tokens, e0, run_blocks)`` in place of
         running the block stack and may return an estimate instead (an approximation, used only when given).
         Returns [B, out_dim, F, h, w] float32.
         """
         cfg = self.cfg
-        if y is None:
-            raise ValueError("y (mask + reference latent) is required")
         b, _, f, h, w = x.shape
         pt, ph, pw = cfg.patch_size
         grid = (f // pt, h // ph, w // pw)
-
-        block_kv: list[BlockKV | None] = [None] * len(self.blocks)
-        context_in: Tensor | None = None
-        audio_tokens: Tensor | None = None
-        n_img = 0
-        if context_kv is not None:
-            if any(a is not None for a in (context, clip_fea, audio, context_emb, audio_emb)):
-                raise ValueError("pass context_kv alone, without context/clip_fea/audio or their embeddings")
-            text, aud = context_kv.text, context_kv.audio
-            if len(text.blocks) != len(self.blocks) or len(aud.blocks) != len(self.blocks):
-                raise ValueError(f"context_kv holds {len(text.blocks)}/{len(aud.blocks)} blocks; the DiT has "
-                                 f"{len(self.blocks)}")
-            if aud.batch != b or aud.num_frames != grid[0]:
-                raise ValueError(f"audio K/V of batch {aud.batch} and {aud.num_frames} latent frames do not match "
-                                 f"batch {b} and {grid[0]} latent frames")
-            if text.batch not in (1, b):
-                raise ValueError(f"context K/V batch {text.batch} does not match batch {b}")
-            num_people = aud.num_people
-            for i, (tkv, akv) in enumerate(zip(text.blocks, aud.blocks)):
-                k, v, k_img, v_img = (t.expand(b, -1, -1, -1) for t in tkv)  # a view; no copy at b = 1
-                block_kv[i] = BlockKV(k, v, k_img, v_img, *akv)
-        else:
-            if context_emb is None:
-                if context is None:
-                    raise ValueError("pass context (and clip_fea), or context_emb")
-                context_emb = self.embed_context(context, clip_fea)
-            if audio_emb is None:
-                if audio is None:
-                    raise ValueError("pass audio or audio_emb")
-                audio_emb = self.embed_audio(audio)
-            num_people = audio_emb.shape[1]
-            if audio_emb.shape[0] != b or audio_emb.shape[2] != grid[0]:
-                raise ValueError(
-                    f"audio tokens {tuple(audio_emb.shape)} do not match batch {b} and {grid[0]} latent frames"
-                )
-            if context_emb.shape[0] not in (1, b):
-                raise ValueError(f"context batch {context_emb.shape[0]} does not match batch {b}")
-            context_in = context_emb.to(self.dtype).expand(b, -1, -1)
-            n_img = context_in.shape[1] - cfg.text_len
-            audio_tokens = self._audio_tokens(audio_emb)  # [B·F, P·T, C]
-        if num_people not in (1, 2):
-            raise ValueError(f"1 or 2 speakers are supported, got {num_people}")
+        inputs = self._block_inputs(cond, b, grid[0])
 
         # Patchify [x (16) | y (20)] -> [B, L, dim], tokens frame-major, then row, then column.
         tokens = self.patch_embedding(torch.cat([x, y], dim=1).to(self.dtype)).flatten(2).transpose(1, 2)
         e, e0 = self.embed_time(t.to(x.device), b)
         ref_masks = None
-        if num_people == 2:
+        if inputs.num_people == 2:
             if ref_target_masks is None:
                 raise ValueError("two speakers need ref_target_masks [B, 3, h, w]")
             ref_masks = token_masks(ref_target_masks.to(x.device), grid[1:]).expand(b, -1, -1)
         cos, sin = self.rope_tables(grid, x.device)
 
         def run_blocks(tokens: Tensor) -> Tensor:
-            for block, kv in zip(self.blocks, block_kv):
-                tokens = block(tokens, e0, cos, sin, context_in, n_img, audio_tokens, grid[0], ref_masks, kv)
+            for block, kv in zip(self.blocks, inputs.block_kv):
+                tokens = block(tokens, e0, cos, sin, inputs.context, inputs.n_img, inputs.audio_tokens, grid[0],
+                               ref_masks, kv)
             return tokens
 
         tokens = run_blocks(tokens) if block_cache is None else block_cache(tokens, e0, run_blocks)
@@ -729,6 +713,50 @@ class WanInfiniteTalk(nn.Module):
         out = self.head(tokens, e)  # [B, L, pt·ph·pw·C] fp32, C fastest
         out = out.view(b, *grid, pt, ph, pw, cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(b, cfg.out_dim, grid[0] * pt, grid[1] * ph, grid[2] * pw)
+
+    def _block_inputs(self, cond: Conditioning, b: int, frames: int) -> _BlockInputs:
+        """What every block reads from ``cond`` at batch ``b`` and ``frames`` latent frames, checked."""
+        if isinstance(cond, ContextKV):
+            text, aud = cond.text, cond.audio
+            if len(text.blocks) != len(self.blocks) or len(aud.blocks) != len(self.blocks):
+                raise ValueError(f"context_kv holds {len(text.blocks)}/{len(aud.blocks)} blocks; the DiT has "
+                                 f"{len(self.blocks)}")
+            if aud.batch != b or aud.num_frames != frames:
+                raise ValueError(f"audio K/V of batch {aud.batch} and {aud.num_frames} latent frames do not match "
+                                 f"batch {b} and {frames} latent frames")
+            if text.batch not in (1, b):
+                raise ValueError(f"context K/V batch {text.batch} does not match batch {b}")
+            block_kv: list[BlockKV | None] = []
+            for tkv, akv in zip(text.blocks, aud.blocks):
+                k, v, k_img, v_img = (t.expand(b, -1, -1, -1) for t in tkv)  # a view; no copy at b = 1
+                block_kv.append(BlockKV(k, v, k_img, v_img, *akv))
+            inputs = _BlockInputs(block_kv, None, 0, None, aud.num_people)
+        elif isinstance(cond, ContextEmb):
+            context_emb, audio_emb = cond.context, cond.audio
+            if audio_emb.shape[0] != b or audio_emb.shape[2] != frames:
+                raise ValueError(f"audio tokens {tuple(audio_emb.shape)} do not match batch {b} and {frames} latent "
+                                 "frames")
+            if context_emb.shape[0] not in (1, b):
+                raise ValueError(f"context batch {context_emb.shape[0]} does not match batch {b}")
+            context_in = context_emb.to(self.dtype).expand(b, -1, -1)
+            inputs = _BlockInputs([None] * len(self.blocks), context_in, context_in.shape[1] - self.cfg.text_len,
+                                  self._audio_tokens(audio_emb), audio_emb.shape[1])
+        else:
+            raise TypeError(f"cond must be a ContextEmb (WanInfiniteTalk.condition) or a ContextKV "
+                            f"(WanInfiniteTalk.context_kv), not {type(cond).__name__}")
+        if inputs.num_people not in (1, 2):
+            raise ValueError(f"1 or 2 speakers are supported, got {inputs.num_people}")
+        return inputs
+
+
+class _BlockInputs(NamedTuple):
+    """The per-forward inputs of the block stack: precomputed K/V per block, or the context and audio tokens."""
+
+    block_kv: list[BlockKV | None]
+    context: Tensor | None  # [B, Ni + text_len, dim] when no K/V
+    n_img: int
+    audio_tokens: Tensor | None  # [B·F, P·T, C] when no K/V
+    num_people: int
 
 
 def build(cfg: DiTConfig, device: torch.device | str) -> WanInfiniteTalk:

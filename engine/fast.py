@@ -1,4 +1,4 @@
-"""The GPU fast path for the DiT: fp8 GEMMs, compiled blocks, the best SDPA kernel (issue 5, first part).
+"""The GPU fast path for the DiT: fp8 GEMMs, compiled blocks, the best attention kernel.
 
 Three independent switches, each applied to a built and loaded :class:`engine.dit.WanInfiniteTalk`:
 
@@ -6,27 +6,19 @@ Three independent switches, each applied to a built and loaded :class:`engine.di
   stored as ``float8_e4m3fn`` with one fp32 scale per output channel, the activation is quantised per row
   (abs-max / 448, divide, cast) on every call, and the product is ``torch._scaled_mm`` with fp32
   accumulation and a bf16 result. Per-row x per-channel scaling is the usual choice for fp8 inference
-  (performance.md section 8; LightX2V ``fp8-sgl``/``fp8-vllm``). The activation quantisation is written in
+  (docs/performance.md §8; LightX2V ``fp8-sgl``/``fp8-vllm``). The activation quantisation is written in
   plain tensor ops so that ``torch.compile`` fuses it into the norm / modulation / GELU that produces the
-  activation; run eagerly it costs about as much as fp8 saves (performance.md 4.1).
+  activation; run eagerly it costs about as much as fp8 saves (docs/performance.md §4.1).
 - :func:`compile_blocks` compiles every block with static shapes. All 40 blocks run the same code on
   parameters of identical shapes, so one graph serves all of them; a new resolution bucket (token count)
   compiles once more, and later steps, chunks and jobs of a seen bucket reuse the cached graphs.
-- :func:`preferred_attention` puts cuDNN SDPA first (593 vs 353 TF/s for the FA2-class kernel at 32K tokens,
-  performance.md 4.2 / 7); :func:`use_flash3` runs the blocks' self-attention on FlashAttention-3 instead where it
-  is installed on a Hopper GPU (706 TF/s, same error; bench/RESULTS.md session 4).
+- :func:`preferred_attention` puts cuDNN SDPA first (docs/performance.md §4.2, §7); :func:`use_flash3` runs the
+  blocks' self-attention on FlashAttention-3 instead where it is installed on a Hopper GPU.
 
-Measured on an H100 at 448x896x81 (bench/bench_fast.py, bench/RESULTS.md 2026-11-25, random weights): eager bf16
-4.42-4.49 s per forward; compiled bf16 3.14-3.20 s (closer to an fp32 forward than eager: rel L2 0.99e-2 vs
-1.36e-2); compiled fp8 2.84-2.89 s (rel L2 4.8e-2 vs fp32; outside the 3e-2 written down beforehand, so not a
-default yet); with ``fast_accum`` 2.69-2.71 s at the same error, which is what ``engine.fp8`` uses. One graph
-serves all 40 blocks; compile 11-22 s per bucket (3-4 s from Inductor's on-disk cache on a restart); no recompiles
-across steps, chunks or buckets. With FlashAttention-3 for the self-attention (:func:`use_flash3`, session 4):
-2.89 s compiled bf16, 2.41 s compiled fp8 with fast accumulation (fp8 from the file's grid: 3.1e-2 vs fp32).
-:func:`enable_int8_attention` swaps in the 8-bit self-attention kernel of engine/attention_int8.py (benchmarks
-only: 1-2 % faster per forward, 17x cuDNN's attention error).
+The measured speed and error of each combination (forward time, compile time, error against an fp32 forward) are
+in bench/RESULTS.md; ``engine.fp8`` uses fast accumulation because it was faster at the same error there.
 
-Order of use: load (LoRAs merged into the dequantised weights first, formats.md 3.4), cast with ``.to()``,
+Order of use: load (LoRAs merged into the dequantised weights first, docs/formats.md §3.4), cast with ``.to()``,
 then :func:`enable_fp8`, then :func:`compile_blocks`, then run the forwards inside
 :func:`preferred_attention`. Nothing here changes global state except for the duration of that context.
 """
@@ -34,12 +26,15 @@ then :func:`enable_fp8`, then :func:`compile_blocks`, then run the forwards insi
 from __future__ import annotations
 
 import contextlib
-import functools
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+if TYPE_CHECKING:
+    from engine.dit import WanInfiniteTalk
 
 __all__ = [
     "FP8_DTYPE",
@@ -50,7 +45,6 @@ __all__ = [
     "compile_blocks",
     "dequantize",
     "enable_fp8",
-    "enable_int8_attention",
     "fp8_targets",
     "preferred_attention",
     "use_flash3",
@@ -70,7 +64,7 @@ _AMAX_FLOOR = 1e-12
 # Linear layers converted by :func:`enable_fp8`, relative to a block. All 15 Linears of a block: q/k/v/o of the
 # self-attention, q/k/v/o/k_img/v_img of the text+image cross-attention, the two FFN layers and the audio
 # cross-attention's q_linear/kv_linear/proj. That is 16.3 B of the 16.4 B block parameters, so the weights
-# drop from 35.3 GiB to 19.3 GiB (measured). A ComfyUI fp8 DiT file stores the first 12 in fp8 (formats.md 3.1);
+# drop from 35.3 GiB to 19.3 GiB (measured). A ComfyUI fp8 DiT file stores the first 12 in fp8 (docs/formats.md §3.1);
 # the loader hands those bytes to ``weights_fp8`` unchanged when no LoRA is merged (models_dir._to_fp8), while
 # the audio cross-attention comes from the fp16 InfiniteTalk patch and is quantised here. The embeddings, head,
 # img_emb and audio_proj stay in 16 bits (small, and they run on few tokens).
@@ -92,9 +86,9 @@ FP8_TARGETS: tuple[str, ...] = (
     "audio_cross_attn.proj",
 )
 # The 10 of them whose input is the 32K video tokens. The other 5 (K/V of the 512 text, 257 image and 32-per-frame
-# audio context tokens) gain no speed from fp8 but add error: on the H100 bench (random weights, bench/RESULTS.md
-# 2026-11-25) leaving them in bf16 kept the forward at 2.84 s, lowered the error against an fp32 forward from
-# 4.8e-2 to 3.7e-2, and cost 4.2 GiB more weights (23.5 GiB). Pass ``targets=FP8_LARGE_M_TARGETS`` to use it.
+# audio context tokens) gain no speed from fp8 but add error: leaving them in bf16 kept the forward's speed, lowered
+# the error against an fp32 forward and cost more weight memory (bench/RESULTS.md, fp8 targets). Pass
+# ``targets=FP8_LARGE_M_TARGETS`` to use it.
 FP8_LARGE_M_TARGETS: tuple[str, ...] = tuple(
     t for t in FP8_TARGETS if t not in ("cross_attn.k", "cross_attn.v", "cross_attn.k_img", "cross_attn.v_img",
                                          "audio_cross_attn.kv_linear")
@@ -174,7 +168,7 @@ class Fp8Linear(nn.Module):
     """A Linear whose weight is float8_e4m3fn [out, in] with a float32 scale per output channel.
 
     State dict: ``weight`` (fp8, the Linear's key and shape), ``bias`` (unchanged, 16-bit) and ``weight_scale``
-    [out] float32 (ComfyUI's newer spelling, formats.md 3.2; here one scale per row, not per tensor).
+    [out] float32 (ComfyUI's newer spelling, docs/formats.md §3.2; here one scale per row, not per tensor).
     The true weight is ``weight.float() * weight_scale[:, None]``.
 
     Forward: x [..., in] is quantised per row (:func:`quantize_rowwise`) and multiplied with ``torch._scaled_mm``
@@ -198,7 +192,7 @@ class Fp8Linear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         # Hopper's fp8 "fast accumulation" (fewer promotions of the tensor-core accumulator to fp32): faster
-        # GEMMs (performance.md 4.1), slightly less accurate sums; only the CUDA kernel honours it.
+        # GEMMs (docs/performance.md §4.1), slightly less accurate sums; only the CUDA kernel honours it.
         self.fast_accum = fast_accum
         self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
         # A per-tensor scale (ComfyUI files) is broadcast to one per channel: same math, one kernel path.
@@ -263,7 +257,7 @@ def enable_fp8(
     Weights are quantised per output channel from the loaded (dequantised, LoRA-merged) weights. ``weights_fp8``
     may instead supply a layer's stored fp8 weight and scale as read from a ComfyUI scaled-fp8 file, keyed by
     the layer's name in the model (``"blocks.3.ffn.0"``): (weight [out, in] float8_e4m3fn, scale [] or [out]
-    float32). Use it only when no LoRA was merged (a merge changes the weight, formats.md 3.4). The file's
+    float32). Use it only when no LoRA was merged (a merge changes the weight, docs/formats.md §3.4). The file's
     static ``scale_input`` is not used: activations are always scaled per row at run time.
 
     The old bf16 weights are released (the bias Parameter is reused), so the converted layers take half the
@@ -338,43 +332,19 @@ def compile_blocks(dit: nn.Module, *, mode: str | None = None, backend: str = "i
         block.compile(dynamic=False, mode=mode, backend=backend)
 
 
-def enable_int8_attention(dit: nn.Module, *, pv_fp8: bool = True, on: bool = True) -> int:
-    """Route every block's self-attention through :func:`engine.attention_int8.int8_attention` (``on=False``:
-    back to :func:`engine.attention.attention`). Returns the number of blocks changed. Call before
-    :func:`compile_blocks` (a compiled graph keeps the function it was traced with).
-
-    Raises RuntimeError where the kernel cannot run (no Triton, no CUDA GPU of compute capability 8.9+).
-    """
-    from engine.attention import attention
-    from engine.attention_int8 import available, int8_attention
-
-    if on and not available():
-        raise RuntimeError("int8 attention needs a CUDA GPU of compute capability 8.9+ and Triton")
-    return _set_self_attention(dit, functools.partial(int8_attention, pv_fp8=pv_fp8) if on else attention)
-
-
-def _set_self_attention(dit: nn.Module, kernel: Callable[[Tensor, Tensor, Tensor], Tensor]) -> int:
-    """Every block's self-attention function (``SelfAttention.kernel``); returns the number of blocks."""
-    blocks = list(dit.blocks)  # type: ignore[union-attr]
-    for block in blocks:
-        block.self_attn.kernel = kernel
-    return len(blocks)
-
-
 FA3_MISSING = ("FlashAttention-3 is not available: it needs a Hopper GPU (compute capability 9.x) and the "
                "'flash_attn_interface' module (build flash-attention's hopper/ folder: cd flash-attention/hopper && "
                "pip install --no-build-isolation .); set engine.attention: auto or sdpa to run without it")
 
 
-def use_flash3(dit: nn.Module, *, on: bool = True) -> int:
+def use_flash3(dit: WanInfiniteTalk, *, on: bool = True) -> int:
     """Route every block's self-attention through :func:`engine.attention.flash3_attention` (FlashAttention-3;
     ``on=False``: back to SDPA). Returns the number of blocks changed. Call before :func:`compile_blocks`.
 
-    Only the self-attention changes: it is ~95 % of the DiT's attention time at 480p (32 928 queries x 32 928
-    keys; H100 profile, bench/RESULTS.md session 4); the cross-attentions (512 text, 257 image, 32-per-frame audio
-    keys) stay on SDPA. The kernel is chosen here, per module, instead of by re-routing torch's flash SDPA
-    backend: that routing is process-wide, and in the H100 probe a forward compiled under it still ran cuDNN's
-    kernel (seen in the profile; a 1.8 s compile suggests a cached graph was reused, not proven), while a
+    Only the self-attention changes: it is nearly all of the DiT's attention time at 480p (32 928 queries x 32 928
+    keys; the profile is in bench/RESULTS.md); the cross-attentions (512 text, 257 image, 32-per-frame audio keys)
+    stay on SDPA. The kernel is chosen here, per module, instead of by re-routing torch's flash SDPA backend: that
+    routing is process-wide, and a forward compiled under it was seen to still run cuDNN's kernel, while a
     different kernel function is a different graph.
 
     Raises RuntimeError where FA3 cannot run (see :func:`engine.attention.flash3_available`).
@@ -383,7 +353,7 @@ def use_flash3(dit: nn.Module, *, on: bool = True) -> int:
 
     if on and not flash3_available():
         raise RuntimeError(FA3_MISSING)
-    return _set_self_attention(dit, flash3_attention if on else attention)
+    return dit.set_self_attention(flash3_attention if on else attention)
 
 
 def wants_flash3(setting: str, *, fast: bool, available: bool, dtype: torch.dtype) -> bool:
@@ -409,11 +379,11 @@ def wants_flash3(setting: str, *, fast: bool, available: bool, dtype: torch.dtyp
     return True
 
 
-def uses_flash3(dit: nn.Module) -> bool:
+def uses_flash3(dit: WanInfiniteTalk) -> bool:
     """True when the blocks' self-attention runs on FlashAttention-3 (:func:`use_flash3`)."""
     from engine.attention import flash3_attention
 
-    return any(block.self_attn.kernel is flash3_attention for block in dit.blocks)  # type: ignore[union-attr]
+    return dit.self_attention is flash3_attention
 
 
 @contextlib.contextmanager
@@ -421,9 +391,9 @@ def preferred_attention() -> Iterator[None]:
     """SDPA backends in order of speed for the DiT's shapes: cuDNN, flash, memory-efficient, math.
 
     Every backend stays allowed (the 32-key audio attention or an fp32 run may need a fallback); only the
-    priority changes (cuDNN 581 TF/s vs the FA2-class flash kernel's 357 at 32K tokens on the H100,
-    bench/RESULTS.md). Under torch.compile the backend is chosen when a graph is traced: compile inside this
-    context. FlashAttention-3 is not routed through here but set per module (:func:`use_flash3`).
+    priority changes (cuDNN was the fastest at 32K tokens, bench/RESULTS.md). Under torch.compile the backend is
+    chosen when a graph is traced: compile inside this context. FlashAttention-3 is not routed through here but set
+    per module (:func:`use_flash3`).
     """
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     with sdpa_kernel(order, set_priority=True):

@@ -168,6 +168,32 @@ def _default_halves(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     return p1, p2
 
 
+def _source_regions(src_hw: tuple[int, int], boxes: Sequence[tuple[int, int, int, int]] | None,
+                    masks: Sequence[np.ndarray] | None) -> tuple[list[np.ndarray], str]:
+    """The two speakers' regions as bool arrays at the source size, and what they came from (for messages)."""
+    sh, sw = src_hw
+    if masks:
+        if len(masks) != 2:
+            raise InputError(f"two speakers need two masks, got {len(masks)}")
+        regions = []
+        for k, m in enumerate(masks):
+            if m.shape != (sh, sw):
+                raise InputError(f"speaker {k + 1}'s mask is {m.shape[1]}x{m.shape[0]} pixels but the image is "
+                                 f"{sw}x{sh}; draw the mask on the same image size")
+            regions.append(np.asarray(m) > 0)
+        return regions, "mask"
+    if boxes:
+        if len(boxes) != 2:
+            raise InputError(f"two speakers need two boxes, got {len(boxes)}")
+        regions = []
+        for x0, y0, x1, y1 in boxes:
+            r = np.zeros((sh, sw), dtype=bool)
+            r[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = True  # rows = y, columns = x
+            regions.append(r)
+        return regions, "box"
+    return list(_default_halves(sh, sw)), "default region"
+
+
 def person_masks(
     h: int,
     w: int,
@@ -202,7 +228,7 @@ def person_masks(
     look-ups so no full-size intermediate is built. Background = not any person.
 
     Raises InputError when a person or the background is empty on the DiT's token grid: an
-    empty class makes the routing divide by a zero area (model.md 14a).
+    empty class makes the routing divide by a zero area (docs/model.md §14a).
     """
     if dst_hw is not None and tuple(dst_hw) != (h, w):
         raise ValueError(f"dst_hw {dst_hw} disagrees with the output size {(h, w)}")
@@ -215,29 +241,7 @@ def person_masks(
     if boxes and masks:
         raise InputError("give either boxes or masks for the two speakers, not both")
     sh, sw = src_hw
-    if masks:
-        if len(masks) != 2:
-            raise InputError(f"two speakers need two masks, got {len(masks)}")
-        regions = []
-        for k, m in enumerate(masks):
-            if m.shape != (sh, sw):
-                raise InputError(f"speaker {k + 1}'s mask is {m.shape[1]}x{m.shape[0]} pixels but the image is "
-                                 f"{sw}x{sh}; draw the mask on the same image size")
-            regions.append(np.asarray(m) > 0)
-        what = "mask"
-    elif boxes:
-        if len(boxes) != 2:
-            raise InputError(f"two speakers need two boxes, got {len(boxes)}")
-        regions = []
-        for x0, y0, x1, y1 in boxes:
-            r = np.zeros((sh, sw), dtype=bool)
-            r[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = True  # rows = y, columns = x
-            regions.append(r)
-        what = "box"
-    else:
-        regions = list(_default_halves(sh, sw))
-        what = "default region"
-    p1, p2 = regions
+    (p1, p2), what = _source_regions(src_hw, boxes, masks)
     classes = np.stack([p1, p2, ~(p1 | p2)])  # [3, h, w] bool
 
     # Compose the three nearest-neighbour steps into one row and one column look-up:
@@ -289,7 +293,7 @@ def from_model(video: torch.Tensor) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# Colour matching (model.md 9.3)
+# Colour matching (docs/model.md §9.3)
 # --------------------------------------------------------------------------------------------
 
 

@@ -1,10 +1,10 @@
 """CLIP ViT-H/14 vision tower (Wan 2.1's image encoder) as transformers' ``CLIPVisionModelWithProjection``.
 
 The library model is used as it is: its state-dict names equal the HF spelling of
-``clip_vision_h.safetensors`` (formats.md 9: ``vision_model.*``, ``visual_projection.weight``).
+``clip_vision_h.safetensors`` (docs/formats.md §9: ``vision_model.*``, ``visual_projection.weight``).
 :func:`normalize_keys` also converts the open_clip spelling (``visual.transformer.resblocks.N...``).
 
-How :func:`encode_image` matches the official Wan ``CLIPModel.visual`` (model.md 4 and 12,
+How :func:`encode_image` matches the official Wan ``CLIPModel.visual`` (docs/model.md §4 and §12,
 Wan ``wan/modules/clip.py``): the whole frame is resized bicubic (``align_corners=False``, no antialias,
 no crop) to the model's square input size, mapped from [-1, 1] to [0, 1], normalised with the OpenAI
 CLIP mean/std, and the output is the hidden states after block ``num_layers - 1`` (block 31 of 32,

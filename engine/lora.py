@@ -1,6 +1,6 @@
 """LoRA files: which target weights they change, and merging them into a stream of dequantised weights.
 
-Split from engine/weights.py (which reads and loads safetensors files); formats.md section 10 has the key forms
+Split from engine/weights.py (which reads and loads safetensors files); docs/formats.md §10 has the key forms
 and the merge formula: ``W' = W + s * (alpha / r if alpha else 1) * (up @ down)``, ``b' = b + s * diff_b``,
 ``W' = W + s * diff``, computed in fp32.
 """
@@ -62,20 +62,10 @@ class LoraPlan:
     report: LoraReport
 
 
-def lora_deltas(lora: FileInfo, target_keys: Collection[str] | Mapping[str, tuple[int, ...]]) -> LoraPlan:
-    """Parse a LoRA file's keys into a per-target plan (reads the header only).
-
-    Accepted names: ``[model.]diffusion_model.<module>`` or bare ``<module>`` with ``.lora_down.weight`` /
-    ``.lora_up.weight`` (+ ``.alpha``), ``.lora_A[.default].weight`` / ``.lora_B[.default].weight``,
-    ``.diff`` (full delta of ``<module>.weight``, or of ``<module>`` itself for a bare parameter such as
-    ``modulation``) and ``.diff_b`` (delta of ``<module>.bias``); and kohya's ``lora_unet_<module with
-    underscores>``, mapped back to dotted names through ``target_keys``. ``diff_m`` is known-inert.
-    A target missing from ``target_keys``, an ambiguous underscore name, an incomplete up/down pair or (when
-    ``target_keys`` maps keys to shapes) a shape mismatch raises :class:`WeightsError` naming the LoRA file.
-    """
-    path = lora.path
-    shapes = dict(target_keys) if isinstance(target_keys, Mapping) else None
-    targets = set(target_keys)
+def _group_keys(lora: FileInfo, targets: set[str]) -> tuple[dict[str, dict[str, str]], list[str], list[str],
+                                                            list[str]]:
+    """A LoRA file's raw keys grouped per target module and role (up/down/alpha/diff/diff_b), plus the keys known to
+    be inert, the keys not understood and the problems found (module -> role -> raw key, inert, unknown, errors)."""
     # underscore module name -> dotted module names (for lora_unet_), built from the targets
     under: dict[str, set[str]] = {}
     for t in targets:
@@ -110,6 +100,24 @@ def lora_deltas(lora: FileInfo, target_keys: Collection[str] | Mapping[str, tupl
             module = next(iter(found))
         groups.setdefault(module, {})[role] = rawk
 
+    return groups, inert, unknown, errors
+
+
+def lora_deltas(lora: FileInfo, target_keys: Collection[str] | Mapping[str, tuple[int, ...]]) -> LoraPlan:
+    """Parse a LoRA file's keys into a per-target plan (reads the header only).
+
+    Accepted names: ``[model.]diffusion_model.<module>`` or bare ``<module>`` with ``.lora_down.weight`` /
+    ``.lora_up.weight`` (+ ``.alpha``), ``.lora_A[.default].weight`` / ``.lora_B[.default].weight``,
+    ``.diff`` (full delta of ``<module>.weight``, or of ``<module>`` itself for a bare parameter such as
+    ``modulation``) and ``.diff_b`` (delta of ``<module>.bias``); and kohya's ``lora_unet_<module with
+    underscores>``, mapped back to dotted names through ``target_keys``. ``diff_m`` is known-inert.
+    A target missing from ``target_keys``, an ambiguous underscore name, an incomplete up/down pair or (when
+    ``target_keys`` maps keys to shapes) a shape mismatch raises :class:`WeightsError` naming the LoRA file.
+    """
+    path = lora.path
+    shapes = dict(target_keys) if isinstance(target_keys, Mapping) else None
+    targets = set(target_keys)
+    groups, inert, unknown, errors = _group_keys(lora, targets)
     deltas: dict[str, LoraDelta] = {}
 
     def add(target: str, rawk: str, pair: tuple[str, str, str | None] | None = None) -> None:

@@ -14,14 +14,21 @@ from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from engine import lora as lora_mod
 from engine import weights as wt
+from engine.api import EngineOptions
+from engine.events import emit
+from engine.models import Models
+from engine.recipes import PRESETS
 
-log = logging.getLogger("infinitetalkd.engine")
+if TYPE_CHECKING:
+    from engine.dit import WanInfiniteTalk
+    from engine.text_encoder import Tokenizer
+
 
 
 @dataclass(frozen=True)
@@ -191,6 +198,9 @@ def doctor(
             lines.append(f"BAD      {role.name:<13} {path}: {desc}; " + "; ".join(problems))
         else:
             lines.append(f"ok       {role.name:<13} {path}: {desc}, keys ok")
+    tok_ok, tok_line = tokenizer_line(infos.get("text_encoder"), files)
+    ok = ok and tok_ok
+    lines.append(tok_line)
     if paths["patch_single"] is None and paths["patch_multi"] is None:
         ok = False
         lines.append("MISSING  an InfiniteTalk patch: put wan2.1_infiniteTalk_single_fp16.safetensors (one speaker) "
@@ -218,11 +228,12 @@ def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     return dev, dt
 
 
-def _load_hf(role: str, info: wt.FileInfo, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """A transformers-backed encoder: config from the header's shapes, built on meta, streamed, strict."""
+def load_single(info: wt.FileInfo, role: str, device: torch.device, dtype: torch.dtype) -> Any:
+    """A network of one file (the VAE, umT5, wav2vec2, CLIP): config from the header's shapes, built on meta,
+    streamed, loaded strictly (weights.load_network), in eval mode."""
     net = _network(role)
-    module, _, _ = wt.load_network(info, config_from_shapes=net.config_from_shapes, build=net.build,
-                                   normalize_keys=getattr(net, "normalize_keys", None), dtype=dtype, device=device)
+    module, _ = wt.load_network(info, config_from_shapes=net.config_from_shapes, build=net.build,
+                                normalize_keys=getattr(net, "normalize_keys", None), dtype=dtype, device=device)
     return module.eval()
 
 
@@ -252,7 +263,7 @@ def load_dit(base: wt.FileInfo, patch: wt.FileInfo, *, device: torch.device, dty
     if lora is None:
         stream: Iterable[tuple[str, torch.Tensor]] = wt.iter_tensors(base, dtype=dtype, device=device)
     else:
-        # LoRA targets are read in fp32 and rounded once, after the merge (formats.md 10.2).
+        # LoRA targets are read in fp32 and rounded once, after the merge (docs/formats.md §10.2).
         plan = lora_mod.lora_deltas(lora, {k: tuple(v.shape) for k, v in dit.state_dict().items()})
         targets = set(plan.deltas)
         stream = wt.iter_tensors(base, dtype=lambda k: torch.float32 if k in targets else dtype, device=device)
@@ -268,9 +279,9 @@ def load_dit(base: wt.FileInfo, patch: wt.FileInfo, *, device: torch.device, dty
         from engine.offload import stream_blocks
 
         streamer = stream_blocks(dit, device)
-        log.info("DiT blocks streamed from %s host memory: %.1f GiB on the host, %d x %.2f GiB slots on %s",
-                 "pinned" if streamer.pinned else "pageable", streamer.host_bytes / 2**30, streamer.num_slots,
-                 streamer.slot_bytes / 2**30, device)
+        emit("engine.blocks_streamed", host_memory="pinned" if streamer.pinned else "pageable",
+             host_gib=round(streamer.host_bytes / 2**30, 3), slots=streamer.num_slots,
+             slot_gib=round(streamer.slot_bytes / 2**30, 3), device=str(device))
     return dit.eval(), report
 
 
@@ -297,14 +308,12 @@ def _to_fp8(dit: torch.nn.Module, targets: Sequence[str], device: torch.device, 
         if stored is not None:  # the file's key -> the layer's name inside the one-block holder
             names = {f"blocks.{i}.{rel}.weight": f"blocks.0.{rel}" for rel in targets}
             weights = {names[key]: payload for key, payload in wt.iter_fp8_weights(stored, names, device=device)}
-        # Fast accumulation: 2.86 -> 2.69 s per forward at the same error as fp32 promotion (bench/RESULTS.md,
-        # 2026-11-25 session 2: rel L2 vs fp32 0.04845 vs 0.04846).
+        # Fast accumulation: faster at the same error as fp32 promotion (bench/RESULTS.md, fp8 accumulation).
         converted += enable_fp8(holder, targets=targets, fast_accum=True, weights_fp8=weights)
         exact += len(weights)
         if on_host:
             block.to("cpu")
-    log.info("fp8 GEMMs (fast accumulation) in %d DiT layers%s: %d with the file's own fp8 weights, %d quantised "
-             "per output channel", converted, " (streamed)" if on_host else "", exact, converted - exact)
+    emit("engine.fp8_layers", layers=converted, streamed=on_host, from_file=exact, quantised=converted - exact)
 
 
 def patch_swapper(dit: torch.nn.Module, patches: Mapping[int, wt.FileInfo], current: int,
@@ -331,11 +340,9 @@ def iter_roles(found: Mapping[str, Path | None]) -> Iterator[tuple[str, Path]]:
             yield k, v
 
 
-def load_models(options: Any) -> Any:
-    """Load every network for ``options`` (engine.api.EngineOptions) onto its device: a render.Models."""
-    from engine.recipes import PRESETS
-    from engine.render import Models
-
+def load_models(options: EngineOptions) -> Models:
+    """Load every network for ``options`` onto its device. Raises WeightsError naming the file when one is
+    missing, damaged or of the wrong network."""
     dev, dt = resolve_device(options.device, options.dtype)
     need_lora = PRESETS[options.preset].use_lora if options.preset in PRESETS else False
     ok, lines = doctor(options.models_dir, options.files, need_lora=need_lora)
@@ -345,28 +352,62 @@ def load_models(options: Any) -> Any:
                               + "\nrun 'infinitetalkd doctor --models-dir DIR' for the full list")
     found = locate(options.models_dir, options.files)
     infos = {role: wt.read_header(path) for role, path in iter_roles(found)}
-
     patches = {n: infos[r] for n, r in ((1, "patch_single"), (2, "patch_multi")) if r in infos}
     first = 1 if 1 in patches else 2
     lora = infos.get("lora") if need_lora else None
+    mode = _memory_mode(options.memory_mode, infos, patches[first], dev, dt)
 
-    # Memory mode. "auto" streams the DiT blocks (and parks umT5 on the CPU) only when the weights of every
-    # network in the load dtype (wav2vec2 in fp32), plus activation headroom, exceed the device's free memory.
-    # "low" is honoured on any device (on the CPU it changes nothing but exercises the streaming path).
+    dit = _load_dit_for(options, infos, patches, first, lora, dev, dt, mode)
+    vae = load_single(infos["vae"], "vae", dev, dt)
+    # umT5 runs once per new prompt; in low-memory mode it waits on the CPU between prompts.
+    text_dev = torch.device("cpu") if mode == "low" else dev
+    text_dt = dt if text_dev.type == "cuda" else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    text_encoder = load_single(infos["text_encoder"], "text_encoder", text_dev, text_dt)
+    tokenizer, tokenizer_source = load_tokenizer(infos["text_encoder"], options.files)
+    # wav2vec2 is small and its features feed every frame: fp32, as the official code runs it.
+    audio_encoder = load_single(infos["audio_encoder"], "audio_encoder", dev, torch.float32)
+    clip = None
+    if "clip_vision" in infos:
+        clip = load_single(infos["clip_vision"], "clip_vision", dev, dt)
+    else:
+        emit("engine.clip_absent", note="rendering without CLIP image features, as ComfyUI native does")
+    return Models(
+        dit=dit, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, audio_encoder=audio_encoder, clip=clip,
+        device=dev, dtype=dt, identities={r: wt.file_identity(p) for r, p in iter_roles(found)
+                                          if r != "lora" or lora is not None},
+        text_device=text_dev, speakers_supported=(1, 2),
+        lora_strength=options.lora_strength if lora is not None else None,
+        swap_patch=patch_swapper(dit, patches, first, dev, dt) if len(patches) == 2 else None,
+        tokenizer_source=tokenizer_source,
+    )
+
+
+def _memory_mode(setting: str, infos: Mapping[str, wt.FileInfo], patch: wt.FileInfo, dev: torch.device,
+                 dt: torch.dtype) -> str:
+    """"resident" or "low". "auto" streams the DiT blocks (and parks umT5 on the CPU) only when the weights of every
+    network in the load dtype (wav2vec2 in fp32), plus activation headroom, exceed the device's free memory.
+    "low" is honoured on any device (on the CPU it changes nothing but exercises the streaming path)."""
     from engine.offload import RESIDENT_HEADROOM_BYTES, choose_memory_mode, shapes_nbytes
 
-    resident = shapes_nbytes({**wt.logical_shapes(infos["dit"]), **wt.logical_shapes(patches[first])}, dt)
+    resident = shapes_nbytes({**wt.logical_shapes(infos["dit"]), **wt.logical_shapes(patch)}, dt)
     resident += sum(shapes_nbytes(wt.logical_shapes(infos[r]), dt) for r in ("vae", "text_encoder", "clip_vision")
                     if r in infos)
     resident += shapes_nbytes(wt.logical_shapes(infos["audio_encoder"]), torch.float32)
-    mode = choose_memory_mode(options.memory_mode, dev, resident)
-    if options.memory_mode == "auto":
+    mode = choose_memory_mode(setting, dev, resident)
+    if setting == "auto":
         free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else 0
-        log.info("memory_mode auto -> %s: weights %.1f GiB + %.0f GiB headroom, %s", mode, resident / 2**30,
-                 RESIDENT_HEADROOM_BYTES / 2**30, f"{free / 2**30:.1f} GiB free" if free else f"device {dev}")
+        emit("engine.memory_mode", mode=mode, weights_gib=round(resident / 2**30, 2),
+             headroom_gib=round(RESIDENT_HEADROOM_BYTES / 2**30, 2), free_gib=round(free / 2**30, 2) if free else None,
+             device=str(dev))
+    return mode
 
-    log.info("loading DiT %s + %s on %s as %s (%s)", infos["dit"].path.name, patches[first].path.name, dev, dt,
-             mode)
+
+def _load_dit_for(options: EngineOptions, infos: Mapping[str, wt.FileInfo], patches: Mapping[int, wt.FileInfo],
+                  first: int, lora: wt.FileInfo | None, dev: torch.device, dt: torch.dtype,
+                  mode: str) -> WanInfiniteTalk:
+    """The DiT as ``options`` ask for it: base + first patch, LoRA merged if the preset uses it, fp8 if asked."""
+    emit("engine.load_dit", dit=infos["dit"].path.name, patch=patches[first].path.name, device=str(dev),
+         dtype=str(dt), memory_mode=mode)
     fp8_targets: tuple[str, ...] = ()
     if options.fp8 and options.fast:
         from engine import fast
@@ -374,59 +415,53 @@ def load_models(options: Any) -> Any:
         if fast.supports_fp8(dev):
             fp8_targets = fast.fp8_targets(adapter_swap=len(patches) == 2)
         else:
-            log.info("engine.fp8 is set but %s has no fp8 GEMMs (CUDA compute capability 8.9+): the DiT stays %s",
-                     dev, dt)
+            emit("engine.fp8_unsupported", device=str(dev), dtype=str(dt),
+                 note="engine.fp8 needs CUDA compute capability 8.9+; the DiT stays in dtype")
     dit, report = load_dit(infos["dit"], patches[first], device=dev, dtype=dt, lora=lora,
                            lora_strength=options.lora_strength, memory_mode=mode, fp8_targets=fp8_targets)
     if report is not None:
-        log.info("LoRA %s merged at strength %g into %d weights", lora.path.name if lora else "?",
-                 options.lora_strength, report.applied)
-        if report.skipped_inert:
-            log.info("LoRA keys without effect skipped: %s", ", ".join(report.skipped_inert[:5]))
+        emit("engine.lora_merged", file=lora.path.name if lora else None, strength=options.lora_strength,
+             weights=report.applied, inert_keys=report.skipped_inert[:5])
         if report.unknown:
-            log.warning("LoRA keys not understood, ignored: %s", ", ".join(report.unknown[:10]))
-
-    vae_net = _network("vae")
-    vae_info = infos["vae"]
-    vae = vae_net.build(vae_net.config_from_shapes(wt.logical_shapes(vae_info)), dev)
-    wt.load_module(vae, wt.iter_tensors(vae_info, dtype=dt, device=dev), source=str(vae_info.path))
-    vae.eval()
-
-    # umT5 runs once per new prompt; in low-memory mode it waits on the CPU between prompts.
-    text_dev = torch.device("cpu") if mode == "low" else dev
-    text_dt = dt if text_dev.type == "cuda" else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    te_info = infos["text_encoder"]
-    text_encoder = _load_hf("text_encoder", te_info, text_dev, text_dt)
-    tokenizer = _tokenizer(te_info, options.files)
-
-    # wav2vec2 is small and its features feed every frame: fp32, as the official code runs it.
-    audio_encoder = _load_hf("audio_encoder", infos["audio_encoder"], dev, torch.float32)
-    clip = None
-    if "clip_vision" in infos:
-        clip = _load_hf("clip_vision", infos["clip_vision"], dev, dt)
-    else:
-        log.info("no clip_vision file: rendering without CLIP image features, as ComfyUI native does")
-
-    swap = patch_swapper(dit, patches, first, dev, dt) if len(patches) == 2 else None
-    models = Models(
-        dit=dit, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, audio_encoder=audio_encoder, clip=clip,
-        device=dev, dtype=dt, identities={r: wt.file_identity(p) for r, p in iter_roles(found)
-                                          if r != "lora" or lora is not None},
-        text_device=text_dev, speakers_supported=(1, 2),
-        lora_strength=options.lora_strength if lora is not None else None, swap_patch=swap,
-    )
-    return models
+            emit("engine.lora_unknown_keys", logging.WARNING, keys=report.unknown[:10], count=len(report.unknown))
+    return dit
 
 
-def _tokenizer(info: wt.FileInfo, files: Mapping[str, str]) -> Any:
+def load_tokenizer(info: wt.FileInfo, files: Mapping[str, str]) -> tuple[Tokenizer, str]:
+    """The umT5 tokenizer and where it came from: the text-encoder file's ``spiece_model`` tensor, else the
+    ``spiece.model`` named by ``files["tokenizer"]`` (engine.files.tokenizer; the config layer makes it absolute)."""
     from engine.text_encoder import Tokenizer
 
     blob = wt.extra_tensor(info, "spiece_model")
     if blob is not None:
-        return Tokenizer.from_proto(bytes(blob.numpy().tobytes()))
+        return Tokenizer.from_proto(bytes(blob.numpy().tobytes())), f"{info.path} (spiece_model tensor)"
     path = files.get("tokenizer")
-    if path:
-        return Tokenizer.from_file(Path(path))
-    raise wt.WeightsError(
-        f"{info.path}: has no 'spiece_model' tokenizer tensor; set engine.files.tokenizer in config.yaml to the "
-        "spiece.model of google/umt5-xxl")
+    if not path:
+        raise wt.WeightsError(
+            f"{info.path}: has no 'spiece_model' tokenizer tensor; set engine.files.tokenizer in config.yaml to the "
+            "spiece.model of google/umt5-xxl")
+    try:
+        return Tokenizer.from_file(Path(path)), f"{path} (engine.files.tokenizer)"
+    except OSError as e:
+        raise wt.WeightsError(f"{path}: cannot read the tokenizer named by engine.files.tokenizer: "
+                              f"{e.strerror or e}") from e
+    except (RuntimeError, ValueError) as e:  # sentencepiece's parse error, or ids that are not umT5's
+        raise wt.WeightsError(f"{path}: not a umT5 SentencePiece model (engine.files.tokenizer): "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
+def tokenizer_line(info: wt.FileInfo | None, files: Mapping[str, str]) -> tuple[bool, str]:
+    """doctor's line for the tokenizer: (ok, line) naming where it comes from."""
+    if info is None:
+        return True, f"{'absent':<8} {'tokenizer':<13} (comes with the text encoder file)"
+    if any(r in info.tensors for r in ("spiece_model", info.prefix + "spiece_model")):
+        return True, f"{'ok':<8} {'tokenizer':<13} {info.path}: spiece_model tensor inside the text encoder file"
+    path = files.get("tokenizer")
+    if not path:
+        return False, (f"{'MISSING':<8} {'tokenizer':<13} {info.path} has no spiece_model tensor; set "
+                       "engine.files.tokenizer to the spiece.model of google/umt5-xxl")
+    try:
+        tok, _ = load_tokenizer(info, files)
+    except wt.WeightsError as e:
+        return False, f"{'BAD':<8} {'tokenizer':<13} {e}"
+    return True, f"{'ok':<8} {'tokenizer':<13} {path} (engine.files.tokenizer), {tok.vocab_size} pieces"

@@ -1,4 +1,4 @@
-"""Low-memory mode: the DiT's blocks streamed from pinned host memory, one block ahead of the compute (issue 5).
+"""Low-memory mode: the DiT's blocks streamed from pinned host memory, one block ahead of the compute.
 
 The 40 blocks of the released DiT hold 34.6 GiB of its 35.2 GiB of bf16 weights (0.865 GiB each); everything else
 (patch / text / time embeddings, head, CLIP projection, audio projection) is 0.6 GiB. A 24 GB or 16 GB card
@@ -21,9 +21,9 @@ blocks are untouched and every attribute name / state-dict key stays what the ch
    block's tensors at its view inside the slot (``tensor.data = view``); start copying blocks ``i+1 .. i+prefetch``
    into their slots. Each of those copies first waits (on the side stream) for the ``free`` event of the block that
    used the slot last, so a copy never overwrites weights a queued kernel still reads.
-3. Block ``i`` runs while block ``i+1`` is being copied. At 448x896x81 a block computes for ~110 ms and its copy
-   takes 18 ms (50.7 GB/s measured on the H100), so the copies hide behind the compute: a streamed forward took
-   1.008x the resident one under a 24 GiB cap, with 5.9 GiB allocated at peak (bench/RESULTS.md).
+3. Block ``i`` runs while block ``i+1`` is being copied. At 480p a block computes for several times as long as its
+   copy takes, so the copies hide behind the compute (the streamed vs resident forward times and the peak memory
+   under a capped GPU are in bench/RESULTS.md).
 4. Block ``i`` post-hook (``always_call``, so it also runs when the forward raises): record ``free`` on the compute
    stream and point the block's tensors back at their host views. Outside a forward, ``state_dict()``,
    ``named_parameters()`` and in-place writes (``p.data.copy_``) see and change the host copy.
@@ -62,6 +62,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from engine.events import emit
+
 __all__ = [
     "ALIGN",
     "RESIDENT_HEADROOM_BYTES",
@@ -72,7 +74,6 @@ __all__ = [
     "stream_blocks",
 ]
 
-log = logging.getLogger("infinitetalkd.engine")
 
 ALIGN = 256  # byte alignment of every tensor inside a block's region (dtype views need it; DMA prefers it)
 ARENA_MAX_BYTES = 16 * 2**30  # largest single pinned allocation planned
@@ -180,7 +181,6 @@ class BlockStreamer:
 
         with torch.inference_mode(False), torch.no_grad():
             # Everything outside the blocks: onto the device, once.
-            moved_from_cuda = False
             for t in others:
                 if t.device != device:
                     t.data = t.data.to(device)
@@ -197,28 +197,8 @@ class BlockStreamer:
                 sizes.append(max(pos, ALIGN))
             self.block_bytes = sizes
 
-            # Host arenas (pinned when asked and possible), then each block packed into its region.
             self.pinned = pin
-            self._arenas: list[Tensor] = []
-            self._host_flat: list[Tensor] = [torch.empty(0)] * len(sizes)
-            for group in plan_arenas(sizes):
-                total = sum(sizes[j] for j in group)
-                arena = self._host_alloc(total)
-                self._arenas.append(arena)
-                pos = 0
-                for j in group:
-                    self._host_flat[j] = arena[pos : pos + sizes[j]]
-                    pos += sizes[j]
-            self._host: list[list[Tensor]] = []
-            for j, ts in enumerate(self._tensors):
-                views = []
-                for t, off in zip(ts, layouts[j]):
-                    v = _carve(self._host_flat[j], off, t)
-                    moved_from_cuda |= t.is_cuda
-                    v.copy_(t.data)
-                    t.data = v  # the old storage (CPU or GPU) is released here
-                    views.append(v)
-                self._host.append(views)
+            moved_from_cuda = self._pack_host(sizes, layouts)
 
             # Device slots and, per block, the views of its tensors inside its slot.
             self.slot_bytes = max(sizes)
@@ -248,13 +228,38 @@ class BlockStreamer:
             self._handles.append(b.register_forward_hook(self._make_post(i), always_call=True))
 
     # ------------------------------------------------------------------ setup helpers
+    def _pack_host(self, sizes: list[int], layouts: list[list[int]]) -> bool:
+        """Host arenas (pinned when asked and possible), then each block packed into its region and its tensors
+        pointed at their host views. Returns True when some block tensor came from a CUDA device."""
+        moved_from_cuda = False
+        self._arenas: list[Tensor] = []
+        self._host_flat: list[Tensor] = [torch.empty(0)] * len(sizes)
+        for group in plan_arenas(sizes):
+            arena = self._host_alloc(sum(sizes[j] for j in group))
+            self._arenas.append(arena)
+            pos = 0
+            for j in group:
+                self._host_flat[j] = arena[pos : pos + sizes[j]]
+                pos += sizes[j]
+        self._host: list[list[Tensor]] = []
+        for j, ts in enumerate(self._tensors):
+            views = []
+            for t, off in zip(ts, layouts[j]):
+                v = _carve(self._host_flat[j], off, t)
+                moved_from_cuda |= t.is_cuda
+                v.copy_(t.data)
+                t.data = v  # the old storage (CPU or GPU) is released here
+                views.append(v)
+            self._host.append(views)
+        return moved_from_cuda
+
     def _host_alloc(self, nbytes: int) -> Tensor:
         if self.pinned:
             try:
                 return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
             except RuntimeError as e:  # e.g. a container or WSL limit on locked memory
-                log.warning("could not pin %.1f GiB of host memory (%s); streaming from pageable memory, slower",
-                            nbytes / 2**30, str(e).splitlines()[0])
+                emit("engine.pin_memory_failed", logging.WARNING, gib=round(nbytes / 2**30, 3),
+                     error=str(e).splitlines()[0], note="streaming from pageable memory, slower")
                 self.pinned = False
         return torch.empty(nbytes, dtype=torch.uint8)
 

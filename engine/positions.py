@@ -3,7 +3,7 @@ two-speaker routing (reference-attention map -> L-RoPE positions). Pure function
 :mod:`engine.dit` (which re-exports them); split out of it to keep one file per network readable.
 
 Math follows the official InfiniteTalk code (MeiGen-AI/InfiniteTalk ``wan/modules/multitalk_model.py``,
-``wan/utils/multitalk_utils.py``); see shared/reference/model.md sections 3 and 5.
+``wan/utils/multitalk_utils.py``); see docs/model.md §3 and §5.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def rope_1d(x: Tensor, positions: Tensor) -> Tensor:
 
 
 def select_audio_windows(audio: Tensor, vae_scale: int) -> tuple[Tensor, Tensor]:
-    """Regroup per-video-frame audio windows to latent frames (model.md 5.2).
+    """Regroup per-video-frame audio windows to latent frames (docs/model.md §5.2).
 
     audio: [..., Fv, W, A] with Fv = vae_scale·(F-1) + 1 video frames, W window entries (offsets
     -W//2..+W//2). Returns (first [..., W, A]: latent frame 0's whole window, rest [..., F-1, W+s-1, A]):

@@ -6,9 +6,15 @@ umT5 embeddings through a cache (prompts.py), then the chunk loop (sampling.py) 
 windows with the DiT and streams decoded frames into the mp4 writer, so memory does not grow with
 the speech length.
 
-Where we differ from the official ``InfiniteTalkPipeline.generate_infinitetalk`` (model.md 9, 13):
+A render has three parts, read top to bottom in ``Engine._render``: the job plan (engine/job.py: inputs,
+size, speech features, prompts, masks, chunks; decided once), per chunk a :class:`ChunkContext`
+(conditioning latents, embeddings, K/V, TeaCache state; what every step reads), the step loop written
+out in ``_render`` itself, then ``_decode_write`` (VAE decode, colour match, frames to the writer, the
+motion context the next chunk starts from).
+
+Where we differ from the official ``InfiniteTalkPipeline.generate_infinitetalk`` (docs/model.md §9, §13):
 - I2V: the conditioning latent ``y`` and the CLIP features come from the same reference image in
-  every chunk, so they are computed once per job (identical result, ~1 s less per chunk), and kept for
+  every chunk, so they are computed once per job (identical result, one VAE encode less per chunk), and kept for
   the last few portraits, so a later job with the same face reuses them.
 - The single-speaker reference-attention map and the drop-audio pass at audio guidance 1 are not
   computed (their results are never used).
@@ -24,20 +30,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from engine import frames as fr
-from engine import media, sampling
+from engine import sampling
 from engine.api import (
     DeviceFault,
     InputError,
@@ -50,44 +54,25 @@ from engine.api import (
     RenderStopped,
     StopFn,
 )
-from engine.audio import audio_features, frames_for_duration
-from engine.dit import ContextKV
+from engine.dit import Conditioning, ContextEmb, ContextKV, WanInfiniteTalk
+from engine.events import emit
 from engine.image_encoder import encode_image
+from engine.job import OUTPUT_AUDIO_RATE, JobPlan, plan_job
+from engine.models import Models
 from engine.prompts import PromptCache
 from engine.recipes import PRESETS
 from engine.teacache import TeaCache, coefficients_for
 from engine.text_encoder import encode_text
+from engine.writer import FPS, VideoWriter
 
-log = logging.getLogger("infinitetalkd.engine")
+__all__ = ["CONDITION_CACHE_ITEMS", "ChunkContext", "Engine", "Models"]
 
-FPS = 25
-SAMPLE_RATE = 16000
-OUTPUT_AUDIO_RATE = 48000  # the mp4 carries the speech at this rate (the model only needs 16 kHz)
 CONDITION_CACHE_ITEMS = 4  # still portraits whose I2V conditioning stays in memory (a few MB each)
-
-
-@dataclass
-class Models:
-    """The resident networks, as loaded by models_dir.load_models."""
-
-    dit: Any  # dit.WanInfiniteTalk
-    vae: Any  # vae.WanVAE
-    text_encoder: torch.nn.Module
-    tokenizer: object
-    audio_encoder: torch.nn.Module
-    clip: torch.nn.Module | None
-    device: torch.device
-    dtype: torch.dtype
-    identities: dict[str, str] = field(default_factory=dict)
-    text_device: torch.device | None = None  # where umT5 lives and runs (the CPU in "low" memory mode)
-    speakers_supported: tuple[int, ...] = (1, 2)
-    lora_strength: float | None = None  # strength merged at load, None when no LoRA
-    swap_patch: object | None = None  # callable(speakers) switching single/multi adapter weights
 
 
 @contextmanager
 def _device_errors() -> Iterator[None]:
-    """Map torch's device failures onto the API's error classes (daemon.md 4.4)."""
+    """Map torch's device failures onto the API's error classes (docs/daemon.md §4.4)."""
     try:
         yield
     except torch.OutOfMemoryError as e:
@@ -151,14 +136,12 @@ class Engine:
                                     dtype=dt)
                 t = torch.tensor([500.0], device=dev)
                 dit = self.m.dit
-                if dit.blocks_streamed:
-                    dit(x, t, ctx, clip, y, audio)
-                else:  # the renders pass precomputed context K/V: compile that graph, not the uncached one
-                    kv = dit.context_kv(dit.embed_context(ctx, clip), dit.embed_audio(audio))
-                    dit(x, t, y=y, context_kv=kv)
+                cond = dit.condition(ctx, clip, audio)
+                # the renders pass precomputed context K/V where they can: compile that graph, not the uncached one
+                dit(x, t, y, cond if dit.blocks_streamed else dit.context_kv(cond.context, cond.audio))
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
-                log.info("warm-up pass at latent %dx%dx%d took %.1f s", F, h, w, time.perf_counter() - t0)
+                emit("engine.warmup_pass", latent=[F, h, w], seconds=round(time.perf_counter() - t0, 3))
 
     def _attention(self):  # type: ignore[no-untyped-def]
         """The SDPA backend order for this engine (cuDNN first on the fast path), as a context manager."""
@@ -194,7 +177,7 @@ class Engine:
         return vae.encode(frames.unsqueeze(0).to(self.m.device, vdt)).float()[0]  # type: ignore[operator]
 
     def _condition(self, ref: torch.Tensor, window: int) -> torch.Tensor:
-        """y = [mask (4) | VAE(reference + window-1 grey frames) (16)] -> [20, F, h, w] (model.md 4)."""
+        """y = [mask (4) | VAE(reference + window-1 grey frames) (16)] -> [20, F, h, w] (docs/model.md §4)."""
         _, H, W = ref.shape
         video = torch.zeros(3, window, H, W)
         video[:, 0] = ref
@@ -210,8 +193,8 @@ class Engine:
                          window: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(y [1, 20, F, h, w], CLIP features or None) of a still reference [H, W, 3] uint8, kept for the last
         CONDITION_CACHE_ITEMS portraits: the same pixels and window give the same tensors (the models of an Engine
-        never change), so a job that reuses a face skips the 81-frame VAE encode and CLIP (~1.1 s at 448x896 on
-        an H100, bench/RESULTS.md). Entries are a few MB on the device; nothing is written to disk."""
+        never change), so a job that reuses a face skips the 81-frame VAE encode and CLIP (cost in bench/RESULTS.md).
+        Entries are a few MB on the device; nothing is written to disk."""
         key = f"{hashlib.sha256(ref_img.tobytes()).hexdigest()}:{ref_img.shape}:{window}"
         hit = self._conditions.get(key)
         if hit is not None:
@@ -244,222 +227,203 @@ class Engine:
     # ---------------------------------------------------------------- the job
     def _render(self, req: RenderRequest, out_path: Path, progress: ProgressFn, should_stop: StopFn,
                 files: contextlib.ExitStack) -> RenderResult:
-        timings: dict[str, float] = {}
-        clock = time.perf_counter()
-
-        def lap(name: str) -> None:
-            nonlocal clock
-            now = time.perf_counter()
-            timings[name] = timings.get(name, 0.0) + now - clock
-            clock = now
-
         self._check_request(req)
         if self.m.swap_patch is not None:
-            self.m.swap_patch(req.speakers)  # type: ignore[operator]
+            self.m.swap_patch(req.speakers)
         progress(Progress("prepare", 0, 0, 0, 0, 0.0))
-
-        # ---- reference picture (or source video) -> bucket size
-        reader: media.VideoReader | None = None
-        if req.video is not None:
-            reader = files.enter_context(media.VideoReader(req.video, fps=FPS))  # closed when the job ends
-            first = reader.frame(0)
-        else:
-            assert req.image is not None
-            first = media.load_image(req.image)
-        src_hw = first.shape[:2]
-        if req.size is not None:
-            H, W = req.size[1], req.size[0]
-        else:
-            H, W = fr.choose_bucket(src_hw[0], src_hw[1], req.resolution)
-        if self.fast and (H, W) not in self._compiled_sizes:
-            self._compiled_sizes.add((H, W))
-            log.info("first job at %dx%d (w x h) in this process: the DiT blocks compile for this size during its "
-                     "first step (11-22 s measured, 3-4 s with Inductor's cache); list [%d, %d] in engine.warm_buckets "
-                     "to compile it at start instead", W, H, W, H)
-        ref_img = fr.resize_cover_crop(first, (H, W))  # [H, W, 3] uint8, the colour reference
-        lat_hw = (H // 8, W // 8)
-
-        # ---- speech -> 16 kHz mono -> wav2vec2 features per speaker
-        waves = [media.load_audio(p, max_seconds=req.max_duration_s, sample_rate=SAMPLE_RATE) for p in req.audio]
-        for p, wv in zip(req.audio, waves, strict=True):
-            if media.is_silent(wv) and req.speakers == 1:
-                raise InputError(f"{p.name}: the speech track is silent; nothing to lip-sync")
-        if req.loudness_normalize:
-            waves = [media.loudness_normalize(w, SAMPLE_RATE) for w in waves]
-        if req.speakers == 2:
-            waves = list(sampling.combine_waveforms(waves[0], waves[1], req.audio_mode))
-        n_frames = frames_for_duration(max(len(w) for w in waves), SAMPLE_RATE, FPS)
-        if n_frames < 1:
-            raise InputError(f"{req.audio[0].name}: speech is shorter than one video frame (40 ms)")
-        if n_frames / FPS > req.max_duration_s:
-            raise InputError(
-                f"{req.audio[0].name}: speech lasts {n_frames / FPS:.1f} s, more than max_duration_s "
-                f"{req.max_duration_s:g} s; split it or raise the limit")
-        feats = []
-        for wv in waves:
-            wv = np.pad(wv, (0, max(0, max(len(x) for x in waves) - len(wv))))
-            f = audio_features(self.m.audio_encoder, wv, n_frames, fps=FPS)  # [N, L, Hd]
-            feats.append(f.float().cpu())
-        lap("audio_features")
-
-        # ---- prompts (cached)
-        g = sampling.Guidance(text=req.text_guidance, audio=req.audio_guidance, apg=req.apg)
-        pass_names = sampling.passes(g)
-        need_neg = any(p in ("drop_text", "uncond") for p in pass_names)
-        texts = [req.prompt] + ([req.negative_prompt] if need_neg else [])
-        embs = self.prompts.get(texts)
-        ctx_pos = self._to_dev(embs[0]).unsqueeze(0)
-        ctx_neg = self._to_dev(embs[1]).unsqueeze(0) if need_neg else None
-        lap("text")
-
-        # ---- two-speaker regions at latent resolution
-        masks_t: torch.Tensor | None = None
-        if req.speakers == 2:
-            mask_arrays = [media.load_mask(p) for p in req.masks] if req.masks else None
-            m = fr.person_masks(H, W, src_hw=src_hw, dst_hw=(H, W), latent_hw=lat_hw,
-                                boxes=list(req.boxes) or None, masks=mask_arrays, speakers=2)
-            masks_t = self._to_dev(torch.from_numpy(np.ascontiguousarray(m)).float()).unsqueeze(0)
-
-        # ---- chunk plan; I2V conditioning once per job
-        window, motion = req.frame_window, req.motion_frames
-        plan = sampling.plan_chunks(n_frames, window, motion)
-        ts = sampling.timesteps(req.steps, req.shift)
-        ref_t = fr.to_model(ref_img[None])[:, 0]  # [3, H, W]
-        ref_match = ref_t.to(self.m.device)  # the colour-matching reference, where the VAE decodes
-        y = clip_fea = None
-        if reader is None:
-            y, clip_fea = self._still_condition(ref_img, ref_t, window)
-            lap("condition")
-        n_ctx = (motion - 1) // 4 + 1
-        out_audio = self._output_audio(req)
-
-        # background: a chunk's x264 encoding runs in the writer's thread while this one denoises the next
-        writer = media.VideoWriter(out_path, width=W, height=H, fps=FPS, crf=req.crf,
-                                   audio=out_audio, audio_rate=OUTPUT_AUDIO_RATE, background=True)
-        written = 0
+        plan = plan_job(req, self.m, files, embed_prompts=self.prompts.get, still_condition=self._still_condition)
+        self._note_new_size(plan.height, plan.width)
+        meter = _Meter(plan, progress)
+        # background: a chunk's x264 encoding runs in the writer's thread while the next chunk denoises
+        writer = VideoWriter(out_path, width=plan.width, height=plan.height, fps=FPS, crf=req.crf,
+                             audio=plan.out_audio, audio_rate=OUTPUT_AUDIO_RATE, background=True)
+        out = _Output(writer)
         dit_calls = blocks_skipped = 0
-        context_frames: torch.Tensor | None = None  # [3, motion, H, W] in [-1, 1]
         try:
-            for chunk in plan:
-                ci = chunk.index + 1
-                if reader is not None:  # dubbing: this chunk's reference is the source frame at its start
-                    src = reader.frame(min(chunk.start, reader.num_frames - 1))
-                    cur_ref = fr.to_model(fr.resize_cover_crop(src, (H, W))[None])[:, 0]
-                    y = self._to_dev(self._condition(cur_ref, window)).unsqueeze(0)
-                    clip_fea = self._clip(cur_ref.unsqueeze(0))
-                    lap("condition")
-                assert y is not None
-                # clean context latents: the reference (chunk 0) or the previous chunk's last frames
-                ctx_video = ref_t[:, None] if context_frames is None else context_frames
-                ctx_lat = self._encode_video(ctx_video)[:, : (1 if context_frames is None else n_ctx)]
-                k = ctx_lat.shape[1]
-                audio = torch.stack([sampling.slice_audio(f, chunk) for f in feats])  # [P, window, 5, L*Hd]
-                audio = self._to_dev(audio).unsqueeze(0)
-                null_audio = torch.zeros_like(audio[:, -1:])
-                lap("encode")
-
-                z = sampling.noise((self.m.dit.cfg.out_dim, y.shape[2], *lat_hw), req.seed,  # type: ignore[attr-defined]
-                                   chunk.index, self.m.device)
-                ctx_lat = ctx_lat.to(z)
-                # constant over the chunk's steps: text/image context and audio tokens, embedded once, and
-                # (unless the blocks are streamed from host memory) every block's K/V of them, projected once
-                dit = self.m.dit
-                emb_pos = dit.embed_context(ctx_pos, clip_fea)
-                emb_neg = dit.embed_context(ctx_neg, clip_fea) if ctx_neg is not None else None
-                audio_emb = dit.embed_audio(audio)
-                null_emb = dit.embed_audio(null_audio)
-                # per pass (context, audio): cond = (prompt, audio), drop_text = (negative, audio),
-                # drop_audio = (prompt, null audio), uncond = (negative, null audio)
-                conds = {name: (emb_pos if name in ("cond", "drop_audio") else emb_neg,
-                                audio_emb if name in ("cond", "drop_text") else null_emb) for name in pass_names}
-                kvs: dict[str, ContextKV] | None = None
-                if not dit.blocks_streamed:  # streamed: the block weights reach the GPU only inside each block
-                    # each distinct context / audio projected once (<= 2 of each, ~0.63 GB per context at 14B)
-                    distinct_ctx = {id(c): c for c, _ in conds.values()}
-                    distinct_aud = {id(a): a for _, a in conds.values()}
-                    text_kv = {key: dit.text_kv(c) for key, c in distinct_ctx.items()}
-                    audio_kv = {key: dit.audio_kv(a) for key, a in distinct_aud.items()}
-                    kvs = {name: ContextKV(text_kv[id(c)], audio_kv[id(a)]) for name, (c, a) in conds.items()}
-                    del text_kv, audio_kv  # kvs holds the only references
-                apg_state = sampling.APGState() if req.apg else None
-                # TeaCache (opt-in approximation): one cache per pass, fresh each chunk, as upstream
-                caches = {name: TeaCache(req.teacache, coefficients_for(H, W)) for name in pass_names} \
-                    if req.teacache > 0 else {}
+            for chunk in plan.chunks:
+                ctx = self._chunk_context(plan, chunk, out.context_frames)
+                plan.laps.lap("chunk_context")
+                z = sampling.noise((self.m.dit.cfg.out_dim, ctx.y.shape[2], *plan.latent_hw), req.seed, chunk.index,
+                                   self.m.device)
+                # the denoising steps: every guidance pass of the DiT, combined, one Euler step; the clean context
+                # latents stay pinned at the front of the window
                 for i in range(req.steps):
                     if should_stop():
                         raise RenderStopped()
-                    z[:, :k] = ctx_lat
-                    t = torch.tensor([ts[i]], device=self.m.device)
-                    preds = {}
-                    for name in pass_names:
-                        c_emb, a_emb = conds[name]
-                        mk = masks_t if a_emb.shape[1] == 2 else None  # the real audio of two speakers
-                        cache = caches.get(name)
-                        if kvs is not None:
-                            out = dit(z[None], t, y=y, ref_target_masks=mk, context_kv=kvs[name], block_cache=cache)
-                        else:
-                            out = dit(z[None], t, y=y, ref_target_masks=mk, context_emb=c_emb, audio_emb=a_emb,
-                                      block_cache=cache)
-                        preds[name] = out[0].float()
-                        dit_calls += 1
-                    v = sampling.combine(g, preds, apg_state)
-                    z = sampling.euler_step(z, v, ts[i], ts[i + 1])
-                    z[:, :k] = ctx_lat
-                    progress(Progress("denoise", ci, len(plan), i + 1, req.steps,
-                                      (chunk.index + (i + 1) / (req.steps + 1)) / len(plan)))
-                blocks_skipped += sum(c.skipped for c in caches.values())
-                caches = {}  # and the cached residuals (one token tensor per pass)
-                kvs = None  # free this chunk's K/V before the VAE decode (and before the next chunk's)
-                lap("denoise")
-
-                # decode, colour-match (on the device, before quantising, as upstream) and hand the frames to the
-                # writer; the matched float frames' last `motion` frames are the next chunk's context. The last
-                # chunk goes to the writer one latent frame at a time, so its encoding runs while the VAE decodes
-                # the rest (nothing else is left to overlap it with); earlier chunks are decoded whole, without
-                # the per-piece syncs and the writer's competition, since their encoding overlaps the next
-                # chunk's denoising (H100, bench/RESULTS.md session 4: streaming every chunk saved 0.8 s on a
-                # one-chunk job but cost 1.1 s on each further chunk).
-                parts = self.m.vae.decode_iter(z[None].to(self.m.vae.dtype))
-                if ci < len(plan):
-                    parts = iter([torch.cat(list(parts), dim=2)])
-                pieces: list[torch.Tensor] = []
-                seen = 0  # frames of this chunk decoded so far
-                for part in parts:
-                    part = part[0]  # [3, n, H, W]
-                    if req.color_correction > 0:
-                        part = fr.match_colors_model(part, ref_match, req.color_correction)
-                    pieces.append(part)
-                    keep = part[:, max(chunk.keep_from - seen, 0):][:, : max(0, n_frames - written)]
-                    seen += part.shape[1]
-                    if keep.shape[1]:
-                        new = fr.from_model(keep)
-                        writer.write(new)
-                        written += len(new)
-                context_frames = torch.cat(pieces, dim=1)[:, -motion:].float().cpu()
-                del pieces
-                lap("decode")
-                progress(Progress("decode", ci, len(plan), req.steps, req.steps, (chunk.index + 1) / len(plan)))
-                if written >= n_frames:
+                    z[:, :ctx.k] = ctx.clean
+                    t = torch.tensor([plan.timesteps[i]], device=self.m.device)
+                    preds = {name: ctx.predict(self.m.dit, z, t, name) for name in plan.pass_names}
+                    dit_calls += len(preds)
+                    v = sampling.combine(plan.guidance, preds, ctx.apg)
+                    z = sampling.euler_step(z, v, plan.timesteps[i], plan.timesteps[i + 1])
+                    z[:, :ctx.k] = ctx.clean
+                    meter.step(chunk, i + 1)
+                blocks_skipped += ctx.blocks_skipped()
+                del ctx  # frees this chunk's K/V and cached residuals before the VAE decode
+                plan.laps.lap("denoise")
+                self._decode_write(plan, chunk, z, out, meter)
+                plan.laps.lap("decode")
+                if out.written >= plan.n_frames:
                     break
-            progress(Progress("mux", len(plan), len(plan), 0, 0, 1.0))
+            meter.write_start()
             writer.close()
         except BaseException:
             writer.abort()
             raise
-        lap("mux")
-        timings["mp4_encode"] = writer.encode_s  # in the writer's thread, mostly overlapped with the next chunk
-        if written != n_frames:
-            raise RenderError(f"internal: wrote {written} frames for {n_frames} audio frames")
-        return RenderResult(frames=written, fps=FPS, width=W, height=H, duration_s=written / FPS,
-                            chunks=len(plan), seed=req.seed, timings={k: round(v, 3) for k, v in timings.items()},
-                            model_files=dict(self.m.identities), dit_calls=dit_calls,
-                            blocks_skipped=blocks_skipped)
+        plan.laps.lap("mux")
+        meter.done()
+        return self._result(plan, out, dit_calls, blocks_skipped)
 
-    def _output_audio(self, req: RenderRequest) -> np.ndarray:
-        """The speech as it goes into the mp4: the original tracks at 48 kHz (mixed for two speakers)."""
-        tracks = [media.load_audio(p, max_seconds=req.max_duration_s, sample_rate=OUTPUT_AUDIO_RATE)
-                  for p in req.audio]
-        if len(tracks) == 1:
-            return tracks[0]
-        a, b = sampling.combine_waveforms(tracks[0], tracks[1], req.audio_mode)
-        return media.mix_tracks(a, b)
+    def _note_new_size(self, height: int, width: int) -> None:
+        if self.fast and (height, width) not in self._compiled_sizes:
+            self._compiled_sizes.add((height, width))
+            emit("engine.compile_new_size", width=width, height=height,
+                 note="the DiT blocks compile for this size during the job's first step; list it in "
+                      "engine.warm_buckets to compile it at start instead")
+
+    def _chunk_context(self, plan: JobPlan, chunk: sampling.Chunk, context_frames: torch.Tensor | None,
+                       ) -> ChunkContext:
+        """Everything the steps of ``chunk`` read: its conditioning latent, the clean context latents (the reference
+        for chunk 0, else the previous chunk's last decoded frames), and per guidance pass the DiT's inputs."""
+        req, dit = plan.req, self.m.dit
+        if plan.reader is not None:  # dubbing: this chunk's reference is the source frame at its start
+            src = plan.reader.frame(min(chunk.start, plan.reader.num_frames - 1))
+            cur_ref = fr.to_model(fr.resize_cover_crop(src, (plan.height, plan.width))[None])[:, 0]
+            y = self._to_dev(self._condition(cur_ref, req.frame_window)).unsqueeze(0)
+            clip_fea = self._clip(cur_ref.unsqueeze(0))
+        else:
+            assert plan.still is not None
+            y, clip_fea = plan.still
+        ctx_video = plan.ref_t[:, None] if context_frames is None else context_frames
+        clean = self._encode_video(ctx_video)[:, : (1 if context_frames is None else plan.context_latents)]
+        audio = torch.stack([sampling.slice_audio(f, chunk) for f in plan.feats])  # [P, window, 5, L*Hd]
+        audio = self._to_dev(audio).unsqueeze(0)
+        # constant over the chunk's steps: text/image context and audio tokens, embedded once, and (unless the
+        # blocks are streamed from host memory) every block's K/V of them, projected once
+        emb_pos = dit.embed_context(plan.ctx_pos, clip_fea)
+        emb_neg = dit.embed_context(plan.ctx_neg, clip_fea) if plan.ctx_neg is not None else None
+        audio_emb, null_emb = dit.embed_audio(audio), dit.embed_audio(torch.zeros_like(audio[:, -1:]))
+        # per pass (context, audio): cond = (prompt, audio), drop_text = (negative, audio),
+        # drop_audio = (prompt, null audio), uncond = (negative, null audio)
+        conds = {name: (emb_pos if name in ("cond", "drop_audio") else emb_neg,
+                        audio_emb if name in ("cond", "drop_text") else null_emb) for name in plan.pass_names}
+        inputs: dict[str, Conditioning]
+        if dit.blocks_streamed:  # the block weights reach the GPU only inside each block: pass the embeddings
+            inputs = {name: ContextEmb(c, a) for name, (c, a) in conds.items()}
+        else:  # each distinct context / audio projected once (<= 2 of each)
+            distinct_ctx = {id(c): c for c, _ in conds.values()}
+            distinct_aud = {id(a): a for _, a in conds.values()}
+            text_kv = {key: dit.text_kv(c) for key, c in distinct_ctx.items()}
+            audio_kv = {key: dit.audio_kv(a) for key, a in distinct_aud.items()}
+            inputs = {name: ContextKV(text_kv[id(c)], audio_kv[id(a)]) for name, (c, a) in conds.items()}
+        # the regions apply where the real audio of two speakers is heard
+        masks = {name: plan.masks if a.shape[1] == 2 else None for name, (_, a) in conds.items()}
+        # TeaCache (opt-in approximation): one cache per pass, fresh each chunk, as upstream
+        caches = {name: TeaCache(req.teacache, coefficients_for(plan.height, plan.width))
+                  for name in plan.pass_names} if req.teacache > 0 else {}
+        return ChunkContext(y=y, clean=clean.to(torch.float32), inputs=inputs, masks=masks, caches=caches,
+                            apg=sampling.APGState() if req.apg else None)
+
+    def _decode_write(self, plan: JobPlan, chunk: sampling.Chunk, z: torch.Tensor, out: _Output,
+                      meter: _Meter) -> None:
+        """Decode, colour-match (on the device, before quantising, as upstream) and hand the new frames to the
+        writer; keep the matched float frames' last ``motion`` frames as the next chunk's context.
+
+        The last chunk goes to the writer one latent frame at a time, so its encoding runs while the VAE decodes the
+        rest (nothing else is left to overlap it with); earlier chunks are written whole, without the writer
+        competing with the decode, since their encoding overlaps the next chunk's denoising (the measurements
+        behind this choice are in bench/RESULTS.md, streamed last-chunk decode)."""
+        req = plan.req
+        n_latents = z.shape[1]
+        parts: Iterator[torch.Tensor] = self.m.vae.decode_iter(z[None].to(self.m.vae.dtype))
+        if not chunk.is_last:
+            decoded = []
+            for j, part in enumerate(parts):
+                decoded.append(part)
+                meter.decode(chunk, j + 1, n_latents)
+            parts = iter([torch.cat(decoded, dim=2)])
+        pieces: list[torch.Tensor] = []
+        seen = 0  # frames of this chunk decoded so far
+        for part in parts:
+            part = part[0]  # [3, n, H, W]
+            if req.color_correction > 0:
+                part = fr.match_colors_model(part, plan.ref_match, req.color_correction)
+            pieces.append(part)
+            keep = part[:, max(chunk.keep_from - seen, 0):][:, : max(0, plan.n_frames - out.written)]
+            seen += part.shape[1]
+            if keep.shape[1]:
+                out.write(fr.from_model(keep))
+            meter.decode(chunk, min(n_latents, (seen + 3) // 4), n_latents)
+        out.context_frames = torch.cat(pieces, dim=1)[:, -req.motion_frames:].float().cpu()
+
+    def _result(self, plan: JobPlan, out: _Output, dit_calls: int, blocks_skipped: int) -> RenderResult:
+        if out.written != plan.n_frames:
+            raise RenderError(f"internal: wrote {out.written} frames for {plan.n_frames} audio frames")
+        # the writer's encoding ran in its own thread, mostly overlapped with the next chunk: one name for it
+        timings = {**plan.laps.timings, "mp4_encode": out.writer.encode_s}
+        return RenderResult(frames=out.written, fps=FPS, width=plan.width, height=plan.height,
+                            duration_s=out.written / FPS, chunks=len(plan.chunks), seed=plan.req.seed,
+                            timings={k: round(v, 3) for k, v in timings.items()},
+                            model_files=dict(self.m.identities), dit_calls=dit_calls, blocks_skipped=blocks_skipped)
+
+
+@dataclass
+class ChunkContext:
+    """What every denoising step of one chunk reads; built once per chunk (Engine._chunk_context)."""
+
+    y: torch.Tensor  # [1, 20, F, h, w] mask + reference latent
+    clean: torch.Tensor  # [16, k, h, w] fp32 clean context latents, pinned at the window's front on every step
+    inputs: dict[str, Conditioning]  # per guidance pass: the DiT's conditioning (K/V, or embeddings when streamed)
+    masks: dict[str, torch.Tensor | None]  # per pass: the two-speaker regions where two speakers are heard
+    caches: dict[str, TeaCache]  # per pass, when TeaCache is on
+    apg: sampling.APGState | None
+
+    @property
+    def k(self) -> int:
+        return int(self.clean.shape[1])
+
+    def predict(self, dit: WanInfiniteTalk, z: torch.Tensor, t: torch.Tensor, name: str) -> torch.Tensor:
+        """The DiT's velocity for pass ``name`` at latent z [16, F, h, w] and timestep t [1] -> [16, F, h, w] fp32."""
+        out = dit(z[None], t, self.y, self.inputs[name], self.masks[name], block_cache=self.caches.get(name))
+        return out[0].float()
+
+    def blocks_skipped(self) -> int:
+        return sum(c.skipped for c in self.caches.values())
+
+
+class _Output:
+    """The writer of one render and what the loop carries between chunks: frames written, motion context."""
+
+    def __init__(self, writer: VideoWriter) -> None:
+        self.writer = writer
+        self.written = 0
+        self.context_frames: torch.Tensor | None = None  # [3, motion, H, W] in [-1, 1], CPU
+
+    def write(self, frames: np.ndarray) -> None:
+        self.writer.write(frames)
+        self.written += len(frames)
+
+
+class _Meter:
+    """Progress over every stage, so an ETA covers them all: each chunk counts ``steps + 1`` units (the steps, then
+    the VAE decode, reported per latent frame) and writing the file's end counts one more."""
+
+    def __init__(self, plan: JobPlan, progress: ProgressFn) -> None:
+        self.n, self.steps, self.progress = len(plan.chunks), plan.req.steps, progress
+        self.total = self.n * (self.steps + 1) + 1
+
+    def _fraction(self, chunk: sampling.Chunk, units: float) -> float:
+        return min(1.0, (chunk.index * (self.steps + 1) + units) / self.total)
+
+    def step(self, chunk: sampling.Chunk, step: int) -> None:
+        self.progress(Progress("denoise", chunk.index + 1, self.n, step, self.steps, self._fraction(chunk, step)))
+
+    def decode(self, chunk: sampling.Chunk, done: int, of: int) -> None:
+        self.progress(Progress("decode", chunk.index + 1, self.n, self.steps, self.steps,
+                               self._fraction(chunk, self.steps + done / of)))
+
+    def write_start(self) -> None:
+        self.progress(Progress("mux", self.n, self.n, 0, 0, (self.total - 1) / self.total))
+
+    def done(self) -> None:
+        self.progress(Progress("mux", self.n, self.n, 0, 0, 1.0))

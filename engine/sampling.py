@@ -3,7 +3,7 @@
 Everything here follows the official InfiniteTalk code (MeiGen-AI/InfiniteTalk,
 ``wan/multitalk.py`` ``InfiniteTalkPipeline.generate_infinitetalk`` and ``timestep_transform``,
 ``wan/utils/multitalk_utils.py`` ``MomentumBuffer`` / ``adaptive_projected_guidance``,
-``generate_infinitetalk.py`` ``audio_prepare_multi``); see model.md sections 8 and 9. No model
+``generate_infinitetalk.py`` ``audio_prepare_multi``); see docs/model.md §8 and §9. No model
 code lives here: the render loop in ``render.py`` calls these functions around the network.
 
 Deviations from the official code, on purpose:
@@ -54,7 +54,7 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------
-# Schedule and solver (model.md 8.1)
+# Schedule and solver (docs/model.md §8.1)
 # --------------------------------------------------------------------------------------------
 
 
@@ -98,7 +98,7 @@ def euler_step(z: Tensor, v: Tensor, t: float, t_next: float) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Guidance (model.md 8.2, 8.3)
+# Guidance (docs/model.md §8.2, §8.3)
 # --------------------------------------------------------------------------------------------
 
 
@@ -210,7 +210,7 @@ def combine(g: Guidance, preds: dict[str, Tensor], apg_state: APGState | None = 
 
 
 # --------------------------------------------------------------------------------------------
-# Chunk plan (model.md 9)
+# Chunk plan (docs/model.md §9)
 # --------------------------------------------------------------------------------------------
 
 
@@ -295,7 +295,7 @@ def slice_audio(emb: Tensor, chunk: Chunk, window: int = 5) -> Tensor:
     ``emb`` is the per-person wav2vec2 stack [N, L, H] (N video frames at 25 fps, L = 12 layers,
     H = 768); the trailing dims are flattened to D = L*H. On the **last** chunk, when the window
     reaches the end of this person's audio (``start + frames >= N``), the official code appends
-    the time-reversed last ``miss = start + frames - N + 3`` frames (model.md 9.2) and clamps
+    the time-reversed last ``miss = start + frames - N + 3`` frames (docs/model.md §9.2) and clamps
     against the padded length; earlier chunks only clamp. The padded frames land past the speech
     end, in frames the caller trims away (they still steer the kept frames through attention).
     """
@@ -310,7 +310,7 @@ def slice_audio(emb: Tensor, chunk: Chunk, window: int = 5) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Two speakers (model.md 6, 13)
+# Two speakers (docs/model.md §6, §13)
 # --------------------------------------------------------------------------------------------
 
 

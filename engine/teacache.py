@@ -2,7 +2,7 @@
 
 The official InfiniteTalk code offers this as ``--use_teacache`` (threshold ``--teacache_thresh``, 0.2 suggested),
 off by default; so is it here (sidecar ``teacache: 0.2``). It changes the output — an approximation traded for
-speed, meant for the 40-step ``quality`` preset (model.md 8.4: of little use at 4-8 steps).
+speed, meant for the 40-step ``quality`` preset (docs/model.md §8.4: of little use at 4-8 steps).
 
 The rule, as learned from MeiGen-AI/InfiniteTalk ``wan/modules/multitalk_model.py`` (``teacache_init`` with its
 default ``use_ret_steps=True`` and ``forward``; the code is not copied):

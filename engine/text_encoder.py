@@ -2,9 +2,9 @@
 
 The network is transformers' ``UMT5Stack`` plus the token embedding ``shared``, held by composition in
 :class:`UMT5TextEncoder` so that the module's state-dict names equal the ComfyUI file's keys
-(formats.md 8.1: ``shared.weight``, ``encoder.block.N.layer.{0,1}...``, ``encoder.final_layer_norm.weight``).
+(docs/formats.md §8.1: ``shared.weight``, ``encoder.block.N.layer.{0,1}...``, ``encoder.final_layer_norm.weight``).
 
-How it matches the official Wan ``T5EncoderModel`` (model.md 12, Wan ``wan/modules/t5.py``):
+How it matches the official Wan ``T5EncoderModel`` (docs/model.md §12, Wan ``wan/modules/t5.py``):
 
 - umT5 has a relative position bias in **every** block (32 buckets, bidirectional, max distance 128);
   no attention scaling; T5 RMS norm eps 1e-6; gated GELU(tanh) FFN (``wi_0`` is the GELU branch).

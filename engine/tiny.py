@@ -13,7 +13,6 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from engine import weights as wt
 from engine.models_dir import ROLE_BY_NAME, _is_adapter_key
@@ -83,10 +82,10 @@ def write_models(out_dir: Path, *, seed: int = 0, full_size: bool = False, devic
     base = {k: v for k, v in full.items() if not _is_adapter_key(k)}
     fp8 = {k for k, v in base.items() if k.startswith("blocks.") and k.endswith(".weight") and v.ndim == 2}
     wt.write_scaled_fp8(_path(out_dir, "dit"), _cast(base, torch.bfloat16), fp8_keys=fp8)
-    save_file(_cast({k: v for k, v in full.items() if _is_adapter_key(k)}, torch.float16),
-              str(_path(out_dir, "patch_single")))
+    wt.save_tensors(_path(out_dir, "patch_single"),
+                    _cast({k: v for k, v in full.items() if _is_adapter_key(k)}, torch.float16))
     multi = _random_like({k: tuple(v.shape) for k, v in full.items() if _is_adapter_key(k)}, gen)
-    save_file(_cast(multi, torch.float16), str(_path(out_dir, "patch_multi")))
+    wt.save_tensors(_path(out_dir, "patch_multi"), _cast(multi, torch.float16))
 
     # The step-distill LoRA: lora_down/lora_up + alpha for every block Linear, a bias delta, in bf16.
     lora: dict[str, torch.Tensor] = {}
@@ -100,10 +99,10 @@ def write_models(out_dir: Path, *, seed: int = 0, full_size: bool = False, devic
             lora[f"{stem}.alpha"] = torch.tensor(float(rank))
         lora[f"diffusion_model.blocks.{i}.ffn.0.diff_b"] = 0.01 * torch.randn(
             cfg_dit.ffn_dim, generator=gen, device=device).cpu()
-    save_file(_cast(lora, torch.bfloat16), str(_path(out_dir, "lora")))
+    wt.save_tensors(_path(out_dir, "lora"), _cast(lora, torch.bfloat16))
 
-    save_file(_cast(_random_like(_shapes(vae.build(cfg_vae, "meta")), gen), torch.bfloat16),
-              str(_path(out_dir, "vae")))
+    vae_sd = _random_like(_shapes(vae.build(cfg_vae, "meta")), gen)
+    wt.save_tensors(_path(out_dir, "vae"), _cast(vae_sd, torch.bfloat16))
 
     # umT5 in scaled fp8 with its SentencePiece model inside, as the ComfyUI file carries it.
     proto = text_encoder.make_tiny_spiece(text_encoder.TINY_CONFIG.vocab_size)
@@ -115,9 +114,9 @@ def write_models(out_dir: Path, *, seed: int = 0, full_size: bool = False, devic
     wt.write_scaled_fp8(_path(out_dir, "text_encoder"), te, fp8_keys=te_fp8)
 
     w2v = _random_like(_shapes(audio.build(cfg_w2v, "cpu")), gen)
-    save_file(_cast(_file_spelling(w2v), torch.float16), str(_path(out_dir, "audio_encoder")))
+    wt.save_tensors(_path(out_dir, "audio_encoder"), _cast(_file_spelling(w2v), torch.float16))
     clip = _random_like(_shapes(image_encoder.build(cfg_clip, "cpu")), gen)
-    save_file(_cast(_file_spelling(clip), torch.float16), str(_path(out_dir, "clip_vision")))
+    wt.save_tensors(_path(out_dir, "clip_vision"), _cast(_file_spelling(clip), torch.float16))
 
 
 def _released_encoder(net):  # type: ignore[no-untyped-def]
@@ -133,7 +132,7 @@ def _released_encoder(net):  # type: ignore[no-untyped-def]
 
 
 def _file_spelling(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Module state-dict names -> the spelling of the released files (formats.md 7, 8)."""
+    """Module state-dict names -> the spelling of the released files (docs/formats.md §7, §8)."""
     out = {}
     for k, v in sd.items():
         if k == "encoder.embed_tokens.weight":

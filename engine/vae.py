@@ -1,9 +1,9 @@
 """The Wan 2.1 causal video VAE: 3x8x8 pixels -> 16 latent channels, 4x temporal, 8x spatial.
 
 Attribute paths equal the keys of the released file (``Wan2.1_VAE.pth`` /
-``Wan2_1_VAE_bf16.safetensors``, formats.md section 6), so a state dict loads with
+``Wan2_1_VAE_bf16.safetensors``, docs/formats.md §6), so a state dict loads with
 ``strict=True`` and no rename table. The maths follows ``Wan-Video/Wan2.1``
-``wan/modules/vae.py`` (read, not copied); model.md section 11 summarises it.
+``wan/modules/vae.py`` (read, not copied); docs/model.md §11 summarises it.
 
 Shapes (released config, dim=96):
     encode: video [B, 3, 1 + 4k, H, W] in [-1, 1] -> normalised latent [B, 16, 1 + k, H/8, W/8]

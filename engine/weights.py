@@ -8,14 +8,12 @@ them in (:func:`load_network`). The flow for one network:
    JSON blobs, if any) and decides the key prefix, the quantisation format and the main dtype.
 2. :func:`logical_shapes` gives the key -> shape map the network expects: prefix stripped, quantisation
    companions (scales, markers) and embedded blobs (``spiece_model``) removed.
-3. The network is built on the meta device from those shapes; :func:`iter_tensors` then streams one tensor
-   at a time through ``safetensors.safe_open`` (memory-mapped), dequantising fp8 on the target device;
-   engine.lora.merge_lora merges LoRA deltas into the stream; :func:`load_module` checks the collected state
-   against the network key by key and assigns it. There is never a host copy of a whole file.
+3. The network is built on meta; :func:`iter_tensors` streams one tensor at a time (memory-mapped), dequantising
+   fp8 on the target device; engine.lora.merge_lora merges LoRA deltas into the stream; :func:`load_module`
+   checks the state key by key and assigns it. There is never a host copy of a whole file.
 
-Formats follow the reference notes (formats.md sections 2-4, 10), learned from ComfyUI's
-``comfy/utils.py`` (``convert_old_quants``), ``comfy/model_detection.py`` and ``comfy/lora.py`` and from
-kijai's ComfyUI-WanVideoWrapper; no code is copied from them.
+Formats follow docs/formats.md §2-4, §10, learned from ComfyUI (``comfy/utils.py``, ``model_detection.py``,
+``lora.py``) and kijai's ComfyUI-WanVideoWrapper; no code is copied from them. Writing: engine/safetensors_out.py.
 
 fp8 handling, by format (``FileInfo.quant``):
 
@@ -33,31 +31,25 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import struct
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from engine.api import RenderError
+from engine.safetensors_out import _MARKER, E4M3_MAX, file_mode, save_tensors, write_scaled_fp8
 
-if TYPE_CHECKING:
-    from engine.lora import LoraReport
-
-# fmt: off
-__all__ = [
+__all__ = [  # noqa: RUF022 (grouped by use, not sorted)
     "WeightsError", "TensorInfo", "FileInfo", "read_header", "detect_prefix", "logical_shapes", "iter_tensors",
     "iter_fp8_weights", "extra_tensor", "load_module", "load_network", "write_scaled_fp8", "file_identity",
-    "DEFAULT_PREFIXES",
+    "DEFAULT_PREFIXES", "E4M3_MAX", "file_mode", "save_tensors",
 ]
-# fmt: on
 
 DTypeSpec = torch.dtype | Callable[[str], torch.dtype]
 
@@ -73,7 +65,6 @@ _ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, 
 _FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 # comfy_quant formats this loader can dequantise (per-tensor scale); everything else is refused.
 _FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")
-E4M3_MAX = 448.0  # largest finite float8_e4m3fn value
 
 # Most specific first: "model.diffusion_model." must win over "model.". ComfyUI also knows "model.model."
 # and "net." (model_detection.unet_prefix_from_state_dict); "wav2vec2." is how HF pre-training checkpoints
@@ -89,10 +80,9 @@ DEFAULT_PREFIXES: tuple[str, ...] = (
 # detect_prefix: the share of (non-extra) keys that must carry a candidate prefix for it to be stripped.
 PREFIX_SHARE = 0.9
 
-# Top-level tensors that are not network weights (formats.md 3.1, 8.3).
-_MARKER = "scaled_fp8"
+# Top-level tensors that are not network weights (docs/formats.md §3.1, §8.3).
 _EXTRAS = (_MARKER, "spiece_model")
-# Per-layer quantisation companions, both spellings (formats.md 3.4 rule 3); nvfp4's second scale too.
+# Per-layer quantisation companions, both spellings (docs/formats.md §3.4 rule 3); nvfp4's second scale too.
 _WEIGHT_SCALES = (".scale_weight", ".weight_scale")
 _COMPANIONS = (*_WEIGHT_SCALES, ".scale_input", ".input_scale", ".comfy_quant", ".weight_scale_2")
 
@@ -220,23 +210,7 @@ def read_header(path: Path) -> FileInfo:
                 scales[weight] = rawk
 
     layer_quant = _layer_quant_configs(path, metadata, header, companions, prefix, data_start)
-    fp8_weights = [k for k, r in keys.items() if tensors[r].dtype in _FP8_DTYPES]
-    marker = companions.get(_MARKER)
-    if "_quantization_metadata" in metadata or any(k.endswith(".comfy_quant") for k in companions):
-        quant = "comfy_quant"
-        gemm = bool(layer_quant) and all(
-            c.get("format") in _FP8_FORMATS and not c.get("full_precision_matrix_mult") for c in layer_quant.values()
-        )
-    elif marker is not None or scales:
-        quant = "scaled_fp8"
-        # ComfyUI: marker.nelement() == 2 -> full-precision matmul; any other count allows fp8 GEMMs. Scales
-        # without any marker (kijai's wrapper accepts those) -> be conservative: dequantise.
-        gemm = marker is not None and math.prod(tensors[marker].shape) != 2
-    elif fp8_weights:
-        quant, gemm = "fp8_unscaled", False
-    else:
-        quant, gemm = "none", False
-
+    quant, gemm = _quant_format(metadata, tensors, keys, companions, scales, layer_quant)
     return FileInfo(
         path=path,
         size=size,
@@ -251,6 +225,24 @@ def read_header(path: Path) -> FileInfo:
         layer_quant=layer_quant,
         data_start=data_start,
     )
+
+
+def _quant_format(metadata: Mapping[str, str], tensors: Mapping[str, TensorInfo], keys: Mapping[str, str],
+                  companions: Mapping[str, str], scales: Mapping[str, str],
+                  layer_quant: Mapping[str, dict[str, Any]]) -> tuple[str, bool]:
+    """(FileInfo.quant, FileInfo.fp8_gemm_allowed) of a file from its header."""
+    marker = companions.get(_MARKER)
+    if "_quantization_metadata" in metadata or any(k.endswith(".comfy_quant") for k in companions):
+        return "comfy_quant", bool(layer_quant) and all(
+            c.get("format") in _FP8_FORMATS and not c.get("full_precision_matrix_mult") for c in layer_quant.values()
+        )
+    if marker is not None or scales:
+        # ComfyUI: marker.nelement() == 2 -> full-precision matmul; any other count allows fp8 GEMMs. Scales
+        # without any marker (kijai's wrapper accepts those) -> be conservative: dequantise.
+        return "scaled_fp8", marker is not None and math.prod(tensors[marker].shape) != 2
+    if any(tensors[r].dtype in _FP8_DTYPES for r in keys.values()):
+        return "fp8_unscaled", False
+    return "none", False
 
 
 def _parse_entry(path: Path, key: str, entry: Any, data_len: int) -> TensorInfo:
@@ -554,112 +546,29 @@ def load_module(
 
 
 def load_network(
-    files: FileInfo | Sequence[FileInfo],
+    info: FileInfo,
     *,
     config_from_shapes: Callable[[dict[str, tuple[int, ...]]], Any],
     build: Callable[[Any, torch.device], nn.Module],
     normalize_keys: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     dtype: DTypeSpec,
     device: torch.device | str,
-    loras: Sequence[tuple[FileInfo, float]] = (),
-    allow_missing: Iterable[str] = (),
-) -> tuple[nn.Module, Any, list[LoraReport]]:
-    """Detect the config from header shapes, build on meta, stream (+ LoRA merge), load strictly.
+) -> tuple[nn.Module, Any]:
+    """One network from one file: config from the header's shapes, built on meta, streamed, loaded strictly.
 
-    ``files`` may be several files whose keys together form one network (the Wan DiT plus the InfiniteTalk
-    adapter); a key present in two files is an error. LoRAs target the logical keys *before*
-    ``normalize_keys`` and are merged in fp32 (their targets are read as fp32 and cast to ``dtype`` after the
-    merge). Returns ``(module, cfg, lora reports)``.
+    The encoders and the VAE load this way; the DiT (base file + InfiniteTalk patch + LoRA merge) loads through
+    engine.models_dir.load_dit, which uses the same steps (:func:`iter_tensors`, :func:`load_module`).
+    Returns ``(module, cfg)``.
     """
-    from engine.lora import lora_deltas, merge_lora  # lora.py builds on this module
-
-    infos = [files] if isinstance(files, FileInfo) else list(files)
-    shapes: dict[str, tuple[int, ...]] = {}
-    owner: dict[str, Path] = {}
-    for info in infos:
-        for k, s in logical_shapes(info).items():
-            if k in shapes:
-                raise WeightsError(f"{info.path}: key {k!r} is also in {owner[k]}; these files overlap.")
-            shapes[k], owner[k] = s, info.path
+    shapes = logical_shapes(info)
     cfg = config_from_shapes(normalize_keys(dict(shapes)) if normalize_keys else dict(shapes))
     # build's contract: parameters on meta, non-persistent buffers real on ``device`` (assign-load fills the rest)
     module = build(cfg, torch.device(device))
-
-    targets: set[str] = set()
-    plans = []
-    for lora, _ in loras:
-        plan = lora_deltas(lora, shapes)
-        plans.append(plan)
-        targets |= set(plan.deltas)
-
-    def read_dtype(k: str) -> torch.dtype:
-        return torch.float32 if k in targets else _dtype_for(dtype, k)
-
-    stream: Iterable[tuple[str, Tensor]] = (
-        item for info in infos for item in iter_tensors(info, dtype=read_dtype, device=device)
-    )
-    reports = []
-    for (lora, strength), plan in zip(loras, plans):
-        stream, report = merge_lora(stream, lora, strength, shapes, out_dtype=dtype, plan=plan)
-        reports.append(report)
-    state = dict(stream)
+    state = dict(iter_tensors(info, dtype=dtype, device=device))
     if normalize_keys:
         state = normalize_keys(state)
-    load_module(module, state.items(), source=" + ".join(str(i.path) for i in infos), allow_missing=allow_missing)
-    return module, cfg, reports
-
-
-# --------------------------------------------------------------------------------------------------------
-# writing (tiny-model generator, benchmarks, tests)
-
-
-def write_scaled_fp8(
-    path: Path,
-    tensors: Mapping[str, Tensor],
-    *,
-    fp8_keys: Callable[[str], bool] | Collection[str],
-    prefix: str = "",
-    marker_elems: int | None = 0,
-    metadata: Mapping[str, str] | None = None,
-    scale_suffix: str = "scale_weight",
-) -> None:
-    """Write the legacy ComfyUI scaled-fp8 format (formats.md 3.1).
-
-    Chosen ``*.weight`` tensors become F8_E4M3 ``W / scale`` (scale = absmax / 448, 1 for an all-zero
-    tensor) with a per-tensor F32 ``<layer>.<scale_suffix>`` of shape ``[]`` (``"scale_weight"``, or
-    ``"weight_scale"`` as kijai's files may spell it); the others are written as given. A ``scaled_fp8``
-    marker of ``marker_elems`` fp8 elements is added (2 = "full-precision matmul only"; None = no marker).
-    Every key gets ``prefix``. Written to a temporary name and renamed, so readers never see half a file.
-    """
-    if scale_suffix not in ("scale_weight", "weight_scale"):
-        raise ValueError(f"scale_suffix must be 'scale_weight' or 'weight_scale', not {scale_suffix!r}")
-    chosen = fp8_keys if callable(fp8_keys) else set(fp8_keys).__contains__
-    if not callable(fp8_keys):
-        absent = sorted(set(fp8_keys) - set(tensors))
-        if absent:
-            raise ValueError(f"fp8_keys not among the tensors: {absent[:5]}")
-    out: dict[str, Tensor] = {}
-    for key, t in tensors.items():
-        t = t.detach().cpu()
-        if chosen(key):
-            if not key.endswith(".weight") or not t.is_floating_point():
-                raise ValueError(f"only floating-point '*.weight' tensors can be stored as fp8, not {key!r}")
-            w = t.float()
-            absmax = float(w.abs().max()) if w.numel() else 0.0
-            scale = absmax / E4M3_MAX if absmax > 0 else 1.0
-            out[prefix + key] = (w / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-            out[prefix + key[: -len("weight")] + scale_suffix] = torch.tensor(scale, dtype=torch.float32)
-        else:
-            out[prefix + key] = t.clone().contiguous()
-    if marker_elems is not None:
-        out[prefix + _MARKER] = torch.zeros(marker_elems, dtype=torch.float8_e4m3fn)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        save_file(out, str(tmp), metadata=dict(metadata) if metadata else None)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    load_module(module, state.items(), source=str(info.path))
+    return module, cfg
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from engine.attention import attention, sdpa_backend
 from engine.dit import (
     RELEASED,
     TINY,
+    ContextEmb,
     WanInfiniteTalk,
     apply_rope,
     config_from_shapes,
@@ -30,6 +31,7 @@ from engine.dit import (
     select_audio_windows,
     speaker_positions,
 )
+from tests.engine.forward import fwd
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "fixtures" / "manifests"
 
@@ -202,7 +204,7 @@ def test_matches_diffusers_wan_i2v() -> None:
     inp["t"] = torch.tensor([999.0, 250.0])
     padded = F.pad(inp["context"], (0, 0, 0, TINY.text_len - inp["context"].shape[1]))
     with torch.no_grad():
-        got = ours(**inp)
+        got = fwd(ours, **inp)
         want = ref(torch.cat([inp["x"], inp["y"]], 1), inp["t"], padded, inp["clip_fea"], return_dict=False)[0]
     assert got.dtype == torch.float32 and got.shape == want.shape == (2, 16, 3, 4, 6)
     err = (got - want).abs().max().item()
@@ -378,14 +380,14 @@ def test_two_speaker_forward(tiny_model: WanInfiniteTalk, monkeypatch: pytest.Mo
     real = dit.reference_attention_map
     monkeypatch.setattr(dit, "reference_attention_map", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
-        two = tiny_model(**inp, ref_target_masks=masks)
+        two = fwd(tiny_model, **inp, ref_target_masks=masks)
         assert len(calls) == TINY.num_layers  # once per block for two speakers
-        one = tiny_model(**{**inp, "audio": inp["audio"][:, :1]})
+        one = fwd(tiny_model, **{**inp, "audio": inp["audio"][:, :1]})
         assert len(calls) == TINY.num_layers  # never for one speaker
     assert torch.isfinite(two).all()
     assert (two - one).abs().max() > 1e-3
     with pytest.raises(ValueError, match="ref_target_masks"), torch.no_grad():
-        tiny_model(**inp)
+        fwd(tiny_model, **inp)
 
 
 # 8. tiny forward ----------------------------------------------------------------------------------
@@ -394,12 +396,12 @@ def test_two_speaker_forward(tiny_model: WanInfiniteTalk, monkeypatch: pytest.Mo
 def test_tiny_forward_deterministic_and_precomputed_embeddings(tiny_model: WanInfiniteTalk) -> None:
     inp = _tiny_inputs()
     with torch.no_grad():
-        a = tiny_model(**inp)
-        b = tiny_model(**inp)
+        a = fwd(tiny_model, **inp)
+        b = fwd(tiny_model, **inp)
         ctx = tiny_model.embed_context(inp["context"], inp["clip_fea"])
         aud = tiny_model.embed_audio(inp["audio"])
-        c = tiny_model(inp["x"], inp["t"], y=inp["y"], context_emb=ctx, audio_emb=aud)
-        other_t = tiny_model(**{**inp, "t": torch.full((1,), 100.0)})
+        c = tiny_model(inp["x"], inp["t"], inp["y"], ContextEmb(ctx, aud))
+        other_t = fwd(tiny_model, **{**inp, "t": torch.full((1,), 100.0)})
     assert a.shape == (1, 16, 3, 4, 4) and a.dtype == torch.float32 and torch.isfinite(a).all()
     assert torch.equal(a, b) and torch.equal(a, c)
     assert (a - other_t).abs().max() > 1e-3
@@ -446,23 +448,22 @@ def test_context_kv_forward_is_bit_identical(
         inp["clip_fea"] = None  # no CLIP file: the image branch attends to the text (n_img = 0)
     masks = _two_speaker_masks() if people == 2 else None
     with torch.inference_mode():
-        want = model(**inp, ref_target_masks=masks)
+        want = fwd(model, **inp, ref_target_masks=masks)
         ctx = model.embed_context(inp["context"], inp["clip_fea"])
         aud = model.embed_audio(inp["audio"])
         kv = model.context_kv(ctx, aud)
         calls, handles = _count_context_projections(model)
-        got = model(inp["x"], inp["t"], y=inp["y"], ref_target_masks=masks, context_kv=kv)
-        again = model(inp["x"], torch.full((1,), 300.0), y=inp["y"], ref_target_masks=masks, context_kv=kv)
+        got = model(inp["x"], inp["t"], inp["y"], kv, masks)
+        again = model(inp["x"], torch.full((1,), 300.0), inp["y"], kv, masks)
         assert calls[0] == 0  # the cache replaced every context projection
-        plain_again = model(inp["x"], torch.full((1,), 300.0), y=inp["y"], ref_target_masks=masks,
-                            context_emb=ctx, audio_emb=aud)
+        plain_again = model(inp["x"], torch.full((1,), 300.0), inp["y"], ContextEmb(ctx, aud), masks)
         assert calls[0] == len(_CONTEXT_LAYERS) * TINY.num_layers  # the plain path projects in every block
         for h in handles:
             h.remove()
         # The cache is what the blocks attend to: one built from another prompt changes the result. (Not a
         # permutation of the same tokens: unmasked attention without key positions is invariant to that.)
         other = model.context_kv(model.embed_context(-inp["context"], inp["clip_fea"]), aud)
-        changed = model(inp["x"], inp["t"], y=inp["y"], ref_target_masks=masks, context_kv=other)
+        changed = model(inp["x"], inp["t"], inp["y"], other, masks)
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     assert torch.equal(got, want)
     assert torch.equal(again, plain_again)  # another step (t) reuses the same cache
@@ -497,8 +498,8 @@ def test_context_kv_batch_one_context_expands(tiny_model: WanInfiniteTalk) -> No
     with torch.inference_mode():
         emb = tiny_model.embed_context(ctx1, inp["clip_fea"][:1])  # [1, ...], expanded to the batch of 2
         aud = tiny_model.embed_audio(inp["audio"])
-        want = tiny_model(inp["x"], inp["t"], y=inp["y"], context_emb=emb, audio_emb=aud)
-        got = tiny_model(inp["x"], inp["t"], y=inp["y"], context_kv=tiny_model.context_kv(emb, aud))
+        want = tiny_model(inp["x"], inp["t"], inp["y"], ContextEmb(emb, aud))
+        got = tiny_model(inp["x"], inp["t"], inp["y"], tiny_model.context_kv(emb, aud))
     # Same math; projecting one row instead of an expanded batch may round differently.
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -509,13 +510,12 @@ def test_context_kv_validation(tiny_model: WanInfiniteTalk) -> None:
         ctx = tiny_model.embed_context(inp["context"], inp["clip_fea"])
         aud = tiny_model.embed_audio(inp["audio"])
         kv = tiny_model.context_kv(ctx, aud)
-        with pytest.raises(ValueError, match="context_kv alone"):
-            tiny_model(inp["x"], inp["t"], y=inp["y"], ref_target_masks=_two_speaker_masks(), context_kv=kv,
-                       context_emb=ctx)
+        with pytest.raises(TypeError, match="ContextEmb .*or a ContextKV"):  # one conditioning object, nothing else
+            tiny_model(inp["x"], inp["t"], inp["y"], ctx, _two_speaker_masks())
         with pytest.raises(ValueError, match="latent frames"):  # cache of 3 latent frames, latent of 2
-            tiny_model(inp["x"][:, :, :2], inp["t"], y=inp["y"][:, :, :2], context_kv=kv)
+            tiny_model(inp["x"][:, :, :2], inp["t"], inp["y"][:, :, :2], kv)
         with pytest.raises(ValueError, match="ref_target_masks"):  # two speakers still need the masks
-            tiny_model(inp["x"], inp["t"], y=inp["y"], context_kv=kv)
+            tiny_model(inp["x"], inp["t"], inp["y"], kv)
         with pytest.raises(ValueError, match="fewer than text_len"):
             tiny_model.text_kv(ctx[:, :10])
 
@@ -555,14 +555,14 @@ def test_context_kv_with_compiled_blocks_one_graph_no_recompiles(tiny_model: Wan
     masks = _two_speaker_masks()
     with torch.inference_mode():
         kv = model.context_kv(model.embed_context(inp["context"], inp["clip_fea"]), model.embed_audio(inp["audio"]))
-        eager = model(inp["x"], inp["t"], y=inp["y"], ref_target_masks=masks, context_kv=kv)
+        eager = model(inp["x"], inp["t"], inp["y"], kv, masks)
         compile_blocks(model)
-        out = model(inp["x"], inp["t"], y=inp["y"], ref_target_masks=masks, context_kv=kv)
+        out = model(inp["x"], inp["t"], inp["y"], kv, masks)
         assert counters["stats"]["unique_graphs"] == 1 and counters["frames"]["ok"] == 1
         nxt = _tiny_inputs(p=2, seed=5)  # the next chunk: new context, audio and latent, same shapes
         kv2 = model.context_kv(model.embed_context(nxt["context"], nxt["clip_fea"]), model.embed_audio(nxt["audio"]))
         with torch._dynamo.config.patch(error_on_recompile=True):
-            model(inp["x"], torch.full((1,), 200.0), y=inp["y"], ref_target_masks=masks, context_kv=kv)
-            model(nxt["x"], nxt["t"], y=nxt["y"], ref_target_masks=masks, context_kv=kv2)
+            model(inp["x"], torch.full((1,), 200.0), inp["y"], kv, masks)
+            model(nxt["x"], nxt["t"], nxt["y"], kv2, masks)
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()

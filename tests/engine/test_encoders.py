@@ -1,6 +1,6 @@
 """The three encoders (umT5, CLIP vision, wav2vec2) built from transformers modules.
 
-Released key sets are checked against manifests enumerated independently from formats.md
+Released key sets are checked against manifests enumerated independently from docs/formats.md
 (tests/fixtures/manifests/make_encoder_manifests.py); runtime functions are checked against references
 written out here from the library's own forward passes and the official formulas.
 """
@@ -106,7 +106,7 @@ def test_manifest_files_match_their_generator():
     spec.loader.exec_module(gen)
     for name, make in gen.MANIFESTS.items():
         assert (MANIFESTS / f"{name}.tsv").read_text(encoding="utf-8") == gen.render(make()), name
-    # sizes stated in formats.md / model.md
+    # sizes stated in docs/formats.md / docs/model.md
     assert len(read_manifest("wav2vec2")) == 211
     assert sum(np.prod(s) for s in read_manifest("clip_vision_h").values()) == 632_076_800
 

@@ -35,6 +35,7 @@ from engine.fast import (
     supports_fp8,
 )
 from tests.conftest import dit_inputs
+from tests.engine.forward import fwd
 
 CUDA_FP8 = torch.cuda.is_available() and supports_fp8("cuda")
 needs_fp8_gpu = pytest.mark.skipif(not CUDA_FP8, reason="needs a CUDA GPU of compute capability 8.9+ (fp8 GEMMs)")
@@ -156,7 +157,7 @@ def test_enable_fp8_keeps_names_and_keys_and_stays_close() -> None:
     model = _tiny()
     kw = _inputs()
     with torch.no_grad():
-        ref = model(**kw)
+        ref = fwd(model, **kw)
     before = model.state_dict()
     n = enable_fp8(model)
     assert n == dit.TINY.num_layers * len(FP8_TARGETS) == 30
@@ -179,7 +180,7 @@ def test_enable_fp8_keeps_names_and_keys_and_stays_close() -> None:
     for key in ("head.head.weight", "audio_proj.proj1.weight", "text_embedding.0.weight", "img_emb.proj.1.weight"):
         assert after[key].dtype == torch.float32 and torch.equal(after[key], before[key])
     with torch.no_grad():
-        out = model(**kw)
+        out = fwd(model, **kw)
     # Numerically close to the fp32 model (fp8 rounding of every GEMM input; measured ~2e-2 on this model).
     assert out.shape == ref.shape and torch.isfinite(out).all()
     rel = _rel_l2(out, ref)
@@ -245,20 +246,20 @@ def test_compile_blocks_one_graph_for_all_blocks_no_recompiles() -> None:
     model = _tiny()
     enable_fp8(model)
     with torch.no_grad():
-        eager = model(**_inputs())
+        eager = fwd(model, **_inputs())
         compile_blocks(model, backend="aot_eager")
         keys_before = set(model.state_dict())
-        out = model(**_inputs())
+        out = fwd(model, **_inputs())
         torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
         # Both blocks ran through one compiled frame: the second block reused the first one's graph.
         assert counters["stats"]["unique_graphs"] == 1 and counters["frames"]["ok"] == 1
         with torch._dynamo.config.patch(error_on_recompile=True):
-            model(**_inputs(seed=2))  # another step / chunk: new values, same shapes
-        model(**_inputs(h=6))  # a new bucket compiles once ...
+            fwd(model, **_inputs(seed=2))  # another step / chunk: new values, same shapes
+        fwd(model, **_inputs(h=6))  # a new bucket compiles once ...
         assert counters["frames"]["ok"] == 2
         with torch._dynamo.config.patch(error_on_recompile=True):  # ... and switching back and forth is free
-            model(**_inputs(seed=3))
-            model(**_inputs(h=6, seed=4))
+            fwd(model, **_inputs(seed=3))
+            fwd(model, **_inputs(h=6, seed=4))
     assert set(model.state_dict()) == keys_before  # compiling in place keeps the keys
     torch._dynamo.reset()
 
@@ -273,7 +274,7 @@ def test_compile_blocks_compiles_every_bucket_not_just_eight() -> None:
         compile_blocks(model, backend="aot_eager")
         assert torch._dynamo.config.recompile_limit >= 36
         for h in range(2, 22, 2):  # ten token counts (the patch is 2x2)
-            model(**_inputs(h=h))
+            fwd(model, **_inputs(h=h))
         assert counters["frames"]["ok"] == 10, dict(counters["frames"])
     torch._dynamo.reset()
 
@@ -320,12 +321,12 @@ def test_cuda_compiled_fp8_tiny_dit_close_to_bf16_eager() -> None:
     model = _tiny(torch.bfloat16, "cuda")
     kw = _inputs(device="cuda", dtype=torch.bfloat16)
     with torch.no_grad(), preferred_attention():
-        ref = model(**kw)
+        ref = fwd(model, **kw)
         enable_fp8(model)
         compile_blocks(model)
-        out = model(**kw)
+        out = fwd(model, **kw)
         with torch._dynamo.config.patch(error_on_recompile=True):
-            model(**_inputs(seed=5, device="cuda", dtype=torch.bfloat16))
+            fwd(model, **_inputs(seed=5, device="cuda", dtype=torch.bfloat16))
     assert _rel_l2(out, ref) < 5e-2
     torch._dynamo.reset()
 
@@ -373,14 +374,14 @@ def test_use_flash3_routes_every_self_attention_through_fa3(monkeypatch: pytest.
     model = _tiny()
     kw = _inputs()
     with torch.no_grad():
-        ref = model(**kw)
+        ref = fwd(model, **kw)
         assert fast.use_flash3(model) == len(model.blocks) and fast.uses_flash3(model)
-        got = model(**kw)
+        got = fwd(model, **kw)
         assert len(calls) == len(model.blocks)
         torch.testing.assert_close(got, ref)
         fast.use_flash3(model, on=False)
         assert not fast.uses_flash3(model)
-        torch.testing.assert_close(model(**kw), ref)
+        torch.testing.assert_close(fwd(model, **kw), ref)
     assert len(calls) == len(model.blocks)
 
 
@@ -405,11 +406,11 @@ def test_cuda_flash3_matches_sdpa_per_call_and_in_the_compiled_tiny_dit() -> Non
     model = _tiny(torch.bfloat16, "cuda")
     kw = _inputs(device="cuda", dtype=torch.bfloat16)
     with torch.no_grad(), preferred_attention():
-        ref = model(**kw)
+        ref = fwd(model, **kw)
         fast.use_flash3(model)
-        eager = model(**kw)
+        eager = fwd(model, **kw)
         compile_blocks(model)
-        out = model(**kw)
+        out = fwd(model, **kw)
     assert _rel_l2(eager, ref) < 1e-2 and _rel_l2(out, ref) < 2e-2
     torch._dynamo.reset()
 

@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from engine import models_dir as md
 from engine import weights as wt
+from tests.engine.forward import fwd
 
 
 @pytest.fixture()
@@ -36,8 +37,9 @@ def test_tiny_folder_has_the_real_layout(tiny_models: Path) -> None:
 def test_doctor_passes_on_the_tiny_folder(tiny_models: Path) -> None:
     ok, lines = md.doctor(tiny_models)
     assert ok, "\n".join(lines)
-    assert len(lines) == len(md.ROLES)
+    assert len(lines) == len(md.ROLES) + 1  # one per file, and where the tokenizer comes from
     assert all(line.startswith("ok") for line in lines), "\n".join(lines)
+    assert any("tokenizer" in line and "spiece_model tensor" in line for line in lines)
     assert any("fp8-scaled" in line and "dit" in line for line in lines)
 
 
@@ -192,8 +194,8 @@ def test_fp8_from_the_file_is_closer_than_requantised(tiny_models: Path) -> None
     fast.enable_fp8(requant, targets=targets, fast_accum=True)
     kw = dit_inputs(ref.cfg)
     with torch.inference_mode():
-        want = ref(**kw)
-        err = {name: ((m(**kw) - want).norm() / want.norm()).item() for name, m in (("exact", exact),
+        want = fwd(ref, **kw)
+        err = {name: ((fwd(m, **kw) - want).norm() / want.norm()).item() for name, m in (("exact", exact),
                                                                                  ("requant", requant))}
     assert 0 < err["exact"] < 0.8 * err["requant"], err
 
@@ -248,3 +250,87 @@ def test_engine_identity_names_fa3_and_fa3_needs_the_fast_path(tiny_models: Path
     monkeypatch.setattr(attention, "flash3_available", lambda device=None: True)
     fast.use_flash3(models.dit)
     assert "dit_attention" not in plain and Engine(models).identity() == plain + ";dit_attention=fa3"
+
+
+def test_tiny_model_files_follow_the_umask(tiny_models: Path) -> None:
+    """safetensors alone writes 0600; a models folder is usually read by other users (the daemon's account)."""
+    want = wt.file_mode()
+    assert want & 0o777 == 0o666 & ~_umask()
+    files = [p for p in tiny_models.rglob("*.safetensors")]
+    assert len(files) == len(md.ROLES)
+    for p in files:
+        assert p.stat().st_mode & 0o777 == want, p
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _without_spiece(models: Path) -> Path:
+    """Rewrite the tiny umT5 file without its spiece_model tensor (as some text-encoder files come)."""
+    path = models / "text_encoders" / md.ROLE_BY_NAME["text_encoder"].default
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "spiece_model"}  # noqa: SIM118 (safe_open is not iterable)
+        meta = f.metadata()
+    wt.save_tensors(path, tensors, meta)
+    return path
+
+
+def test_tokenizer_from_engine_files_when_the_umt5_file_has_none(models: Path, tmp_path: Path) -> None:
+    from engine.api import EngineOptions
+    from engine.text_encoder import TINY_CONFIG, Tokenizer, make_tiny_spiece
+
+    te = _without_spiece(models)
+    ok, lines = md.doctor(models)
+    assert not ok and any(ln.startswith("MISSING") and "tokenizer" in ln and te.name in ln for ln in lines)
+    spiece = tmp_path / "spiece.model"
+    spiece.write_bytes(make_tiny_spiece(TINY_CONFIG.vocab_size))  # a real SentencePiece model file
+    files = {"tokenizer": str(spiece)}
+    ok, lines = md.doctor(models, files)
+    assert ok, "\n".join(lines)
+    assert any(ln.startswith("ok") and "tokenizer" in ln and str(spiece) in ln and "engine.files.tokenizer" in ln
+               for ln in lines)
+    m = md.load_models(EngineOptions(models_dir=models, device="cpu", dtype="float32", preset="quality", files=files))
+    assert str(spiece) in m.tokenizer_source
+    text = "a person speaks calmly"
+    assert m.tokenizer.encode(text) == Tokenizer.from_file(spiece).encode(text)
+
+    spiece.write_bytes(b"not a sentencepiece model")
+    ok, lines = md.doctor(models, files)
+    assert not ok and any(ln.startswith("BAD") and str(spiece) in ln for ln in lines)
+    with pytest.raises(wt.WeightsError, match=r"spiece\.model"):
+        md.load_models(EngineOptions(models_dir=models, device="cpu", dtype="float32", preset="quality", files=files))
+
+
+def test_tokenizer_inside_the_file_wins_and_is_named(tiny_models: Path) -> None:
+    from engine.api import EngineOptions
+
+    m = md.load_models(EngineOptions(models_dir=tiny_models, device="cpu", dtype="float32", preset="quality",
+                                     files={"tokenizer": "/nonexistent/spiece.model"}))
+    assert "spiece_model tensor" in m.tokenizer_source
+
+
+def test_engine_log_records_are_events_with_fields(tiny_models: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Every engine record is an event name plus fields (for the daemon's JSON logs), never prose with values
+    formatted into it; a field may be called like a LogRecord attribute."""
+    import logging
+
+    from engine.api import EngineOptions
+    from engine.events import LOGGER_NAME, emit
+
+    with caplog.at_level(logging.INFO, logger=LOGGER_NAME):
+        md.load_models(EngineOptions(models_dir=tiny_models, device="cpu", dtype="float32", preset="lightx2v",
+                                     memory_mode="auto"))
+        emit("engine.test", name="x", module="y")
+    records = [r for r in caplog.records if r.name == LOGGER_NAME]
+    events = [getattr(r, "event", None) for r in records]
+    assert {"engine.memory_mode", "engine.load_dit", "engine.lora_merged", "engine.test"} <= set(events), events
+    for r in records:
+        assert r.getMessage() == r.event and isinstance(r.fields, dict), r.getMessage()
+    merged = next(r for r in records if r.event == "engine.lora_merged")
+    assert merged.fields["weights"] > 0 and merged.fields["strength"] == 1.0
+    assert records[-1].fields == {"name": "x", "module": "y"}

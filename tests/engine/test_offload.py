@@ -1,4 +1,4 @@
-"""Tests for engine/offload.py: DiT blocks streamed from host memory (low-memory mode, issue 5).
+"""Tests for engine/offload.py: DiT blocks streamed from host memory (low-memory mode).
 
 On CPU ``stream_blocks(dit, "cpu")`` runs the real packing, slot copies and hooks synchronously, so a streamed
 tiny DiT must give bit-identical outputs to the plain one. The CUDA path (pinned memory, side stream, events) is
@@ -23,6 +23,7 @@ from engine.offload import (
     stream_blocks,
 )
 from tests.conftest import dit_inputs as _inputs
+from tests.engine.forward import fwd
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (pinned memory, streams)")
 
@@ -45,12 +46,12 @@ def test_streamed_forward_is_bit_identical(layers: int, prefetch: int) -> None:
     m = _tiny(layers)
     kw = _inputs(m.cfg)
     with torch.inference_mode():
-        ref = m(**kw)
+        ref = fwd(m, **kw)
     s = stream_blocks(m, "cpu", prefetch=prefetch)
     with torch.inference_mode():
-        out1 = m(**kw)
-        out2 = m(**kw)
-    out3 = m(**kw)  # outside inference mode too
+        out1 = fwd(m, **kw)
+        out2 = fwd(m, **kw)
+    out3 = fwd(m, **kw)  # outside inference mode too
     assert torch.equal(out1, ref) and torch.equal(out2, ref) and torch.equal(out3, ref)
     assert s.copies == 3 * layers  # every block copied once per forward, none twice
 
@@ -63,9 +64,9 @@ def test_streamed_forward_matches_in_bf16_with_two_speakers() -> None:
     kw["ref_target_masks"][:, 0, :, :2] = 1
     kw["ref_target_masks"][:, 1, :, 2:] = 1
     with torch.inference_mode():
-        ref = m(**kw)
+        ref = fwd(m, **kw)
         stream_blocks(m, "cpu")
-        assert torch.equal(m(**kw), ref)
+        assert torch.equal(fwd(m, **kw), ref)
 
 
 # 2. structure ----------------------------------------------------------------------------------------
@@ -103,14 +104,14 @@ def test_structure_keys_values_hooks_and_host_layout() -> None:
 def test_remove_detaches_hooks_and_keeps_weights() -> None:
     m = _tiny(2)
     kw = _inputs(m.cfg)
-    ref = m(**kw)
+    ref = fwd(m, **kw)
     s = stream_blocks(m, "cpu")
-    m(**kw)
+    fwd(m, **kw)
     s.remove()
     assert m._block_streamer is None and not m._forward_pre_hooks and not m.blocks[0]._forward_pre_hooks
-    assert torch.equal(m(**kw), ref)  # still runs: the host views are ordinary CPU tensors
+    assert torch.equal(fwd(m, **kw), ref)  # still runs: the host views are ordinary CPU tensors
     stream_blocks(m, "cpu")  # and may be streamed again
-    assert torch.equal(m(**kw), ref)
+    assert torch.equal(fwd(m, **kw), ref)
 
 
 # 3. behaviour around the loop ------------------------------------------------------------------------
@@ -123,17 +124,17 @@ def test_host_writes_between_forwards_are_seen() -> None:
     m, plain = _tiny(2), _tiny(2)
     kw = _inputs(m.cfg)
     stream_blocks(m, "cpu")
-    m(**kw)
+    fwd(m, **kw)
     new = torch.randn_like(plain.blocks[0].audio_cross_attn.proj.weight)
     for model in (m, plain):
         dict(model.named_parameters())["blocks.0.audio_cross_attn.proj.weight"].data.copy_(new)
-    assert torch.equal(m(**kw), plain(**kw))
+    assert torch.equal(fwd(m, **kw), fwd(plain, **kw))
 
 
 def test_a_block_that_raises_leaves_the_model_usable() -> None:
     m = _tiny(3)
     kw = _inputs(m.cfg)
-    ref = m(**kw)
+    ref = fwd(m, **kw)
     s = stream_blocks(m, "cpu")
     blk = m.blocks[1]
     real = blk.forward
@@ -145,12 +146,12 @@ def test_a_block_that_raises_leaves_the_model_usable() -> None:
 
     blk.forward = failing  # type: ignore[method-assign]
     with pytest.raises(torch.OutOfMemoryError):
-        m(**kw)
+        fwd(m, **kw)
     # the always-call post hooks put the block back on its host views and closed the forward
     assert s._active is None and not s._in_forward
     assert all(p.data_ptr() == h.data_ptr() for p, h in zip(s._tensors[1], s._host[1]))
     del blk.forward
-    assert torch.equal(m(**kw), ref)
+    assert torch.equal(fwd(m, **kw), ref)
 
 
 def test_layers_replaced_after_streaming_are_refused() -> None:
@@ -161,7 +162,7 @@ def test_layers_replaced_after_streaming_are_refused() -> None:
     old = m.blocks[1].ffn[2]
     m.blocks[1].ffn[2] = torch.nn.Linear(old.in_features, old.out_features)
     with pytest.raises(RuntimeError, match="changed after stream_blocks"):
-        m(**kw)
+        fwd(m, **kw)
 
 
 def test_block_called_on_its_own_outside_a_forward() -> None:
@@ -188,13 +189,13 @@ def test_composes_with_compiled_blocks() -> None:
     m = _tiny(2)
     kw = _inputs(m.cfg)
     with torch.inference_mode():
-        ref = m(**kw)
+        ref = fwd(m, **kw)
     s = stream_blocks(m, "cpu")
     for b in m.blocks:
         b.compile(backend="eager", dynamic=False)
     with torch.inference_mode():
-        assert torch.equal(m(**kw), ref)
-        assert torch.equal(m(**kw), ref)
+        assert torch.equal(fwd(m, **kw), ref)
+        assert torch.equal(fwd(m, **kw), ref)
     assert s.copies == 4
 
 
@@ -259,11 +260,11 @@ def test_load_models_low_mode_streams_and_swaps_adapters(tiny_models: Path) -> N
     kw["ref_target_masks"] = torch.ones(1, 3, 4, 4)
     one = dict(kw, audio=kw["audio"][:, :1], ref_target_masks=None)
     with torch.inference_mode():
-        assert torch.equal(low.dit(**one), res.dit(**one))
+        assert torch.equal(fwd(low.dit, **one), fwd(res.dit, **one))
         low.swap_patch(2)
         res.swap_patch(2)  # writes the multi adapter into the host tensors of the streamed blocks
-        assert torch.equal(low.dit(**kw), res.dit(**kw))
-        assert torch.equal(low.dit(**one), res.dit(**one))
+        assert torch.equal(fwd(low.dit, **kw), fwd(res.dit, **kw))
+        assert torch.equal(fwd(low.dit, **one), fwd(res.dit, **one))
 
 
 def test_load_dit_low_mode_fp8_streams_fp8_blocks_identical_to_resident_fp8(tiny_models: Path) -> None:
@@ -286,7 +287,7 @@ def test_load_dit_low_mode_fp8_streams_fp8_blocks_identical_to_resident_fp8(tiny
     assert low._block_streamer.host_bytes < 0.5 * bf16_bytes  # fp32 test weights: fp8 is a quarter of them
     kw = _inputs(low.cfg)
     with torch.inference_mode():
-        assert torch.equal(low(**kw), res(**kw))
+        assert torch.equal(fwd(low, **kw), fwd(res, **kw))
 
 
 # 6. CUDA ---------------------------------------------------------------------------------------------
@@ -298,11 +299,11 @@ def test_cuda_streaming_is_pinned_and_identical() -> None:
     m = _tiny(4, torch.bfloat16).cuda()
     kw = _inputs(m.cfg, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
-        ref = m(**kw)
+        ref = fwd(m, **kw)
         s = stream_blocks(m, "cuda")
         assert s.pinned and all(p.is_pinned() for b in m.blocks for p in b.parameters())
         assert all(p.is_cuda for n, p in m.named_parameters() if not n.startswith("blocks."))
-        out = m(**kw)
+        out = fwd(m, **kw)
         torch.cuda.synchronize()
     assert torch.equal(out, ref) and s.copies == 4
 
@@ -317,7 +318,7 @@ def test_cuda_streaming_from_host_blocks_keeps_gpu_memory_low() -> None:
     before = torch.cuda.memory_allocated()
     s = stream_blocks(m, "cuda")
     with torch.inference_mode():
-        m(**kw)
+        fwd(m, **kw)
     torch.cuda.synchronize()
     weights_on_gpu = torch.cuda.memory_allocated() - before
     assert weights_on_gpu < block_bytes / 2  # 2 slots of 6 blocks plus the small non-block part
@@ -344,7 +345,7 @@ def test_cuda_load_models_low_mode_fp8(tiny_models: Path) -> None:
     assert not isinstance(res.dit.blocks[0].audio_cross_attn.q_linear, fast.Fp8Linear)
     kw = _inputs(low.dit.cfg, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
-        a, b = low.dit(**kw), res.dit(**kw)
+        a, b = fwd(low.dit, **kw), fwd(res.dit, **kw)
     # same fp8 weights and kernels; only the weights' addresses differ (slot views), which can change the GEMM
     # kernel cuBLASLt picks, so allow last-bit differences
     assert torch.equal(a, b) or ((a - b).norm() / b.norm()).item() < 1e-3

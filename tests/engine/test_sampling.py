@@ -1,6 +1,6 @@
 """Tests for engine/sampling.py: schedule, guidance, chunk plan, audio windows, speakers, noise.
 
-Expected numbers are worked out by hand from the official InfiniteTalk formulation (model.md 8, 9;
+Expected numbers are worked out by hand from the official InfiniteTalk formulation (docs/model.md §8, §9;
 MeiGen-AI/InfiniteTalk wan/multitalk.py and wan/utils/multitalk_utils.py) and written as literals.
 """
 

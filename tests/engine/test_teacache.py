@@ -10,6 +10,7 @@ import torch
 from engine import dit
 from engine.teacache import COEFFICIENTS, TeaCache, coefficients_for
 from tests.conftest import dit_inputs
+from tests.engine.forward import fwd
 
 IDENTITY = (1.0, 0.0)  # rescale(x) = x: the accumulated value is the sum of the relative changes
 
@@ -69,17 +70,17 @@ def test_dit_with_a_cache_that_runs_is_bit_identical_and_a_skip_reuses_the_resid
     model = dit.WanInfiniteTalk(dit.TINY).eval().requires_grad_(False)
     kw = dit_inputs(model.cfg)
     with torch.no_grad():
-        plain = model(**kw)
+        plain = fwd(model, **kw)
         cache = TeaCache(1e9, IDENTITY, warmup_calls=1)  # runs once, then skips every call
-        first = model(**kw, block_cache=cache)
+        first = fwd(model, **kw, block_cache=cache)
         assert torch.equal(first, plain)
         # same inputs again, blocks skipped: tokens + the residual of the first call = the blocks' output
-        again = model(**kw, block_cache=cache)
+        again = fwd(model, **kw, block_cache=cache)
         assert cache.skipped == 1
         torch.testing.assert_close(again, plain, rtol=1e-5, atol=1e-5)
         # new inputs while skipping: an estimate, not the forward (the approximation the option trades for speed)
         other = dict(kw, x=kw["x"] + 1)
-        assert not torch.allclose(model(**other, block_cache=cache), model(**other), atol=1e-3)
+        assert not torch.allclose(fwd(model, **other, block_cache=cache), fwd(model, **other), atol=1e-3)
 
 
 def test_render_with_teacache_skips_blocks_and_reports_it(tiny_models: Path, tmp_path: Path,
