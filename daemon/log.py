@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ __all__ = ["setup_logging", "job_log", "get_logger", "ENGINE_LOGGER"]
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-def _record_fields(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _record_fields(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Lift the fields of an engine event (engine/events.py: ``record.fields``) into the line, so the
     engine's records are structured in JSON and readable on the console, never a dict in a dict."""
     record = event_dict.get("_record")
@@ -43,7 +43,7 @@ def _record_fields(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict
     return event_dict
 
 
-def _short_identity(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _short_identity(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Console only: the engine identity (hundreds of characters) shortened; JSON keeps it whole."""
     identity = event_dict.get("identity")
     if isinstance(identity, str):
