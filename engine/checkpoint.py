@@ -149,5 +149,6 @@ def load(directory: Path, recipe: str) -> Checkpoint | str:
 
 def clear(directory: Path) -> None:
     """Remove the checkpoint and every segment (a fresh start in ``directory``)."""
-    for p in [directory / CHECKPOINT_NAME, *directory.glob("seg_*.mp4"), *directory.glob("seg_*.part")]:
+    for p in [directory / CHECKPOINT_NAME, *directory.glob("*.tmp"), *directory.glob("seg_*.mp4"),
+              *directory.glob("seg*.part")]:
         p.unlink(missing_ok=True)

@@ -43,13 +43,13 @@ def _hashes(path: Path) -> list[str]:
         return [hashlib.sha256(f.to_ndarray(format="rgb24").tobytes()).hexdigest() for f in c.decode(video=0)]
 
 
-def _stop_after(chunks: int):
+def _stop_after(chunks: int, steps_per_chunk: int):
     """should_stop that stops the render in chunk ``chunks`` (0-based), after ``chunks`` finished chunks."""
     steps: list[int] = []
 
     def should_stop() -> bool:
         steps.append(1)
-        return len(steps) > chunks * 4 + 1  # lightx2v: 4 steps per chunk; stop at the 2nd step of that chunk
+        return len(steps) > chunks * steps_per_chunk + 1  # at the 2nd step of that chunk
 
     return should_stop
 
@@ -79,7 +79,7 @@ def test_interrupted_render_resumes_with_identical_frames(engine, reference, tmp
     caplog.set_level(logging.INFO, logger=LOGGER_NAME)
     req, ck, out = _request(tmp_path), tmp_path / "ck", tmp_path / "out.mp4"
     with pytest.raises(RenderStopped):
-        engine.render(req, out, lambda p: None, _stop_after(stop_in), checkpoint_dir=ck)
+        engine.render(req, out, lambda p: None, _stop_after(stop_in, req.steps), checkpoint_dir=ck)
     assert not out.exists()
     assert sorted(p.name for p in ck.glob("seg_*.mp4")) == [f"seg_{i:05d}.mp4" for i in range(stop_in)]
     size = (ck / ckpt.CHECKPOINT_NAME).stat().st_size
@@ -88,7 +88,7 @@ def test_interrupted_render_resumes_with_identical_frames(engine, reference, tmp
     steps: list[int] = []
     result = engine.render(req, out, lambda p: None, lambda: bool(steps.append(1)), checkpoint_dir=ck)
     assert _resumed_events(caplog)[-1]["next_chunk"] == stop_in
-    assert len(steps) == (result.chunks - stop_in) * 4  # the finished chunks were not rendered again
+    assert len(steps) == (result.chunks - stop_in) * req.steps  # the finished chunks were not rendered again
     assert _hashes(out) == reference
     info = probe(out)
     assert info["frames"] == round(SECONDS * 25) == result.frames
@@ -117,7 +117,8 @@ def test_bad_checkpoint_starts_over(engine, reference, tmp_path: Path, caplog, d
     ck, out = tmp_path / "ck", tmp_path / "out.mp4"
     first_seed = 4 if damage == "other_seed" else 3
     with pytest.raises(RenderStopped):
-        engine.render(_request(tmp_path, first_seed), out, lambda p: None, _stop_after(1), checkpoint_dir=ck)
+        first = _request(tmp_path, first_seed)
+        engine.render(first, out, lambda p: None, _stop_after(1, first.steps), checkpoint_dir=ck)
     path = ck / ckpt.CHECKPOINT_NAME
     if damage == "next_chunk":
         assert b'"next_chunk":"1"' in path.read_bytes()
@@ -128,7 +129,7 @@ def test_bad_checkpoint_starts_over(engine, reference, tmp_path: Path, caplog, d
                            checkpoint_dir=ck)
     assert not _resumed_events(caplog)
     assert len(_discarded(caplog)) == 1, caplog.records
-    assert len(steps) == result.chunks * 4  # started over
+    assert len(steps) == result.chunks * first.steps  # started over
     assert _hashes(out) == reference
 
 
