@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -40,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine import checkpoint as ckpt
 from engine import frames as fr
 from engine import sampling
 from engine.api import (
@@ -63,7 +65,7 @@ from engine.prompts import PromptCache
 from engine.recipes import PRESETS
 from engine.teacache import TeaCache, coefficients_for
 from engine.text_encoder import encode_text
-from engine.writer import FPS, VideoWriter
+from engine.writer import FPS, VideoWriter, join_segments
 
 __all__ = ["CONDITION_CACHE_ITEMS", "ChunkContext", "Engine", "Models"]
 
@@ -151,9 +153,14 @@ class Engine:
             return preferred_attention()
         return contextlib.nullcontext()
 
-    def render(self, request: RenderRequest, out_path: Path, progress: ProgressFn, should_stop: StopFn) -> RenderResult:
+    def render(self, request: RenderRequest, out_path: Path, progress: ProgressFn, should_stop: StopFn, *,
+               checkpoint_dir: Path | None = None) -> RenderResult:
+        """Render ``request`` into ``out_path``. With ``checkpoint_dir``, the render is resumable: every finished
+        chunk leaves a closed video segment and a checkpoint there (engine/checkpoint.py), and a render that finds
+        a valid checkpoint of the same recipe continues after its chunk with the same frames as an uninterrupted
+        one. The directory is left in place afterwards (the caller removes it once the result is published)."""
         with torch.inference_mode(), _device_errors(), self._attention(), contextlib.ExitStack() as files:
-            return self._render(request, out_path, progress, should_stop, files)
+            return self._render(request, out_path, progress, should_stop, files, checkpoint_dir)
 
     # ---------------------------------------------------------------- helpers
     def _encode_prompts(self, texts: list[str]) -> list[torch.Tensor]:
@@ -226,7 +233,7 @@ class Engine:
 
     # ---------------------------------------------------------------- the job
     def _render(self, req: RenderRequest, out_path: Path, progress: ProgressFn, should_stop: StopFn,
-                files: contextlib.ExitStack) -> RenderResult:
+                files: contextlib.ExitStack, checkpoint_dir: Path | None) -> RenderResult:
         self._check_request(req)
         if self.m.swap_patch is not None:
             self.m.swap_patch(req.speakers)
@@ -234,13 +241,10 @@ class Engine:
         plan = plan_job(req, self.m, files, embed_prompts=self.prompts.get, still_condition=self._still_condition)
         self._note_new_size(plan.height, plan.width)
         meter = _Meter(plan, progress)
-        # background: a chunk's x264 encoding runs in the writer's thread while the next chunk denoises
-        writer = VideoWriter(out_path, width=plan.width, height=plan.height, fps=FPS, crf=req.crf,
-                             audio=plan.out_audio, audio_rate=OUTPUT_AUDIO_RATE, background=True)
-        out = _Output(writer)
+        out = self._output(plan, out_path, checkpoint_dir)
         dit_calls = blocks_skipped = 0
         try:
-            for chunk in plan.chunks:
+            for chunk in plan.chunks[out.first_chunk:]:
                 ctx = self._chunk_context(plan, chunk, out.context_frames)
                 plan.laps.lap("chunk_context")
                 z = sampling.noise((self.m.dit.cfg.out_dim, ctx.y.shape[2], *plan.latent_hw), req.seed, chunk.index,
@@ -258,21 +262,50 @@ class Engine:
                     z = sampling.euler_step(z, v, plan.timesteps[i], plan.timesteps[i + 1])
                     z[:, :ctx.k] = ctx.clean
                     meter.step(chunk, i + 1)
+                    if i == 0:  # the previous chunk's segment was encoded during this step: close it, checkpoint
+                        out.sink.settle()
                 blocks_skipped += ctx.blocks_skipped()
                 del ctx  # frees this chunk's K/V and cached residuals before the VAE decode
                 plan.laps.lap("denoise")
                 self._decode_write(plan, chunk, z, out, meter)
+                out.sink.end_chunk(chunk.index, out.written, out.context_frames)
                 plan.laps.lap("decode")
                 if out.written >= plan.n_frames:
                     break
             meter.write_start()
-            writer.close()
+            out.sink.close()
         except BaseException:
-            writer.abort()
+            out.sink.abort()
             raise
         plan.laps.lap("mux")
         meter.done()
         return self._result(plan, out, dit_calls, blocks_skipped)
+
+    def _output(self, plan: JobPlan, out_path: Path, checkpoint_dir: Path | None) -> _Output:
+        """The render's output: one mp4 writer, or (resumable) segments in ``checkpoint_dir``, continuing after the
+        checkpoint found there when it is valid for this job."""
+        req = plan.req
+        if checkpoint_dir is None:
+            # background: a chunk's x264 encoding runs in the writer's thread while the next chunk denoises
+            return _Output(VideoWriter(out_path, width=plan.width, height=plan.height, fps=FPS, crf=req.crf,
+                                       audio=plan.out_audio, audio_rate=OUTPUT_AUDIO_RATE, background=True))
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        recipe = ckpt.recipe_id(self.identity(), req)
+        found = ckpt.load(checkpoint_dir, recipe)
+        if isinstance(found, ckpt.Checkpoint) and not (found.next_chunk <= len(plan.chunks)
+                                                       and found.written_frames <= plan.n_frames):
+            found = "inconsistent with the job's chunks"
+        sink = _Segments(checkpoint_dir, plan, recipe, out_path)
+        if isinstance(found, str):
+            if found != "none":
+                emit("engine.checkpoint_discarded", logging.WARNING, directory=str(checkpoint_dir), reason=found)
+            ckpt.clear(checkpoint_dir)
+            return _Output(sink)
+        emit("engine.resumed", directory=str(checkpoint_dir), next_chunk=found.next_chunk,
+             chunks=len(plan.chunks), written_frames=found.written_frames)
+        out = _Output(sink, first_chunk=found.next_chunk)
+        out.written, out.context_frames = found.written_frames, found.context_frames
+        return out
 
     def _note_new_size(self, height: int, width: int) -> None:
         if self.fast and (height, width) not in self._compiled_sizes:
@@ -360,7 +393,7 @@ class Engine:
         if out.written != plan.n_frames:
             raise RenderError(f"internal: wrote {out.written} frames for {plan.n_frames} audio frames")
         # the writer's encoding ran in its own thread, mostly overlapped with the next chunk: one name for it
-        timings = {**plan.laps.timings, "mp4_encode": out.writer.encode_s}
+        timings = {**plan.laps.timings, "mp4_encode": out.sink.encode_s}
         return RenderResult(frames=out.written, fps=FPS, width=plan.width, height=plan.height,
                             duration_s=out.written / FPS, chunks=len(plan.chunks), seed=plan.req.seed,
                             timings={k: round(v, 3) for k, v in timings.items()},
@@ -392,16 +425,100 @@ class ChunkContext:
 
 
 class _Output:
-    """The writer of one render and what the loop carries between chunks: frames written, motion context."""
+    """The sink of one render and what the loop carries between chunks: frames written, motion context."""
 
-    def __init__(self, writer: VideoWriter) -> None:
-        self.writer = writer
+    def __init__(self, sink: VideoWriter | _Segments, first_chunk: int = 0) -> None:
+        self.sink: _SingleFile | _Segments = _SingleFile(sink) if isinstance(sink, VideoWriter) else sink
+        self.first_chunk = first_chunk  # > 0 when resumed from a checkpoint
         self.written = 0
         self.context_frames: torch.Tensor | None = None  # [3, motion, H, W] in [-1, 1], CPU
 
     def write(self, frames: np.ndarray) -> None:
-        self.writer.write(frames)
+        self.sink.write(frames)
         self.written += len(frames)
+
+
+class _SingleFile:
+    """Not resumable: every chunk's frames go to one mp4 writer (with the audio) at the output path."""
+
+    def __init__(self, writer: VideoWriter) -> None:
+        self.writer = writer
+
+    @property
+    def encode_s(self) -> float:
+        return self.writer.encode_s
+
+    def write(self, frames: np.ndarray) -> None:
+        self.writer.write(frames)
+
+    def end_chunk(self, index: int, written: int, context: torch.Tensor | None) -> None:
+        pass
+
+    def settle(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+class _Segments:
+    """Resumable: each chunk's frames go to their own mp4 segment (video only, encoded in a background thread),
+    closed and renamed into place, then the checkpoint of the chunk is written (engine/checkpoint.py). Closing a
+    segment waits for its encoding, so it happens after the next chunk's first step (:meth:`settle`), when the
+    encoding has had time to finish, or when the render ends or stops. ``close`` joins the segments into the
+    output with the audio, without re-encoding. Every render uses the same segmentation, so interrupted and
+    uninterrupted renders give the same frames."""
+
+    def __init__(self, directory: Path, plan: JobPlan, recipe: str, out_path: Path) -> None:
+        self.dir, self.plan, self.recipe, self.out_path = directory, plan, recipe, out_path
+        self.writer: VideoWriter | None = None  # the segment of the chunk being written
+        self.pending: tuple[VideoWriter, ckpt.Checkpoint] | None = None  # finished chunk, segment still encoding
+        self.encode_s = 0.0
+
+    def write(self, frames: np.ndarray) -> None:
+        if self.writer is None:
+            self.writer = VideoWriter(self.dir / "seg.part", width=self.plan.width, height=self.plan.height,
+                                      fps=FPS, crf=self.plan.req.crf, background=True)
+        self.writer.write(frames)
+
+    def end_chunk(self, index: int, written: int, context: torch.Tensor | None) -> None:
+        assert self.writer is not None and context is not None
+        self.settle()
+        self.pending = (self.writer, ckpt.Checkpoint(self.recipe, index + 1, written, context))
+        self.writer = None
+
+    def settle(self) -> None:
+        """Close the finished chunk's segment, rename it into place, then write its checkpoint."""
+        if self.pending is None:
+            return
+        writer, point = self.pending
+        self.pending = None
+        writer.close()
+        self.encode_s += writer.encode_s
+        writer.path.replace(ckpt.segment_path(self.dir, point.next_chunk - 1))
+        ckpt.save_checkpoint(self.dir, point)
+
+    def close(self) -> None:
+        self.settle()
+        done = ckpt.load(self.dir, self.recipe)
+        n = done.next_chunk if isinstance(done, ckpt.Checkpoint) else 0
+        t0 = time.perf_counter()
+        join_segments([ckpt.segment_path(self.dir, i) for i in range(n)], self.out_path, audio=self.plan.out_audio,
+                      audio_rate=OUTPUT_AUDIO_RATE)
+        self.encode_s += time.perf_counter() - t0
+
+    def abort(self) -> None:
+        """Keep every finished chunk (its segment and checkpoint); drop the chunk in progress."""
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+        try:
+            self.settle()
+        except Exception as e:  # the original failure matters more; the chunk is rendered again on resume
+            emit("engine.checkpoint_failed", logging.WARNING, directory=str(self.dir), error=str(e))
 
 
 class _Meter:

@@ -19,7 +19,7 @@ import numpy as np
 
 from engine.api import RenderError
 
-__all__ = ["FPS", "WRITER_THREAD_NAME", "VideoWriter", "fit_full_scale"]
+__all__ = ["FPS", "WRITER_THREAD_NAME", "VideoWriter", "fit_full_scale", "join_segments"]
 
 FPS = 25
 WRITER_THREAD_NAME = "infinitetalkd-mp4-writer"
@@ -259,3 +259,67 @@ def fit_full_scale(x: np.ndarray, peak: float = 0.999) -> np.ndarray:
     """Scale the whole track down when its peak exceeds ``peak`` (no clipping, no change otherwise)."""
     top = float(np.max(np.abs(x), initial=0.0))
     return x * (peak / top) if top > peak else x
+
+
+def join_segments(segments: list[Path], out_path: Path, *, audio: np.ndarray | None = None,
+                  audio_rate: int = 16000) -> int:
+    """Join closed H.264 mp4 segments (written by :class:`VideoWriter` with the same size, fps and crf) into one
+    ``+faststart`` mp4 without re-encoding: the video packets are copied, their timestamps shifted by the frames
+    before them, and the audio (mono float32 at ``audio_rate``) is encoded once, interleaved segment by segment
+    and trimmed or padded with silence to exactly the video's duration. Every segment starts with a keyframe (a
+    fresh encoder), so the copied stream decodes to the segments' frames. Returns the frames written."""
+    if not segments:
+        raise ValueError("no segments to join")
+    track = None if audio is None else fit_full_scale(np.asarray(audio, dtype=np.float32).reshape(-1))
+    frames = 0
+    sent = 0  # audio samples encoded
+    with av.open(str(out_path), "w", format="mp4", options={"movflags": "+faststart"}) as out:
+        v_out: Any = None
+        a_out: Any = None
+        fps = FPS
+        for seg in segments:
+            with av.open(str(seg)) as src:
+                v_in = src.streams.video[0]
+                if v_out is None:
+                    v_out = out.add_stream_from_template(v_in)
+                    fps = int(v_in.average_rate or FPS)
+                    if track is not None:
+                        a_out = out.add_stream("aac", rate=audio_rate, layout="mono")
+                        a_out.bit_rate = 96_000
+                tb = v_in.time_base
+                assert tb is not None
+                step = round(1 / (fps * tb))  # one frame in the segment's time base
+                shift = frames * step
+                n = 0
+                for packet in src.demux(v_in):
+                    if packet.dts is None:  # the demuxer's end-of-stream marker
+                        continue
+                    packet.pts = None if packet.pts is None else packet.pts + shift
+                    packet.dts += shift
+                    packet.stream = v_out
+                    out.mux(packet)
+                    n += 1
+                frames += n
+            if a_out is not None and track is not None:
+                end = frames * audio_rate // fps
+                sent = _encode_audio(out, a_out, track, sent, end, audio_rate)
+        if a_out is not None and track is not None:
+            _encode_audio(out, a_out, track, sent, round(frames * audio_rate / fps), audio_rate)
+            for packet in a_out.encode(None):
+                out.mux(packet)
+    return frames
+
+
+def _encode_audio(out: Any, stream: Any, track: np.ndarray, start: int, end: int, rate: int) -> int:
+    """Encode samples [start, end) of ``track`` (silence past its end) into ``stream``; returns ``end``."""
+    if end <= start:
+        return start
+    chunk = np.zeros(end - start, dtype=np.float32)
+    have = track[start:end]
+    chunk[:have.size] = have
+    frame = av.AudioFrame.from_ndarray(chunk[None, :], format="fltp", layout="mono")
+    frame.sample_rate = rate
+    frame.pts = start
+    for packet in stream.encode(frame):
+        out.mux(packet)
+    return end
