@@ -71,6 +71,7 @@ def fast_config_dict(root: Path) -> dict[str, Any]:
         "watch": {"mode": "poll", "poll_interval_s": 0.05, "stable_window_s": 0.3, "rescan_interval_s": 5,
                   "incomplete_after_s": 60},
         "jobs": {"max_attempts": 3, "lease_s": 60, "min_free_mb": 0},
+        "worker": {"heartbeat_s": 0.2},  # cancel requests and lease losses reach the render within this
         "engine": {"models_dir": str(root / "models"), "device": "cpu"},
         "logging": {"level": "info", "format": "json"},
     }
