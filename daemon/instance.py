@@ -24,7 +24,7 @@ from pathlib import Path
 
 from daemon.config import Config, ConfigError
 
-__all__ = ["Instance", "resolve", "safe_name"]
+__all__ = ["Instance", "resolve", "safe_name", "stale_after"]
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -66,3 +66,9 @@ def resolve(config: Config, *, device: str | None = None, env: Mapping[str, str]
     new = config.model_copy(update={"engine": engine, "paths": paths, "metrics": metrics})
     new._source = config.source
     return Instance(name=name, config=new, database=config.paths.database)
+
+
+def stale_after(config: Config) -> float:
+    """A worker row without a heartbeat for this long is dead: its name may be taken over and
+    ``status`` shows it as stale."""
+    return max(3 * config.worker.heartbeat_s, min(config.jobs.lease_s, 60.0))

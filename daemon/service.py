@@ -28,7 +28,7 @@ from daemon.config import EX_CONFIG, Config, ConfigError, StoreConfig
 from daemon.db import StoreConfigError, is_transient
 from daemon.db_liveness import Liveness
 from daemon.fsinfo import filesystem_type, is_network_fs
-from daemon.instance import Instance, resolve, safe_name
+from daemon.instance import Instance, resolve, safe_name, stale_after
 from daemon.jobs import Job
 from daemon.log import get_logger, setup_logging
 from daemon.metrics import Metrics
@@ -220,7 +220,7 @@ def _register(config: Config, store: Store, name: str, stop: threading.Event) ->
 
     try:
         try:
-            return patiently(lambda: register(_stale_s(config)), "registering the worker", stop=stop)
+            return patiently(lambda: register(stale_after(config)), "registering the worker", stop=stop)
         except WorkerNameTaken:
             holder = next((w for w in store.list_workers() if w.name == name), None)
             if holder is None or holder.host != host or holder.pid == os.getpid():
@@ -232,11 +232,6 @@ def _register(config: Config, store: Store, name: str, stop: threading.Event) ->
         log.error("worker.name_taken", error=str(exc), worker=name,
                   hint="give each daemon its own worker.name, --device or INFINITETALKD_WORKER")
         return None
-
-
-def _stale_s(config: Config) -> float:
-    """A worker row without a heartbeat for this long is dead (its name may be taken over)."""
-    return max(3 * config.worker.heartbeat_s, min(config.jobs.lease_s, 60.0))
 
 
 def run_daemon(config: Config, make_renderer: RendererFactory, *, notifier: Notifier | None = None,

@@ -145,7 +145,7 @@ class Env:
     @property
     def store(self) -> Store:
         if self._store is None:
-            self._store = Store.open(self.config.paths.database)
+            self._store = Store.connect(self.config.store, self.config.paths.database)
         return self._store
 
     def jobs(self) -> list[Job]:

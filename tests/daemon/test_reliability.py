@@ -412,7 +412,8 @@ def test_11_a_stem_beginning_with_a_dash_can_be_cancelled(env: Env, capsys: pyte
 def test_the_job_log_keeps_every_attempt_and_the_engines_lines(env: Env) -> None:
     flag = env.root / "disk-full"
     flag.touch()
-    remove = faults.install({"under": [str(env.outbox / ".tmp" / safe_name(f"{socket.gethostname()}/cpu") / "1-1" / "alice.mp4")], "flag": str(flag)})
+    work = env.outbox / ".tmp" / safe_name(f"{socket.gethostname()}/cpu") / "1-1"  # <worker>/<job>-<attempt>
+    remove = faults.install({"under": [str(work / "alice.mp4")], "flag": str(flag)})
     try:
         env.drop("alice")
         env.start()
