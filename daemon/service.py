@@ -131,7 +131,7 @@ def _recover(config: Config, store: Store, name: str, tmp: Path, stop: threading
     for job in requeued + failed:
         ob.remove_partial(config.paths.outbox, job.stem, job.id)
     try:
-        removed = ob.clean_tmp(tmp)
+        removed = ob.clean_tmp(tmp) if tmp.is_dir() else []
     except OSError as exc:
         log.warning("outbox.tmp_clean_failed", error=str(exc))
         removed = []
@@ -188,8 +188,9 @@ def _prepare(config: Config, inst: Instance, notifier: Notifier) -> int | None:
     """Folders and the local-disk check; an exit code when the daemon cannot start."""
     paths = config.paths
     try:
+        # (the worker's own outbox/.tmp/<worker> is made per job: a full outbox must not stop the start)
         for d in (paths.inbox, paths.outbox, paths.failed, paths.archive, paths.state, inst.database.parent,
-                  inst.tmp):
+                  paths.tmp):
             d.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         log.error("config.directory_unusable", error=str(exc), config=str(config.source))
