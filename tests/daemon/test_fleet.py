@@ -9,11 +9,17 @@ once (one mp4, one json, one log) and every bad drop has exactly one failed/ fol
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
+from daemon import cli, doctor
+from daemon.config import parse_config
+from daemon.instance import resolve
 from daemon.jobs import JobStatus
 from daemon.store import Store
 from daemon.store_fleet import INGEST_LEASE
@@ -39,8 +45,8 @@ def _start(env: Env, names: list[str]) -> dict[str, subprocess.Popen[bytes]]:
         for name in names}
 
 
-def test_three_daemons_share_one_inbox(db_target: Path | str, tmp_path: Path,
-                                       procs: list[subprocess.Popen[bytes]]) -> None:
+def test_three_daemons_share_one_inbox(db_target: Path | str, tmp_path: Path, procs: list[subprocess.Popen[bytes]],
+                                       capsys: pytest.CaptureFixture[str]) -> None:
     store_cfg = {} if isinstance(db_target, Path) else {"store": {"url": db_target}}
     env = Env(tmp_path, {"jobs": {"lease_s": LEASE_S, "max_attempts": 3},
                          "worker": {"heartbeat_s": 0.3}, **store_cfg})
@@ -88,6 +94,12 @@ def test_three_daemons_share_one_inbox(db_target: Path | str, tmp_path: Path,
         new_leader = store.lease(INGEST_LEASE)
         assert new_leader is not None and new_leader.holder in alive
         assert all(p.poll() is None for p in alive.values()), "a surviving daemon exited"
+        capsys.readouterr()
+        assert cli.main(["status", "--json", "--config", str(env.config_path)]) == 0
+        status = json.loads(capsys.readouterr().out)
+        states = {w["name"]: w["state"] for w in status["workers"]}
+        assert set(states) == {"w0", "w1", "w2"} and all(states[n] == "live" for n in alive)
+        assert status["ingest_leader"]["holder"] in alive and "password" not in json.dumps(status)
     finally:
         store.close()
         env.close()
@@ -110,3 +122,30 @@ def test_three_daemons_share_one_inbox(db_target: Path | str, tmp_path: Path,
     assert sorted(j.stem for j in jobs if j.status is JobStatus.FAILED) == sorted(bad)  # one refusal each
     assert len(jobs) == len(good) + len(bad)
     assert not list(env.inbox.iterdir())  # every input archived or in failed/
+
+
+def test_one_config_serves_every_gpu_of_a_host(tmp_path: Path) -> None:
+    """The template unit's environment: device, worker name, per-worker state, metrics port; the
+    SQLite database stays in the config's state folder, shared by the workers."""
+    cfg = parse_config({"paths": {"state": str(tmp_path / "state")}}, base=tmp_path, where="test")
+    inst = resolve(cfg, env={"INFINITETALKD_DEVICE": "cuda:2", "INFINITETALKD_STATE": str(tmp_path / "state" / "2"),
+                             "INFINITETALKD_METRICS_PORT": "9472"})
+    assert inst.name.endswith("/cuda:2") and inst.config.engine.device == "cuda:2"
+    assert inst.config.paths.state == tmp_path / "state" / "2" and inst.database == tmp_path / "state" / "jobs.db"
+    assert inst.config.metrics.port == 9472 and inst.tmp.parent == cfg.paths.tmp and "/" not in inst.tmp.name
+    assert resolve(cfg, device="cuda:1", env={"INFINITETALKD_WORKER": "box-a/gpu1"}).name == "box-a/gpu1"
+    with pytest.raises(ValueError, match="INFINITETALKD_METRICS_PORT"):
+        resolve(cfg, env={"INFINITETALKD_METRICS_PORT": "http"})
+
+
+def test_doctor_checks_the_job_database(tmp_path: Path) -> None:
+    cfg = parse_config({"paths": {"state": str(tmp_path / "state")}}, base=tmp_path, where="test")
+    (tmp_path / "state").mkdir()
+    Store.connect(cfg.store, cfg.paths.database).close()  # creates the schema
+    checks = {c.name: c for c in doctor.check_store(cfg)}
+    assert [checks[n].status for n in ("database", "clock_skew", "schema", "fleet")] == ["ok"] * 4
+    assert "latency" in checks["database"].text
+    bad = parse_config({"paths": {"state": str(tmp_path / "state")}, "store": {
+        "url": "postgresql+psycopg://nobody@127.0.0.1:1/none", "connect_timeout_s": 2}}, base=tmp_path, where="test")
+    [only] = doctor.check_store(bad)
+    assert only.status == "bad" and "unreachable" in only.text
