@@ -149,3 +149,43 @@ def test_doctor_checks_the_job_database(tmp_path: Path) -> None:
         "url": "postgresql+psycopg://nobody@127.0.0.1:1/none", "connect_timeout_s": 2}}, base=tmp_path, where="test")
     [only] = doctor.check_store(bad)
     assert only.status == "bad" and "unreachable" in only.text
+
+
+def test_nothing_is_claimed_while_the_database_is_unreachable(tmp_path: Path) -> None:
+    """The side thread found the database unreachable (a real server that does not answer): the worker
+    claims nothing, says why, and claims again once a heartbeat gets through."""
+    import threading
+
+    from daemon.config import StoreConfig
+    from daemon.db_liveness import Liveness
+    from daemon.metrics import Metrics
+    from daemon.notify import Notifier
+    from daemon.worker import Worker
+    from tests.daemon.fake_renderer import FakeRenderer
+
+    env = Env(tmp_path)
+    try:
+        for d in (env.outbox, env.config.paths.state):
+            d.mkdir(parents=True, exist_ok=True)
+        store = env.store
+        job, _ = store.add(fingerprint="a" * 64, stem="alice", inputs=[], params={}, identity="x", max_attempts=3)
+        down = Store.connect(StoreConfig(url="postgresql+psycopg://nobody@127.0.0.1:1/none", connect_timeout_s=1),
+                             tmp_path, migrate=None)
+        token = store.register_worker("w", host="here", pid=1, device="cpu", gpu="", version="test", stale_s=60)
+        live = Liveness(down, "w", token, lease_s=10, interval_s=1)
+        live.beat()
+        assert not live.database_ok and live.database_error
+        worker = Worker(env.config, store, FakeRenderer(env.config.engine.options()), "x", notifier=Notifier({}),
+                        metrics=Metrics(), stop=threading.Event(), wake=threading.Event(),
+                        files_lock=threading.Lock(), name="w", live=live)
+        assert worker._once() is None
+        assert store.get(job.id).status is JobStatus.QUEUED  # type: ignore[union-attr]
+        assert "the job database is unreachable" in worker.paused
+        down.close()
+        live.store = store  # the database answers again
+        live.beat()
+        assert live.database_ok
+        assert not live.name_lost and worker._once() is not None  # claimed and ran (its inputs are gone)
+        assert store.get(job.id).status is not JobStatus.QUEUED  # type: ignore[union-attr]
+    finally:
+        env.close()
