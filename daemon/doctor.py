@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from daemon.config import Config
-from daemon.db import StoreConfigError
-from daemon.store import Store, StoreError
+from daemon.store import Store
 
 __all__ = ["Check", "ModelsCheck", "check_installation", "check_models", "check_gpu", "print_checks", "as_json"]
 
@@ -94,9 +93,12 @@ def check_store(cfg: Config) -> list[Check]:
     """The job database: reachable, latency, clock skew, schema version, and the fleet's workers
     (whether they run the same program version). Never changes the schema."""
     try:
-        store = Store.connect(cfg.store, cfg.paths.database, migrate=None)
-    except (StoreError, StoreConfigError, OSError) as exc:
-        return [Check("database", "bad", f"database: {exc}")]
+        # One host's SQLite file is created (as the daemon would); a shared database's schema is
+        # never changed from here ('infinitetalkd migrate').
+        store = Store.connect(cfg.store, cfg.paths.database, migrate=True if cfg.store.url is None else None)
+    except Exception as exc:  # noqa: BLE001 - whatever stops the database from opening is the finding
+        detail = " ".join(str(getattr(exc, "orig", None) or exc).split())[:300]
+        return [Check("database", "bad", f"database: {detail}")]
     try:
         h = store.health()
         if not h.reachable:
@@ -107,14 +109,15 @@ def check_store(cfg: Config) -> list[Check]:
                             f"this host's clock is {abs(skew):.1f} s {'behind' if skew > 0 else 'ahead of'} the "
                             "database's (leases use the database clock only)"))
         version_ok = h.schema_version == h.expected_version
-        checks.append(Check("schema", _ok(version_ok), f"schema version {h.schema_version} "
+        checks.append(Check("schema", _ok(version_ok), f"schema {h.schema_version} "
                             + ("(current)" if version_ok else f"(this program needs {h.expected_version}: "
                                                               "run 'infinitetalkd migrate')")))
         if version_ok:
             workers = [w for w in store.list_workers() if w.stopped_at is None]
             versions = sorted({w.version for w in workers})
             checks.append(Check("fleet", "ok" if len(versions) <= 1 else "bad",
-                                f"{len(workers)} registered worker(s) not stopped; program versions: "
+                                f"jobs {store.counts()}; {len(workers)} registered worker(s) not stopped; "
+                                f"program versions: "
                                 f"{', '.join(versions) or '-'}",
                                 tuple(f"{w.name}: {w.host} pid {w.pid}, {w.device}, {w.version}, heartbeat "
                                       f"{w.age_s:.0f} s ago" for w in workers)))
