@@ -235,6 +235,25 @@ def _register(config: Config, store: Store, name: str, stop: threading.Event) ->
         return None
 
 
+def _join(config: Config, store: Store, inst: Instance, stop: threading.Event) -> Liveness:
+    """Register the worker, start its liveness thread, recover its previous incarnation's jobs.
+    Raises StoreUnusable when a live process already is this worker."""
+    token = _register(config, store, inst.name, stop)
+    if token is None:
+        raise StoreUnusable(f"another live process is worker {inst.name}")
+    live = Liveness(store, inst.name, token, lease_s=config.jobs.lease_s,
+                    interval_s=min(config.worker.heartbeat_s, config.jobs.lease_s / 2),
+                    ingest=config.worker.ingest == "auto")
+    live.beat()  # the first round now: whether this process leads the ingest is known at once
+    live.start()
+    try:
+        _recover(config, store, inst.name, inst.tmp, stop)
+    except BaseException:
+        live.stop()
+        raise
+    return live
+
+
 def run_daemon(config: Config, make_renderer: RendererFactory, *, notifier: Notifier | None = None,
                stop: threading.Event | None = None, install_signals: bool = True,
                configure_logging: bool = True, busy_timeout_ms: int | None = None,
@@ -270,16 +289,7 @@ def run_daemon(config: Config, make_renderer: RendererFactory, *, notifier: Noti
             store = open_store(inst.database, stop=stop, settings=config.store,
                                busy_timeout_ms=busy_timeout_ms if busy_timeout_ms is not None
                                else _busy_timeout_ms(config))
-            token = _register(config, store, inst.name, stop)
-            if token is None:
-                notifier.status(f"another live process is worker {inst.name}")
-                return EX_CONFIG
-            live = Liveness(store, inst.name, token, lease_s=config.jobs.lease_s,
-                            interval_s=min(config.worker.heartbeat_s, config.jobs.lease_s / 2),
-                            ingest=config.worker.ingest == "auto")
-            live.beat()  # the first round now: whether this process leads the ingest is known at once
-            live.start()
-            _recover(config, store, inst.name, inst.tmp, stop)
+            live = _join(config, store, inst, stop)
         except StoreUnusable as exc:
             log.error("store.unusable", error=str(exc), database=store.url if store else str(inst.database))
             notifier.status(str(exc))
