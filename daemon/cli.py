@@ -38,6 +38,8 @@ from sqlalchemy.exc import DatabaseError, OperationalError
 
 from daemon import doctor, oneshot
 from daemon.config import EX_CONFIG, Config, ConfigError, load_config
+from daemon.db import StoreConfigError
+from daemon.instance import stale_after
 from daemon.jobs import Job, JobStatus
 from daemon.ops import OpError, retry_job
 from daemon.patience import unusable_database
@@ -95,11 +97,12 @@ def _config(path: str) -> Config:
 
 def _store(cfg: Config, *, create: bool = False, busy_timeout_ms: int = 10_000) -> Store:
     db = cfg.paths.database
-    if not create and not db.exists():
+    if cfg.store.url is None and not create and not db.exists():
         raise _Fail(f"no job database at {db} yet (start the daemon once: infinitetalkd run)")
+    settings = cfg.store.model_copy(update={"busy_timeout_s": busy_timeout_ms / 1000})
     try:
-        return Store.open(db, busy_timeout_ms=busy_timeout_ms)
-    except StoreError as exc:
+        return Store.connect(settings, db)
+    except (StoreError, StoreConfigError) as exc:
         raise _Fail(str(exc), EX_CONFIG) from None
     except OperationalError as exc:
         if _is_locked(exc):
@@ -157,7 +160,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EX_CONFIG
     from daemon.service import run_daemon
 
-    return run_daemon(cfg, _load_engine)
+    return run_daemon(cfg, _load_engine, device=args.device)
 
 
 def _job_brief(j: Job) -> dict[str, Any]:
@@ -195,6 +198,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         recent = store.list_jobs([JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED], limit=10)
         done = store.list_jobs([JobStatus.DONE], limit=10)
         last = store.last_success()
+        fleet = store.fleet_snapshot(stale_after(cfg))
+        fleet["store"] = store.url
     except OperationalError as exc:
         if _is_locked(exc):
             raise _busy(cfg.paths.database) from None
@@ -209,12 +214,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         doc = {"counts": counts, "running": [_job_brief(j) for j in running],
                "queued": [_job_brief(j) for j in queued], "recent": [_job_brief(j) for j in recent],
                "last_success": last, "inbox": inbox, "recent_render_s": per_job, "queue_estimate_s": queue_s,
-               "paused": paused or None}
+               "paused": paused or None, **fleet}
         print(json.dumps(doc, indent=2))
         return 0
     print("jobs: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f"; last success {_fmt_time(last)}")
     if paused:
         print(f"paused   {paused}")
+    _print_fleet(fleet)
     for j in running:
         cancel = " (cancel requested)" if j.cancel_requested else ""
         print(f"running  #{j.id} {j.stem}: {j.progress_text or 'starting'}{cancel}, "
@@ -225,7 +231,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for j in queued:
         cancel = " (cancel requested)" if j.cancel_requested else ""
         print(f"queued   #{j.id} {j.stem}{cancel}, attempts used {j.attempts}/{j.max_attempts}")
-    for w in inbox.get("waiting", []):
+    for w in fleet["waiting"] or inbox.get("waiting", []):
         print(f"waiting  {w.get('stem')}: {w.get('reason')}")
     if inbox.get("inbox_missing"):
         print(f"inbox    {inbox.get('inbox')} is MISSING (not mounted?)")
@@ -233,6 +239,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         detail = j.outputs.get("mp4", "") if j.status is JobStatus.DONE else (j.error or "")
         print(f"{j.status.value:<8} #{j.id} {j.stem} {_fmt_time(j.finished_at)}  {detail}")
     return 0
+
+
+def _print_fleet(fleet: dict[str, Any]) -> None:
+    """Workers and the ingest leader (``status`` text); one line per worker."""
+    leader = fleet.get("ingest_leader")
+    print(f"store    {fleet['store']}; ingest leader "
+          + (f"{leader['holder']} (lease {leader['remaining_s']:.0f} s left)" if leader else "none"))
+    for w in fleet["workers"]:
+        job = f"job #{w['job_id']}" if w["job_id"] is not None else "idle"
+        print(f"worker   {w['name']} ({w['state']}, {w['device']}, pid {w['pid']} on {w['host']}): {job}, "
+              f"heartbeat {w['heartbeat_age_s']:.0f} s ago")
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
@@ -454,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the daemon")
     with_config(p)
+    p.add_argument("--device", help="the GPU of this worker, e.g. cuda:1 (overrides engine.device; env "
+                   "INFINITETALKD_DEVICE); the worker is named <host>/<device> unless worker.name is set")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("status", help="queue, running job and progress, recent results")
     with_config(p)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from daemon.config import Config
-from daemon.store import Store, StoreError
+from daemon.store import Store
 
 __all__ = ["Check", "ModelsCheck", "check_installation", "check_models", "check_gpu", "print_checks", "as_json"]
 
@@ -74,17 +74,56 @@ def check_installation(cfg: Config, models_dir: Path, models_check: ModelsCheck,
     sfs = filesystem_type(p.state)
     checks.append(Check("state_filesystem", _ok(not is_network_fs(sfs)), f"state filesystem {sfs}"
                         + (" is a network filesystem: SQLite needs a local disk" if is_network_fs(sfs) else "")))
+    checks += check_store(cfg)
     try:
-        store = Store.open(p.database)
-        try:
-            checks.append(Check("database", "ok", f"database {p.database}: schema {store.schema_version()}, "
-                                f"jobs {store.counts()}"))
-        finally:
-            store.close()
-    except (StoreError, OSError) as exc:
-        checks.append(Check("database", "bad", f"database {p.database}: {exc}"))
+        same = os.stat(p.inbox).st_dev == os.stat(p.outbox).st_dev
+    except OSError as exc:
+        same = None
+        checks.append(Check("shared_filesystem", "bad", f"inbox and outbox: {exc.strerror or exc}"))
+    if same is not None:
+        checks.append(Check("shared_filesystem", "ok" if same else "info",
+                            "inbox and outbox on one filesystem" if same else
+                            "inbox and outbox on different filesystems: inputs are copied, not renamed, "
+                            "to archive/ and failed/"))
     checks += check_models(models_dir, cfg.engine.options().files, cfg.engine.preset, models_check)
     return checks + check_gpu(cfg.engine.device, engine)
+
+
+def check_store(cfg: Config) -> list[Check]:
+    """The job database: reachable, latency, clock skew, schema version, and the fleet's workers
+    (whether they run the same program version). Never changes the schema."""
+    try:
+        # One host's SQLite file is created (as the daemon would); a shared database's schema is
+        # never changed from here ('infinitetalkd migrate').
+        store = Store.connect(cfg.store, cfg.paths.database, migrate=True if cfg.store.url is None else None)
+    except Exception as exc:  # noqa: BLE001 - whatever stops the database from opening is the finding
+        detail = " ".join(str(getattr(exc, "orig", None) or exc).split())[:300]
+        return [Check("database", "bad", f"database: {detail}")]
+    try:
+        h = store.health()
+        if not h.reachable:
+            return [Check("database", "bad", f"database {h.url}: unreachable: {h.error}")]
+        checks = [Check("database", "ok", f"database {h.url}: reachable, latency {1000 * (h.latency_s or 0):.1f} ms")]
+        skew = h.clock_skew_s or 0.0
+        checks.append(Check("clock_skew", "ok" if abs(skew) < 5 else "info",
+                            f"this host's clock is {abs(skew):.1f} s {'behind' if skew > 0 else 'ahead of'} the "
+                            "database's (leases use the database clock only)"))
+        version_ok = h.schema_version == h.expected_version
+        checks.append(Check("schema", _ok(version_ok), f"schema {h.schema_version} "
+                            + ("(current)" if version_ok else f"(this program needs {h.expected_version}: "
+                                                              "run 'infinitetalkd migrate')")))
+        if version_ok:
+            workers = [w for w in store.list_workers() if w.stopped_at is None]
+            versions = sorted({w.version for w in workers})
+            checks.append(Check("fleet", "ok" if len(versions) <= 1 else "bad",
+                                f"jobs {store.counts()}; {len(workers)} registered worker(s) not stopped; "
+                                f"program versions: "
+                                f"{', '.join(versions) or '-'}",
+                                tuple(f"{w.name}: {w.host} pid {w.pid}, {w.device}, {w.version}, heartbeat "
+                                      f"{w.age_s:.0f} s ago" for w in workers)))
+        return checks
+    finally:
+        store.close()
 
 
 def check_gpu(device: str, engine: ImportFn) -> list[Check]:

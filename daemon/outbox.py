@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,7 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def fresh_tmp_dir(tmp_root: Path, job_id: int) -> Path:
+def fresh_tmp_dir(tmp_root: Path, job_id: int | str) -> Path:
     """An empty work folder for one attempt of one job (left-overs of an earlier attempt removed)."""
     d = tmp_root / str(job_id)
     if d.exists():
@@ -123,9 +123,12 @@ def _json_job_id(path: Path) -> object:
         return None
 
 
-def choose_base(outbox: Path, stem: str, job_id: int) -> str:
-    """The first base name whose mp4/json/log are all free (or are this job's own unfinished publish)."""
+def choose_base(outbox: Path, stem: str, job_id: int, exclude: Collection[str] = ()) -> str:
+    """The first base name whose mp4/json/log are all free (or are this job's own unfinished publish),
+    skipping ``exclude`` (names the job database gave to other jobs)."""
     for base in _candidates(stem, job_id):
+        if base in exclude:
+            continue
         taken = [ext for ext in RESULT_EXTS if (outbox / f"{base}.{ext}").exists()]
         if not taken:
             return base

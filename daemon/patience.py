@@ -19,6 +19,7 @@ from typing import TypeVar
 
 from sqlalchemy.exc import OperationalError
 
+from daemon.db import is_transient
 from daemon.log import get_logger
 
 __all__ = ["patiently", "Stopped", "is_busy", "unusable_database"]
@@ -49,10 +50,14 @@ def patiently(call: Callable[[], T], what: str, *, stop: threading.Event | None 
     while True:
         try:
             result = call()
-        except OperationalError as exc:
+        except Exception as exc:
+            # Also a PostgreSQL server that restarts or drops the connection (daemon/db.py is_transient).
+            if not is_transient(exc):
+                raise
             if since is None:
                 since = time.monotonic()
-                log.warning("db.busy", during=what, error=" ".join(str(exc.orig or exc).split())[:300],
+                log.warning("db.busy", during=what,
+                            error=" ".join(str(getattr(exc, "orig", None) or exc).split())[:300],
                             hint="another process holds the database, or its disk is full; waiting")
             if stop is not None:
                 if stop.wait(wait):

@@ -18,7 +18,7 @@ from daemon import outbox as ob
 from daemon.jobs import Job
 from engine.api import RenderResult
 
-__all__ = ["result_doc", "run_key"]
+__all__ = ["result_doc", "run_key", "program_version"]
 
 # The writer's encode time runs in its own thread, overlapped with the next chunk's denoising: it is
 # not a stage of the render, and beside the stage "encode" (VAE encode of the context frames) it
@@ -31,7 +31,7 @@ def run_key(job: Job) -> str:
     return f"{job.id}:{job.created_at!r}"
 
 
-def _version() -> str:
+def program_version() -> str:
     try:
         return metadata.version("infinitetalkd")
     except metadata.PackageNotFoundError:
@@ -61,8 +61,8 @@ def result_doc(job: Job, prepared: ib.Prepared, result: RenderResult, base: str,
         "timings": {"queued_s": round((job.started_at or now) - job.created_at, 3),
                     "render_s": round(render_s, 3), **stages},
         "inputs": prepared.inputs,
-        "models": {"engine": identity, "files": dict(result.model_files)},
-        "versions": {"infinitetalkd": _version(), "python": platform.python_version(),
+        "models": {"engine": identity, "files": dict(result.model_files), "kernels": dict(result.kernels)},
+        "versions": {"infinitetalkd": program_version(), "python": platform.python_version(),
                      "platform": platform.platform()},
         "created_at": _iso(job.created_at),
         "finished_at": _iso(now),

@@ -24,13 +24,19 @@ from sqlalchemy.exc import DatabaseError, OperationalError
 
 from daemon import files as fl
 from daemon import outbox as ob
-from daemon.config import EX_CONFIG, Config
+from daemon.config import EX_CONFIG, Config, ConfigError, StoreConfig
+from daemon.db import StoreConfigError, is_transient
+from daemon.db_liveness import Liveness
 from daemon.fsinfo import filesystem_type, is_network_fs
+from daemon.instance import Instance, resolve, safe_name, stale_after
+from daemon.jobs import Job
 from daemon.log import get_logger, setup_logging
 from daemon.metrics import Metrics
 from daemon.notify import Notifier
 from daemon.patience import Stopped, patiently, unusable_database
+from daemon.results import program_version
 from daemon.store import Store, StoreError
+from daemon.store_fleet import WorkerNameTaken
 from daemon.watcher import Scanner
 from daemon.worker import EXIT_DEVICE_FAULT, EXIT_FAILURE, EXIT_OK, Worker
 from engine.api import DeviceFault, EngineOptions, Renderer
@@ -48,21 +54,27 @@ class StoreUnusable(Exception):
     """The job database cannot be opened: the message says which file and what to do."""
 
 
-def open_store(path: Path, *, busy_timeout_ms: int = 10_000, stop: threading.Event | None = None) -> Store:
-    """Open the job database, waiting while another process holds it locked. Raises StoreUnusable
-    (with a sentence naming the file and what to do) for a corrupt, unreadable or too-new file."""
+def open_store(path: Path, *, busy_timeout_ms: int = 10_000, stop: threading.Event | None = None,
+               settings: StoreConfig | None = None) -> Store:
+    """Open the job database (``settings``: ``cfg.store``; SQLite at ``path`` without a url), waiting
+    while another process holds it locked or the server cannot be reached. Raises StoreUnusable
+    (with a sentence naming the database and what to do) for a corrupt, unreadable or too-new one."""
+    settings = (settings or StoreConfig()).model_copy(update={"busy_timeout_s": busy_timeout_ms / 1000})
+    where = str(path) if settings.url is None else "at store.url"
 
     def attempt() -> Store:
         try:
-            return Store.open(path, busy_timeout_ms=busy_timeout_ms)
+            return Store.connect(settings, path)
         except OperationalError as exc:
-            if any(w in str(exc.orig or exc).lower() for w in _TRANSIENT):
-                raise  # patiently() waits and tries again
+            if settings.url is not None or any(w in str(exc.orig or exc).lower() for w in _TRANSIENT):
+                raise  # patiently() waits and tries again (a server that is down or restarting)
             raise StoreUnusable(unusable_database(path, exc)) from None
         except DatabaseError as exc:
+            if settings.url is not None and is_transient(exc):
+                raise
             raise StoreUnusable(unusable_database(path, exc)) from None
-        except StoreError as exc:
-            raise StoreUnusable(f"the job database {path}: {exc}") from None
+        except (StoreError, StoreConfigError) as exc:
+            raise StoreUnusable(f"the job database {where}: {exc}") from None
         except OSError as exc:
             raise StoreUnusable(f"the job database {path} cannot be opened ({exc.strerror}); "
                                 "check the folder's permissions and free space (paths.state)") from None
@@ -108,18 +120,36 @@ def _install_signals(stop: threading.Event, wake: threading.Event, notifier: Not
     return restore
 
 
-def _recover(config: Config, store: Store, stop: threading.Event) -> None:
-    """Requeue or fail the jobs a dead process left running; never raises for a full disk."""
-    requeued, failed = patiently(lambda: store.recover(socket.gethostname()), "recovering jobs", stop=stop)
+def _recover(config: Config, store: Store, name: str, tmp: Path, stop: threading.Event) -> None:
+    """Requeue or fail the jobs this worker's previous (dead) incarnation left running; a sibling's
+    jobs are never touched (their expired leases are the claim's and the sweeper's). Never raises
+    for a full disk. Cleans only this worker's own work folders."""
+    requeued, failed = patiently(lambda: store.recover_worker(name), "recovering jobs", stop=stop)
     for job in requeued:
         log.warning("job.recovered", job_id=job.id, stem=job.stem, attempts=job.attempts, action="requeued")
+    move_to_failed(config, store, failed, stop, tmp=tmp)
+    for job in requeued + failed:
+        ob.remove_partial(config.paths.outbox, job.stem, job.id)
+    try:
+        removed = ob.clean_tmp(tmp) if tmp.is_dir() else []
+    except OSError as exc:
+        log.warning("outbox.tmp_clean_failed", error=str(exc))
+        removed = []
+    if removed:
+        log.info("outbox.tmp_cleaned", removed=removed)
+
+
+def move_to_failed(config: Config, store: Store, jobs: list[Job], stop: threading.Event, *,
+                   tmp: Path | None = None) -> None:
+    """Inputs of jobs the database already failed (recovery, the sweeper) go to failed/; a full
+    disk leaves them in the inbox (where they become a job again)."""
     paths = config.paths
-    for job in failed:
+    for job in jobs:
         reason = job.error or "interrupted too often"
-        snap = paths.tmp / str(job.id) / "inputs"
+        snaps = sorted(tmp.glob(f"{job.id}-*/inputs")) if tmp is not None else []
         try:
             dest = fl.to_failed(paths.failed, job.stem, job.id, paths.inbox, job.inputs, reason,
-                                snap=snap if snap.is_dir() else None)
+                                snap=snaps[-1] if snaps else None)
         except OSError as exc:
             log.error("job.recovered", job_id=job.id, stem=job.stem, action="failed", reason=reason,
                       error=str(exc), hint="the inputs stay in the inbox")
@@ -127,15 +157,6 @@ def _recover(config: Config, store: Store, stop: threading.Event) -> None:
         patiently(lambda j=job.id, d=str(dest): store.set_failed_dir(j, d), "recording", stop=stop)  # type: ignore[misc]
         log.error("job.recovered", job_id=job.id, stem=job.stem, attempts=job.attempts, action="failed",
                   reason=reason)
-    for job in requeued + failed:
-        ob.remove_partial(paths.outbox, job.stem, job.id)
-    try:
-        removed = ob.clean_tmp(paths.tmp)
-    except OSError as exc:
-        log.warning("outbox.tmp_clean_failed", error=str(exc))
-        removed = []
-    if removed:
-        log.info("outbox.tmp_cleaned", removed=removed)
 
 
 def _load(config: Config, make_renderer: RendererFactory, notifier: Notifier) -> tuple[Renderer, str] | int:
@@ -160,49 +181,117 @@ def _load(config: Config, make_renderer: RendererFactory, notifier: Notifier) ->
 
 
 def _busy_timeout_ms(config: Config) -> int:
-    store_cfg = getattr(config, "store", None)  # cfg.store.busy_timeout_s once the schema has it
-    return int(float(getattr(store_cfg, "busy_timeout_s", 10.0)) * 1000)
+    return int(config.store.busy_timeout_s * 1000)
 
 
-def run_daemon(config: Config, make_renderer: RendererFactory, *, notifier: Notifier | None = None,
-               stop: threading.Event | None = None, install_signals: bool = True,
-               configure_logging: bool = True, busy_timeout_ms: int | None = None) -> int:
-    """Run until stopped; returns the exit code. ``make_renderer`` builds the resident engine
-    (``engine.load_engine`` in production, a fake in tests)."""
-    if configure_logging:
-        setup_logging(config.logging.level, config.logging.format)
-    notifier = notifier or Notifier()
-    stop = stop or threading.Event()
-    wake = threading.Event()
+def _prepare(config: Config, inst: Instance, notifier: Notifier) -> int | None:
+    """Folders and the local-disk check; an exit code when the daemon cannot start."""
     paths = config.paths
     try:
-        for d in (paths.inbox, paths.outbox, paths.failed, paths.archive, paths.state, paths.tmp):
+        # (the worker's own outbox/.tmp/<worker> is made per job: a full outbox must not stop the start)
+        for d in (paths.inbox, paths.outbox, paths.failed, paths.archive, paths.state, inst.database.parent,
+                  paths.tmp):
             d.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         log.error("config.directory_unusable", error=str(exc), config=str(config.source))
         notifier.status(f"cannot create {exc.filename}: {exc.strerror}")
         return EX_CONFIG
-    state_fs = filesystem_type(paths.state)
-    if is_network_fs(state_fs):
-        log.error("config.state_on_network_fs", state=str(paths.state), fstype=state_fs,
-                  hint="SQLite needs a local disk: point paths.state at one")
+    local = [paths.state] + ([inst.database.parent] if config.store.url is None else [])
+    for folder in local:
+        state_fs = filesystem_type(folder)
+        if is_network_fs(state_fs):
+            log.error("config.state_on_network_fs", state=str(folder), fstype=state_fs,
+                      hint="SQLite and the lock need a local disk: point paths.state at one "
+                           "(a fleet of hosts shares PostgreSQL: store.url)")
+            return EX_CONFIG
+    return None
+
+
+def _register(config: Config, store: Store, name: str, stop: threading.Event) -> str | None:
+    """Take the worker name in the database; None (logged) when a live process holds it.
+
+    A holder on this host is dead whatever its last heartbeat says: this process holds the
+    name's lock file, which a live daemon of this name on this host would hold (a restart right
+    after a kill -9 takes its name back at once)."""
+    host = socket.gethostname()
+
+    def register(stale_s: float) -> str:
+        return store.register_worker(name, host=host, pid=os.getpid(), device=config.engine.device,
+                                     gpu=config.engine.device, version=program_version(), stale_s=stale_s)
+
+    try:
+        try:
+            return patiently(lambda: register(stale_after(config)), "registering the worker", stop=stop)
+        except WorkerNameTaken:
+            holder = next((w for w in store.list_workers() if w.name == name), None)
+            if holder is None or holder.host != host or holder.pid == os.getpid():
+                raise
+            log.warning("worker.replaced", worker=name, old_pid=holder.pid,
+                        reason="its previous process on this host is gone (the lock was free)")
+            return patiently(lambda: register(-1.0), "registering the worker", stop=stop)
+    except WorkerNameTaken as exc:
+        log.error("worker.name_taken", error=str(exc), worker=name,
+                  hint="give each daemon its own worker.name, --device or INFINITETALKD_WORKER")
+        return None
+
+
+def _join(config: Config, store: Store, inst: Instance, stop: threading.Event) -> Liveness:
+    """Register the worker, start its liveness thread, recover its previous incarnation's jobs.
+    Raises StoreUnusable when a live process already is this worker."""
+    token = _register(config, store, inst.name, stop)
+    if token is None:
+        raise StoreUnusable(f"another live process is worker {inst.name}")
+    live = Liveness(store, inst.name, token, lease_s=config.jobs.lease_s,
+                    interval_s=min(config.worker.heartbeat_s, config.jobs.lease_s / 2),
+                    ingest=config.worker.ingest == "auto")
+    live.beat()  # the first round now: whether this process leads the ingest is known at once
+    live.start()
+    try:
+        _recover(config, store, inst.name, inst.tmp, stop)
+    except BaseException:
+        live.stop()
+        raise
+    return live
+
+
+def run_daemon(config: Config, make_renderer: RendererFactory, *, notifier: Notifier | None = None,
+               stop: threading.Event | None = None, install_signals: bool = True,
+               configure_logging: bool = True, busy_timeout_ms: int | None = None,
+               device: str | None = None) -> int:
+    """Run until stopped; returns the exit code. ``make_renderer`` builds the resident engine
+    (``engine.load_engine`` in production, a fake in tests); ``device``: ``run --device``."""
+    if configure_logging:
+        setup_logging(config.logging.level, config.logging.format)
+    notifier = notifier or Notifier()
+    stop = stop or threading.Event()
+    wake = threading.Event()
+    try:
+        inst = resolve(config, device=device)
+    except ConfigError as exc:
+        log.error("config.invalid", error=str(exc))
         return EX_CONFIG
-    lock = _lock(paths.state / "infinitetalkd.lock")
+    config = inst.config
+    code = _prepare(config, inst, notifier)
+    if code is not None:
+        return code
+    # One daemon per worker name on this host (several may share one SQLite database).
+    lock = _lock(config.paths.state / f"infinitetalkd-{safe_name(inst.name)}.lock")
     if lock is None:
-        log.error("daemon.already_running", state=str(paths.state))
+        log.error("daemon.already_running", state=str(config.paths.state), worker=inst.name)
         return EX_CONFIG
     restore_signals = _install_signals(stop, wake, notifier) if install_signals else None
     metrics = Metrics()
     scanner: Scanner | None = None
     store: Store | None = None
+    live: Liveness | None = None
     try:
         try:
-            store = open_store(paths.database, stop=stop,
+            store = open_store(inst.database, stop=stop, settings=config.store,
                                busy_timeout_ms=busy_timeout_ms if busy_timeout_ms is not None
                                else _busy_timeout_ms(config))
-            _recover(config, store, stop)
+            live = _join(config, store, inst, stop)
         except StoreUnusable as exc:
-            log.error("store.unusable", error=str(exc), database=str(paths.database))
+            log.error("store.unusable", error=str(exc), database=store.url if store else str(inst.database))
             notifier.status(str(exc))
             return EX_CONFIG
         loaded = _load(config, make_renderer, notifier)
@@ -212,18 +301,22 @@ def run_daemon(config: Config, make_renderer: RendererFactory, *, notifier: Noti
         if stop.is_set():
             return EXIT_OK
         files_lock = threading.Lock()
+        lv = live
         scanner = Scanner(config, store, identity, files_lock=files_lock, wake_worker=wake.set,
-                          on_reject=metrics.failures.labels(kind="input").inc, stop_event=stop)
+                          on_reject=metrics.failures.labels(kind="input").inc, stop_event=stop,
+                          leading=lambda: lv.leader and lv.database_ok, name=inst.name,
+                          on_expired=lambda jobs: move_to_failed(config, store, jobs, stop) if store else None)
         scanner.scan_once()  # the start-up scan: the truth before any event
         scanner.start()
         if config.metrics.enabled:
             metrics.serve(config.metrics.host, config.metrics.port)
             log.info("metrics.serving", host=config.metrics.host, port=config.metrics.port)
         worker = Worker(config, store, renderer, identity, notifier=notifier, metrics=metrics, stop=stop,
-                        wake=wake, files_lock=files_lock, scanner=scanner)
-        notifier.ready(f"ready; watching {paths.inbox} ({scanner.mode})")
-        log.info("daemon.ready", inbox=str(paths.inbox), outbox=str(paths.outbox), watch_mode=scanner.mode,
-                 worker_id=worker.worker_id)
+                        wake=wake, files_lock=files_lock, scanner=scanner, name=inst.name, live=live,
+                        tmp_root=inst.tmp)
+        notifier.ready(f"ready; watching {config.paths.inbox} ({scanner.mode}) as worker {inst.name}")
+        log.info("daemon.ready", inbox=str(config.paths.inbox), outbox=str(config.paths.outbox),
+                 watch_mode=scanner.mode, worker_id=worker.worker_id, store=store.url)
         code = worker.loop()
         log.info("daemon.stopped", exit_code=code)
         return code
@@ -234,6 +327,8 @@ def run_daemon(config: Config, make_renderer: RendererFactory, *, notifier: Noti
             notifier.stopping("stopped")
         if scanner is not None:
             scanner.stop()
+        if live is not None:
+            live.stop()
         metrics.close()
         if store is not None:
             store.close()

@@ -33,7 +33,7 @@ from daemon import inbox as ib
 from daemon import outbox as ob
 from daemon.config import Config
 from daemon.fsinfo import filesystem_type, is_network_fs, watch_mode
-from daemon.jobs import Job, JobStatus
+from daemon.jobs import Job, JobStatus, rejection_key
 from daemon.log import get_logger, job_log
 from daemon.patience import Stopped, patiently
 from daemon.redrop import Redrop, decide
@@ -95,8 +95,16 @@ class Scanner:
 
     def __init__(self, config: Config, store: Store, identity: str, *, files_lock: threading.Lock,
                  wake_worker: Callable[[], None], on_reject: Callable[[], None] | None = None,
-                 stop_event: threading.Event | None = None) -> None:
+                 stop_event: threading.Event | None = None, leading: Callable[[], bool] | None = None,
+                 name: str = "", on_expired: Callable[[list[Job]], None] | None = None) -> None:
+        """``leading``: whether this process holds the ingest lease now (None: always, one daemon
+        alone); only the leader scans, refuses, and sweeps expired jobs (``on_expired`` moves their
+        inputs to failed/). ``name``: the worker name, reported with the waiting list."""
         self.config = config
+        self.leading = leading
+        self.name = name
+        self.on_expired = on_expired
+        self._was_leading = False
         self.store = store
         self.identity = identity
         self.files_lock = files_lock
@@ -154,7 +162,8 @@ class Scanner:
                 if self.wake.is_set() or now >= next_scan or self._presence_changed():
                     self.wake.clear()
                     self.scan_once()
-                    next_scan = time.monotonic() + self._timeout()
+                    next_scan = time.monotonic() + (self._timeout() if self._was_leading
+                                                    else self.config.watch.poll_interval_s)
                 self._last_failure = ""
             except Stopped:
                 break
@@ -254,8 +263,23 @@ class Scanner:
 
     # -- scanning -----------------------------------------------------------------------------
 
+    def is_leader(self) -> bool:
+        leading = self.leading is None or self.leading()
+        if leading != self._was_leading:
+            log.info("ingest.leader" if leading else "ingest.follower", worker=self.name)
+            self._was_leading = leading
+            if not leading:  # another process scans now: forget what this one had decided
+                self.known.clear()
+                self.waiting.clear()
+                self.retry.clear()
+                self.tracker.keep_only({})
+        return leading
+
     def scan_once(self) -> None:
-        """One full pass over the inbox."""
+        """One full pass over the inbox (only by the ingest leader)."""
+        if not self.is_leader():
+            return
+        self._sweep()
         if not self._check_inbox():
             self._write_status()
             return
@@ -285,6 +309,16 @@ class Scanner:
             with structlog.contextvars.bound_contextvars(stem=stem):
                 self._consider_isolated(groups[stem], now)
         self._write_status()
+
+    def _sweep(self) -> None:
+        """Fail running jobs whose lease expired with no attempt left (or a cancel request): the
+        database decides (one winner per job), then their inputs go to failed/."""
+        if self.leading is None:
+            return  # one daemon alone: its own recovery at start does this
+        expired = self._db(self.store.sweep_expired, "sweeping expired jobs")
+        if expired and self.on_expired is not None:
+            with self.files_lock:
+                self.on_expired(expired)
 
     def _consider_isolated(self, g: ib.Group, now: float) -> None:
         """One stem's decision, isolated: whatever it raises, the other stems are still looked at,
@@ -510,7 +544,12 @@ class Scanner:
                                             for e in present if e is not None]
             if not inputs:
                 return
-            job = self._db(lambda: self.store.add_rejected(stem=g.stem, inputs=inputs, error=reason), "refusing")
+            key = rejection_key(g.stem, inputs)
+            job, created = self._db(lambda: self.store.reject(key, stem=g.stem, inputs=inputs, error=reason),
+                                    "refusing")
+            if not created:  # another ingester (a former leader) refused these very files: its move
+                self.tracker.forget(g.stem)
+                return
             try:
                 dest = fl.to_failed(cfg.paths.failed, g.stem, job.id, inbox, inputs, reason)
             except OSError as exc:
@@ -542,6 +581,13 @@ class Scanner:
             "watch_mode": self.mode,
             "waiting": [{"stem": s, "reason": w.reason, "since": w.since} for s, w in sorted(self.waiting.items())],
         }
+        if self.leading is not None:  # a fleet: the waiting list lives in the database for every host's status
+            now = time.time()
+            waiting = {s: (w.reason, now - w.since) for s, w in self.waiting.items()}
+            try:
+                self.store.set_waiting(self.name, waiting)
+            except Exception as exc:  # noqa: BLE001 - a status report; the next pass writes it again
+                log.warning("status.waiting_failed", error=str(exc))
         path = self.config.paths.state / "inbox.json"
         tmp = path.with_suffix(".json.tmp")
         try:

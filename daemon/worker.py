@@ -39,11 +39,13 @@ from daemon import files as fl
 from daemon import inbox as ib
 from daemon import outbox as ob
 from daemon.config import Config
+from daemon.db_liveness import Liveness
 from daemon.jobs import Job, JobStatus
 from daemon.log import get_logger, job_log
 from daemon.metrics import Metrics
 from daemon.notify import Notifier
 from daemon.patience import Stopped, patiently
+from daemon.pause import DiskPause
 from daemon.progress import Eta, describe_progress
 from daemon.results import result_doc, run_key
 from daemon.store import StaleJob, Store
@@ -106,39 +108,6 @@ class _Outcome:
     already_published: bool = False
 
 
-class DiskPause:
-    """When to claim again after a job hit a full disk: once the outbox has ``min_free_mb`` free
-    and either its free space grew since the failure or a back-off (doubling, capped) has passed.
-    Without the back-off a disk that stays full would be retried in a tight loop."""
-
-    FIRST_S = 2.0
-    MAX_S = 300.0
-    GROWTH = 64 * 2**20  # bytes of new free space that count as "someone freed space"
-
-    def __init__(self) -> None:
-        self.backoff = self.FIRST_S
-        self.free_at_failure: int | None = None
-        self.until = 0.0
-        self.reason = ""
-
-    def hit(self, free: int, reason: str) -> None:
-        self.free_at_failure = free
-        self.until = time.monotonic() + self.backoff
-        self.backoff = min(self.backoff * 2, self.MAX_S)
-        self.reason = reason
-
-    def succeeded(self) -> None:
-        self.backoff = self.FIRST_S
-
-    def blocks(self, free: int) -> bool:
-        if self.free_at_failure is None:
-            return False
-        if free >= self.free_at_failure + self.GROWTH or time.monotonic() >= self.until:
-            self.free_at_failure = None
-            return False
-        return True
-
-
 class _Monitor:
     """The two callables handed to the renderer for one job: progress and should_stop.
 
@@ -160,6 +129,7 @@ class _Monitor:
 
     def progress(self, p: Progress) -> None:
         self.latest = p
+        live = self.w.live
         self.eta_s = self.eta.update(p)
         self.w.metrics.set_running(p.fraction, self.eta_s)
         self.w.notifier.watchdog()
@@ -167,13 +137,21 @@ class _Monitor:
         if now - self._last_status >= 0.5:
             self._last_status = now
             self.w.notifier.status(f"job {self.job.id} {self.job.stem}: {describe_progress(p, self.eta_s)}; "
-                                   f"queued {self.w.queued}")
+                                   f"queued {self.w.queued}{self.w.db_note()}")
+        if live is not None:  # the side thread stores it; this thread never waits for the database
+            live.progress(p.fraction, describe_progress(p, self.eta_s))
+            return
         self._sync(now)
 
     def should_stop(self) -> bool:
         if self.w.stop.is_set():
             return True
-        self._sync(time.monotonic())
+        live = self.w.live
+        if live is not None:
+            self.cancel = self.cancel or live.cancel_requested
+            self.lost = live.job_lost or live.name_lost
+        else:
+            self._sync(time.monotonic())
         return self.cancel or self.lost
 
     def _sync(self, now: float) -> None:
@@ -198,7 +176,11 @@ class _Monitor:
 class Worker:
     def __init__(self, config: Config, store: Store, renderer: Renderer, identity: str, *, notifier: Notifier,
                  metrics: Metrics, stop: threading.Event, wake: threading.Event, files_lock: threading.Lock,
-                 scanner: ScannerView | None = None) -> None:
+                 scanner: ScannerView | None = None, name: str | None = None, live: Liveness | None = None,
+                 tmp_root: Path | None = None) -> None:
+        """``name``: the worker name in the database (default ``<host>:<pid>``); ``live``: the side
+        thread keeping the worker, its job's lease and the ingest lease alive (None: heartbeats
+        from the render thread, one daemon alone); ``tmp_root``: this worker's work folders."""
         self.config = config
         self.store = store
         self.renderer = renderer
@@ -209,7 +191,9 @@ class Worker:
         self.wake = wake
         self.files_lock = files_lock
         self.scanner = scanner
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.worker_id = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.live = live
+        self.tmp_root = tmp_root or config.paths.tmp
         self.queued = 0
         self._low_disk = False
         self.disk = DiskPause()
@@ -222,6 +206,16 @@ class Worker:
 
     def _db(self, call: Callable[[], T], what: str) -> T:
         return patiently(call, what, stop=self.stop)
+
+    def db_note(self) -> str:
+        """A clause for STATUS= while the database cannot be reached."""
+        live = self.live
+        if live is None or live.database_ok:
+            return ""
+        return f"; the job database is unreachable ({live.database_error})"
+
+    def _leading(self) -> bool:
+        return self.live is None or (self.live.leader and self.live.database_ok)
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -241,7 +235,19 @@ class Worker:
 
     def _once(self) -> OutcomeKind | None:
         poll = self.config.watch.poll_interval_s
-        self._cancel_requested_jobs()
+        live = self.live
+        if live is not None and live.name_lost:
+            log.error("worker.name_lost", worker=self.worker_id,
+                      reason="another process registered this worker name; stopping")
+            return "stopped"
+        if live is not None and not live.database_ok:
+            # Nothing new is claimed or ingested while the database is down; the side thread
+            # keeps trying and says when it is back.
+            self._set_paused(f"the job database is unreachable: {live.database_error}")
+            self._idle(f"paused: the job database is unreachable ({live.database_error}); retrying", poll)
+            return None
+        if self._leading():
+            self._cancel_requested_jobs()
         counts = self._db(self.store.counts, "counting jobs")
         self.queued = counts[JobStatus.QUEUED.value]
         self.metrics.set_counts(counts)
@@ -254,7 +260,13 @@ class Worker:
         if job is None:
             self._idle(f"idle; queued {self.queued}", poll)
             return None
-        return self.run_job(job)
+        if live is not None:
+            live.track(job)
+        try:
+            return self.run_job(job)
+        finally:
+            if live is not None:
+                live.track(None)
 
     def _pause_reason(self) -> str:
         inbox = self.config.paths.inbox
@@ -334,10 +346,11 @@ class Worker:
     def run_job(self, job: Job) -> OutcomeKind:
         log_path = job_log_path(self.config, job.id)
         with structlog.contextvars.bound_contextvars(job_id=job.id, stem=job.stem):
-            tmp = self.config.paths.tmp / str(job.id)
+            # One folder per attempt: a takeover by another worker never shares a folder.
+            tmp = self.tmp_root / f"{job.id}-{job.attempts}"
             try:
                 log_path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = ob.fresh_tmp_dir(self.config.paths.tmp, job.id)
+                tmp = ob.fresh_tmp_dir(self.tmp_root, f"{job.id}-{job.attempts}")
             except OSError as exc:
                 outcome = _Outcome("disk_full", failure="disk",
                                    reason=f"disk full or failing: cannot prepare the job's work folder: {exc}")
@@ -360,6 +373,8 @@ class Worker:
                                        error=f"internal error while finishing: {type(exc).__name__}: {exc}")
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    self.tmp_root.rmdir()  # only when empty: leave no trace in outbox/.tmp when idle
         return outcome.kind
 
     def _reprepare(self, job: Job, snap: Path) -> ib.Prepared:
@@ -417,7 +432,13 @@ class Worker:
                 raise _InputsChanged("an input file was changed in place during the render; "
                                      "the current files are scanned as a new job")
             render_s = time.time() - started
-            base = ob.choose_base(self.config.paths.outbox, job.stem, job.id)
+            if monitor.lost:
+                log.error("job.lost", reason="the job was taken from this worker (lease lost); result discarded")
+                return _Outcome("lost")
+            base = self._reserve_base(job)
+            if base is None:
+                log.error("job.lost", reason="the job was taken from this worker (lease lost); result discarded")
+                return _Outcome("lost")
             doc = result_doc(job, prepared, result, base, render_s, self.identity)
             json_path = tmp / ob.fit_name(job.stem, ".json")
             ob.write_json(json_path, doc)
@@ -458,6 +479,28 @@ class Worker:
             log.exception("job.internal_error")
             return failed("failed", f"internal error: {type(exc).__name__}: {ib.one_line(str(exc))}", "internal")
 
+    def _reserve_base(self, job: Job) -> str | None:
+        """A free output base name, reserved for this job in the database (unique across the
+        fleet's workers publishing to one outbox). None if the job is no longer ours."""
+        refused: set[str] = set()
+        while True:
+            base = ob.choose_base(self.config.paths.outbox, job.stem, job.id, exclude=refused)
+            if self._db(lambda b=base: self.store.reserve_output(b, job, self.worker_id),  # type: ignore[misc]
+                        "reserving an output name"):
+                return base
+            if not self._db(lambda: self.store.holds(job, self.worker_id), "checking the claim"):
+                return None
+            refused.add(base)
+
+    def _finish(self, job: Job, status: JobStatus, what: str, **fields: Any) -> None:
+        """Record the outcome; a retried completion whose first try committed (the reply was lost
+        in an outage) is recognised, any other StaleJob propagates."""
+        try:
+            self._db(lambda: self.store.finish(job, self.worker_id, status, **fields), what)
+        except StaleJob:
+            if self._db(lambda: self.store.completed(job, self.worker_id), "checking a completion") is None:
+                raise
+
     # -- recording the outcome ----------------------------------------------------------------
 
     def _finalize(self, job: Job, log_path: Path, tmp: Path, out: _Outcome) -> None:
@@ -476,8 +519,7 @@ class Worker:
             self._db(lambda: self.store.requeue(job, self.worker_id, refund=True, error=out.reason), "requeueing")
             log.warning("job.requeued", reason=out.reason, attempt_refunded=True)
         elif out.kind == "superseded":
-            self._db(lambda: self.store.finish(job, self.worker_id, JobStatus.CANCELLED, error=out.reason),
-                     "recording a superseded job")
+            self._finish(job, JobStatus.CANCELLED, "recording a superseded job", error=out.reason)
             log.info("job.superseded", reason=out.reason)
         elif out.kind == "stopped":
             with contextlib.suppress(Stopped):  # if the database stays busy, recovery at start requeues it
@@ -499,6 +541,12 @@ class Worker:
                     if log_path.exists():
                         files["log"] = tmp / ob.fit_name(job.stem, ".log")
                         shutil.copyfile(log_path, files["log"])
+                    # Ownership confirmed right before the renames: a worker that lost its lease
+                    # (paused, cut off) discards its result; the new holder publishes.
+                    if not self._db(lambda: self.store.holds(job, self.worker_id), "checking the claim"):
+                        log.error("job.lost", reason="the job was taken from this worker before publishing; "
+                                  "result discarded")
+                        return
                     ob.publish(tmp, cfg.paths.outbox, out.base, files)
             except OSError as exc:  # any: a fault of the outbox's storage, not of this job
                 ob.remove_partial(cfg.paths.outbox, job.stem, job.id)
@@ -513,8 +561,8 @@ class Worker:
                 # the files of a finished job and archives them once it can.
                 where = f"left in the inbox ({ib.one_line(str(exc))}); archived later"
                 log.warning("job.archive_failed", error=str(exc))
-            self._db(lambda: self.store.finish(job, self.worker_id, JobStatus.DONE, outputs=dict(doc["outputs"]),
-                                               timings=dict(doc["timings"])), "recording a finished job")
+            self._finish(job, JobStatus.DONE, "recording a finished job", outputs=dict(doc["outputs"]),
+                         timings=dict(doc["timings"]))
         _unlink_quietly(log_path)
         self.disk.succeeded()
         log.info("job.done", outputs=doc["outputs"], inputs=where)
@@ -535,8 +583,7 @@ class Worker:
                 # failed/ cannot be written: keep everything where it is and try the job again later.
                 self._requeue_for_space(job, f"{reason} (and failed/ cannot be written: {ib.one_line(str(exc))})")
                 return
-            self._db(lambda: self.store.finish(job, self.worker_id, status, error=reason, failed_dir=str(dest)),
-                     "recording a failed job")
+            self._finish(job, status, "recording a failed job", error=reason, failed_dir=str(dest))
         _unlink_quietly(log_path)
         log.warning(f"job.{status.value}", reason=reason, failed_dir=str(dest))
         if status is JobStatus.FAILED:

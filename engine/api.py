@@ -189,6 +189,9 @@ class RenderResult:
     model_files: dict[str, str] = field(default_factory=dict)
     dit_calls: int = 0  # DiT forwards (steps x guidance passes x chunks)
     blocks_skipped: int = 0  # of those, how many reused a cached block residual (teacache)
+    # Kernel choices that change bits but not results beyond bf16 noise (FA3 attention): reported in the
+    # result JSON only, never part of the job's identity, so any GPU of a fleet may render any job.
+    kernels: dict[str, str] = field(default_factory=dict)
 
 
 class Renderer(Protocol):

@@ -108,14 +108,20 @@ class Engine:
     def identity(self) -> str:
         parts = [f"infinitetalkd-engine={self.version}"]
         parts += [f"{k}={v}" for k, v in sorted(self.m.identities.items())]
-        # fp8 GEMMs change the numbers (not bit-identical to bf16): a job rendered with them is another result
-        from engine.fast import Fp8Linear, uses_flash3
+        # fp8 GEMMs change the numbers (not bit-identical to bf16): a job rendered with them is another result.
+        # FA3 attention has the same error as SDPA against fp32 (other bits, not another result): it is
+        # reported in the result JSON (kernels()), not here, so a job is not tied to one GPU type.
+        from engine.fast import Fp8Linear
 
         if any(isinstance(m, Fp8Linear) for m in self.m.dit.modules()):
             parts.append("dit_gemm=fp8")
-        if uses_flash3(self.m.dit):  # same error as SDPA against fp32, but other bits
-            parts.append("dit_attention=fa3")
         return ";".join(parts)
+
+    def kernels(self) -> dict[str, str]:
+        """Kernel choices that do not change results beyond bf16 noise (for the result JSON)."""
+        from engine.fast import uses_flash3
+
+        return {"dit_attention": "fa3" if uses_flash3(self.m.dit) else "sdpa"}
 
     def warmup(self) -> None:
         """One DiT pass per warm bucket at the real shapes (this is when compiled blocks get compiled), or a
@@ -397,7 +403,8 @@ class Engine:
         return RenderResult(frames=out.written, fps=FPS, width=plan.width, height=plan.height,
                             duration_s=out.written / FPS, chunks=len(plan.chunks), seed=plan.req.seed,
                             timings={k: round(v, 3) for k, v in timings.items()},
-                            model_files=dict(self.m.identities), dit_calls=dit_calls, blocks_skipped=blocks_skipped)
+                            model_files=dict(self.m.identities), dit_calls=dit_calls, blocks_skipped=blocks_skipped,
+                            kernels=self.kernels())
 
 
 @dataclass

@@ -54,3 +54,16 @@ def test_suite_rejects_unknown_parts() -> None:
 
     with pytest.raises(SystemExit):
         main(["--only", "forwardd"])
+
+
+def test_fleet_overhead_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """bench/fleet.py's ingest and status parts at a tiny size (the claim part starts daemons: the fleet tests
+    in tests/daemon/test_fleet.py cover those)."""
+    import json
+
+    from bench import fleet
+
+    assert fleet.main(["--only", "ingest,status", "--stems", "3", "--jobs", "30", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "fleet.json").read_text())
+    assert doc["results"]["ingest"]["stems_per_s"] > 0 and doc["results"]["status"]["median_s"] > 0
+    assert "| status |" in capsys.readouterr().out

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from daemon.config import Config
+from daemon.db import StoreConfigError
 from daemon.jobs import Job, JobStatus
 from daemon.store import Store, StoreError
 from engine.settings import form_fields
@@ -36,9 +37,12 @@ class Unavailable(RuntimeError):
 def open_store(cfg: Config) -> Store:
     """The one place that knows where the job store is (the fleet's PostgreSQL URL goes here)."""
     db = cfg.paths.database
-    if not db.exists():
+    if cfg.store.url is None and not db.exists():
         raise Unavailable(f"no job database at {db} yet (start the daemon: infinitetalkd run)")
-    return Store.open(db, busy_timeout_ms=BUSY_TIMEOUT_MS)
+    try:
+        return Store.connect(cfg.store.model_copy(update={"busy_timeout_s": BUSY_TIMEOUT_MS / 1000}), db)
+    except StoreConfigError as exc:
+        raise Unavailable(str(exc)) from None
 
 
 class StoreAccess:

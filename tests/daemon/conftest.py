@@ -71,6 +71,7 @@ def fast_config_dict(root: Path) -> dict[str, Any]:
         "watch": {"mode": "poll", "poll_interval_s": 0.05, "stable_window_s": 0.3, "rescan_interval_s": 5,
                   "incomplete_after_s": 60},
         "jobs": {"max_attempts": 3, "lease_s": 60, "min_free_mb": 0},
+        "worker": {"heartbeat_s": 0.2},  # cancel requests and lease losses reach the render within this
         "engine": {"models_dir": str(root / "models"), "device": "cpu"},
         "logging": {"level": "info", "format": "json"},
     }
@@ -144,7 +145,7 @@ class Env:
     @property
     def store(self) -> Store:
         if self._store is None:
-            self._store = Store.open(self.config.paths.database)
+            self._store = Store.connect(self.config.store, self.config.paths.database)
         return self._store
 
     def jobs(self) -> list[Job]:

@@ -145,7 +145,8 @@ def test_faults_fail_the_job_and_the_daemon_goes_on(env: Env) -> None:
             f"{stem}.log", f"{stem}.png", f"{stem}.wav", f"{stem}.yaml", "error.txt"])
         assert (env.failed / stem / "error.txt").read_text().count("\n") == 1
     # a full disk is not a failure of the job: tests/daemon/test_reliability.py
-    assert not list((env.outbox / ".tmp").iterdir())
+    # (the work folder goes right after the job is recorded: wait for it)
+    wait_for(lambda: not list((env.outbox / ".tmp").iterdir()), what="outbox/.tmp to be empty")
     assert env.stop() == 0
 
 

@@ -53,8 +53,9 @@ def test_kill_9_mid_render_then_restart_completes_once(env: Env, procs: list[sub
         procs.append(p := spawn(env, steps=200, step_s=0.03))
         job = wait_for(lambda: (j := env.job("alice")) is not None and j.status is JobStatus.RUNNING
                        and j.progress > 0 and j, timeout=30, what="the render to make progress")
-        partial = env.outbox / ".tmp" / str(job.id) / "alice.mp4"
-        wait_for(partial.exists, what="a partial mp4 in outbox/.tmp")
+        # outbox/.tmp/<worker>/<job>-<attempt>/
+        wait_for(lambda: list((env.outbox / ".tmp").glob(f"*/{job.id}-1/alice.mp4")),
+                 what="a partial mp4 in outbox/.tmp")
         p.send_signal(signal.SIGKILL)
         p.wait(10)
         assert env.outbox_files() == []  # the partial file never left .tmp

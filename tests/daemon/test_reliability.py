@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 
 from daemon import cli
 from daemon import outbox as ob
+from daemon.instance import safe_name
 from daemon.jobs import JobStatus
 from tests.daemon import faults
 from tests.daemon.conftest import REPO, Env, spawn, wait_for, write_png, write_wav
@@ -410,7 +412,8 @@ def test_11_a_stem_beginning_with_a_dash_can_be_cancelled(env: Env, capsys: pyte
 def test_the_job_log_keeps_every_attempt_and_the_engines_lines(env: Env) -> None:
     flag = env.root / "disk-full"
     flag.touch()
-    remove = faults.install({"under": [str(env.outbox / ".tmp" / "1" / "alice.mp4")], "flag": str(flag)})
+    work = env.outbox / ".tmp" / safe_name(f"{socket.gethostname()}/cpu") / "1-1"  # <worker>/<job>-<attempt>
+    remove = faults.install({"under": [str(work / "alice.mp4")], "flag": str(flag)})
     try:
         env.drop("alice")
         env.start()

@@ -234,9 +234,10 @@ def test_engine_identity_names_fp8(tiny_models: Path, monkeypatch: pytest.Monkey
     assert "dit_gemm=fp8" not in plain and fp8 == plain + ";dit_gemm=fp8"
 
 
-def test_engine_identity_names_fa3_and_fa3_needs_the_fast_path(tiny_models: Path,
+def test_fa3_is_a_kernel_not_part_of_the_identity_and_needs_the_fast_path(tiny_models: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """FA3 gives other bits than SDPA (same error against fp32), so it is part of the identity; asking for it where
+    """FA3 gives other bits than SDPA but the same error against fp32: it is reported with the kernels (the result
+    JSON), not in the identity (a job ingested on one GPU type may be rendered on another); asking for it where
     the fast path does not run (CPU) is an error at start, before loading, that says what to use instead."""
     from engine import attention, fast, load_engine
     from engine.api import EngineOptions
@@ -247,9 +248,11 @@ def test_engine_identity_names_fa3_and_fa3_needs_the_fast_path(tiny_models: Path
         load_engine(EngineOptions(attention="fa3", **opts))  # type: ignore[arg-type]
     models = md.load_models(EngineOptions(**opts))  # type: ignore[arg-type]
     plain = Engine(models).identity()
+    assert Engine(models).kernels() == {"dit_attention": "sdpa"}
     monkeypatch.setattr(attention, "flash3_available", lambda device=None: True)
     fast.use_flash3(models.dit)
-    assert "dit_attention" not in plain and Engine(models).identity() == plain + ";dit_attention=fa3"
+    assert "dit_attention" not in plain and Engine(models).identity() == plain
+    assert Engine(models).kernels() == {"dit_attention": "fa3"}
 
 
 def test_tiny_model_files_follow_the_umask(tiny_models: Path) -> None:
