@@ -462,6 +462,14 @@ def gpu_label(env: dict[str, Any]) -> str:
     return str(env.get("gpu") or f"CPU ({env.get('host_cpus')} cores)")
 
 
+def finish(report: Report, out: str | None, note: str = "") -> Path:
+    """The end of every entry point: write the report's JSON, print its table and where it went."""
+    path = report.write(out_dir(out))
+    print(format_table(report.rows))
+    print(f"({gpu_label(report.env)}; {path}{note})")
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The result format
 

@@ -306,10 +306,8 @@ def _report(device: str, out: str | None) -> Iterator[c.Report]:
     try:
         yield report
     finally:
-        path = report.write(c.out_dir(out))
-        print(c.format_table(report.rows))
-        print(f"({c.gpu_label(report.env)}; {path}; ideal at the bf16 / fp8 dense peak of an H100 SXM: "
-              f"{PFLOP_480P * 1000 / 989:.2f} / {PFLOP_480P * 1000 / 1979:.2f} s per full-size forward)")
+        c.finish(report, out, f"; ideal at the bf16 / fp8 dense peak of an H100 SXM: {PFLOP_480P * 1000 / 989:.2f} / "
+                 f"{PFLOP_480P * 1000 / 1979:.2f} s per full-size forward")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -118,9 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         run(size, device, report, repeat=args.repeat, caps=[float(x) for x in args.caps.split(",") if x],
             vae_buckets=[b for b in args.vae_buckets.split(",") if b])
     finally:
-        path = report.write(c.out_dir(args.out))
-        print(c.format_table(report.rows))
-        print(f"({c.gpu_label(report.env)}; {path})")
+        c.finish(report, args.out)
     return 0
 
 

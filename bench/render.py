@@ -158,9 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         run(report, size=size, device=device, models=args.models, write=not args.skip_write,
             variants=args.variant or ["compiled"], only=args.case)
     finally:
-        path = report.write(c.out_dir(args.out))
-        print(c.format_table(report.rows))
-        print(f"({c.gpu_label(report.env)}; {path})")
+        c.finish(report, args.out)
     return 0
 
 

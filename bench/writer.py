@@ -118,9 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         run(report, size=args.size, chunks=args.chunks, gpu_s=args.gpu_s, repeat=args.repeat, content=args.content,
             from_model=args.from_model)
     finally:
-        path = report.write(c.out_dir(args.out))
-        print(c.format_table(report.rows))
-        print(f"({c.gpu_label(report.env)}; {path})")
+        c.finish(report, args.out)
     return 0
 
 
