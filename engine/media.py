@@ -1,6 +1,6 @@
 """Reading user media and writing the output video.
 
-Everything that reaches this module comes from a hostile inbox (daemon.md section 7):
+Everything that reaches this module comes from a hostile inbox (docs/daemon.md §7):
 
 - Images are opened with Pillow restricted to PNG, JPEG and WebP, under a pixel cap, verified
   and reopened; animated images are refused.

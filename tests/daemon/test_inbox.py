@@ -135,7 +135,7 @@ def test_image_checks(tmp_path: Path) -> None:
 
 def test_audio_checks(tmp_path: Path) -> None:
     assert ib.check_audio(write_wav(tmp_path / "a.wav", seconds=1.5)) == pytest.approx(1.5)
-    (tmp_path / "t.wav").write_text("ffconcat version 1.0\nfile other.wav\n")  # daemon.md section 7
+    (tmp_path / "t.wav").write_text("ffconcat version 1.0\nfile other.wav\n")  # docs/daemon.md §7
     with pytest.raises(InputError, match="look like text"):
         ib.check_audio(tmp_path / "t.wav")
     (tmp_path / "flac.wav").write_bytes(b"fLaC" + bytes(60))
