@@ -288,13 +288,15 @@ def wait_until(cond: Any, timeout: float = 20.0) -> None:
 def test_liveness_keeps_the_job_and_reports_cancel_and_loss(store: Store) -> None:
     from daemon.db_liveness import Liveness
 
-    live = Liveness(store, "w", register(store, "w"), lease_s=1.0, interval_s=0.05).start()
+    # lease_s 2.5 with a heartbeat every 0.05 s: only a thread starved for 2.5 s (never, even on a busy CI machine)
+    # could lose the job, and the sleep below still outlasts the lease, so only the heartbeats can keep it
+    live = Liveness(store, "w", register(store, "w"), lease_s=2.5, interval_s=0.05).start()
     try:
         job = _running(store, "fp1", "w")
         live.track(job)
         live.progress(0.5, "denoise 2/4")
         wait_until(lambda: store.get(job.id).progress_text == "denoise 2/4")  # type: ignore[union-attr]
-        time.sleep(1.2)  # past the claim's own lease: only the thread's heartbeats keep the job
+        time.sleep(3.0)  # past the lease the heartbeats set: only their renewals keep the job
         assert store.claim("thief", 30) is None and store.list_workers()[0].job_id == job.id
         store.request_cancel(job.id)
         wait_until(lambda: live.cancel_requested)
