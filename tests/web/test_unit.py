@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.daemon.conftest import REPO
+from tests.daemon.test_systemd import ANALYZE, keys, needs_analyze
 
 UNIT = REPO / "systemd" / "infinitetalkd-web.service"
-ANALYZE = shutil.which("systemd-analyze")
-needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed (apt-get install systemd)")
-
-
-def keys(text: str) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        if "=" in line and not line.lstrip().startswith(("#", ";")):
-            k, v = line.split("=", 1)
-            out.setdefault(k.strip(), []).append(v.strip())
-    return out
 
 
 def test_web_unit_has_the_contract() -> None:
