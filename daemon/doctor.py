@@ -15,9 +15,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from daemon.config import Config
+from daemon.instance import stale_after
 from daemon.store import Store
+from daemon.store_fleet import WorkerInfo
+from engine.api import short_identity
 
-__all__ = ["Check", "ModelsCheck", "check_installation", "check_models", "check_gpu", "print_checks", "as_json"]
+__all__ = ["Check", "ModelsCheck", "check_installation", "check_models", "check_gpu", "check_recipes", "print_checks",
+           "as_json"]
 
 Status = Literal["ok", "bad", "info"]
 # (models_dir, files, preset) -> (ok, one line per expected file)
@@ -121,9 +125,32 @@ def check_store(cfg: Config) -> list[Check]:
                                 f"{', '.join(versions) or '-'}",
                                 tuple(f"{w.name}: {w.host} pid {w.pid}, {w.device}, {w.version}, heartbeat "
                                       f"{w.age_s:.0f} s ago" for w in workers)))
+            checks.append(check_recipes(workers, store.queued_by_recipe(), stale_after(cfg)))
         return checks
     finally:
         store.close()
+
+
+def check_recipes(workers: list[WorkerInfo], queued: Mapping[str, int], stale_after_s: float) -> Check:
+    """Whether the live workers render one recipe, and whether every queued job's recipe has a live
+    worker: a worker claims only jobs of its own recipe (docs/daemon.md §4.8)."""
+    live = [w for w in workers if w.age_s < stale_after_s and w.recipe]
+    recipes = {w.recipe for w in live}
+    orphaned = {r: n for r, n in queued.items() if r not in recipes}
+    details = [f"{w.name}: {short_identity(w.recipe)}" for w in live]
+    details += [f"{n} queued job(s) of recipe {short_identity(r) or '(none)'}: no live worker renders it"
+                for r, n in sorted(orphaned.items())]
+    if not live:
+        return Check("recipes", "info", "recipes: no live worker has loaded its engine yet", tuple(details))
+    if orphaned:
+        return Check("recipes", "bad", f"recipes: {sum(orphaned.values())} queued job(s) wait for a recipe no live "
+                     "worker has; give those workers the same models and engine settings, or retry the jobs on a "
+                     "worker that has them", tuple(details))
+    if len(recipes) > 1:
+        return Check("recipes", "bad", f"recipes: the {len(live)} live workers disagree ({len(recipes)} recipes): a "
+                     "job is rendered only by workers of the recipe that queued it; give every worker the same "
+                     "model files and engine settings", tuple(details))
+    return Check("recipes", "ok", f"recipes: the {len(live)} live worker(s) agree", tuple(details))
 
 
 def check_gpu(device: str, engine: ImportFn) -> list[Check]:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Engine, Table, and_, case, delete, insert, literal, or_, select, update
+from sqlalchemy import ColumnElement, Engine, Table, and_, case, delete, func, insert, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
@@ -140,6 +140,22 @@ class FleetOps:
                                                      WORKERS.c.stopped_at.is_(None))
                                .values(heartbeat_at=self._now(), job_id=job_id))
         return res.rowcount == 1
+
+    def set_worker_recipe(self, name: str, token: str, recipe: str) -> bool:
+        """Record the recipe (engine identity) this worker renders, known once its engine is loaded.
+        False when the name is no longer this process's."""
+        with self.engine.begin() as conn:
+            res = conn.execute(update(WORKERS).where(WORKERS.c.name == name, WORKERS.c.token == token)
+                               .values(recipe=recipe))
+        return res.rowcount == 1
+
+    def queued_by_recipe(self) -> dict[str, int]:
+        """How many queued jobs need each recipe (engine identity): a worker claims only its own
+        (docs/daemon.md §4.8), so a recipe no live worker has is a queue that never moves."""
+        with self.engine.begin() as conn:
+            rows = conn.execute(select(_T.c.engine_identity, func.count()).where(_T.c.status == JobStatus.QUEUED.value)
+                                .group_by(_T.c.engine_identity)).all()
+        return {str(r[0]): int(r[1]) for r in rows}
 
     def stop_worker(self, name: str, token: str) -> None:
         """A clean exit: the row stays (``status`` shows when it stopped) and the name is free at once."""

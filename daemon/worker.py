@@ -256,9 +256,12 @@ class Worker:
         if pause:
             self._idle(f"paused: {pause}; queued {self.queued}", poll)
             return None
-        job = self._db(lambda: self.store.claim(self.worker_id, self.config.jobs.lease_s), "claiming a job")
+        # Only jobs of this worker's recipe: another engine would compute another fingerprint (docs/daemon.md §4.8).
+        job = self._db(lambda: self.store.claim(self.worker_id, self.config.jobs.lease_s, identities={self.identity}),
+                       "claiming a job")
         if job is None:
-            self._idle(f"idle; queued {self.queued}", poll)
+            self._idle(f"idle; queued {self.queued}" + (", none of them of this worker's recipe (infinitetalkd doctor)"
+                                                       if self.queued else ""), poll)
             return None
         if live is not None:
             live.track(job)
