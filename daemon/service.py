@@ -300,7 +300,7 @@ def run_daemon(config: Config, make_renderer: RendererFactory, *, notifier: Noti
         renderer, identity = loaded
         if stop.is_set():
             return EXIT_OK
-        # What this worker can render, for doctor and status (docs/daemon.md §4.8).
+        # What this worker can render, for doctor and status (docs/daemon.md §4.9).
         token = live.token
         patiently(lambda: store.set_worker_recipe(inst.name, token, identity), "recording the worker's recipe",
                   stop=stop)

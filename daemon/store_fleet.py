@@ -151,7 +151,7 @@ class FleetOps:
 
     def queued_by_recipe(self) -> dict[str, int]:
         """How many queued jobs need each recipe (engine identity): a worker claims only its own
-        (docs/daemon.md §4.8), so a recipe no live worker has is a queue that never moves."""
+        (docs/daemon.md §4.9), so a recipe no live worker has is a queue that never moves."""
         with self.engine.begin() as conn:
             rows = conn.execute(select(_T.c.engine_identity, func.count()).where(_T.c.status == JobStatus.QUEUED.value)
                                 .group_by(_T.c.engine_identity)).all()

@@ -256,7 +256,7 @@ class Worker:
         if pause:
             self._idle(f"paused: {pause}; queued {self.queued}", poll)
             return None
-        # Only jobs of this worker's recipe: another engine would compute another fingerprint (docs/daemon.md §4.8).
+        # Only jobs of this worker's recipe: another engine would compute another fingerprint (docs/daemon.md §4.9).
         job = self._db(lambda: self.store.claim(self.worker_id, self.config.jobs.lease_s, identities={self.identity}),
                        "claiming a job")
         if job is None:

@@ -1,4 +1,4 @@
-"""A worker renders only jobs of its own recipe (docs/daemon.md §4.8): it records the recipe in the
+"""A worker renders only jobs of its own recipe (docs/daemon.md §4.9): it records the recipe in the
 worker registry, leaves other recipes' jobs queued for a worker that has them, and ``doctor`` says
 when live workers disagree or a queued job has no live worker of its recipe."""
 
