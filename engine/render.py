@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -41,7 +40,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import checkpoint as ckpt
 from engine import frames as fr
 from engine import sampling
 from engine.api import (
@@ -59,13 +57,14 @@ from engine.api import (
 from engine.dit import Conditioning, ContextEmb, ContextKV, WanInfiniteTalk
 from engine.events import emit
 from engine.image_encoder import encode_image
-from engine.job import OUTPUT_AUDIO_RATE, JobPlan, plan_job
+from engine.job import JobPlan, plan_job
 from engine.models import Models
+from engine.output import Output, Where, open_output
 from engine.prompts import PromptCache
 from engine.recipes import PRESETS
 from engine.teacache import TeaCache, coefficients_for
 from engine.text_encoder import encode_text
-from engine.writer import FPS, VideoWriter, join_segments
+from engine.writer import FPS
 
 __all__ = ["CONDITION_CACHE_ITEMS", "ChunkContext", "Engine", "Models"]
 
@@ -170,7 +169,7 @@ class Engine:
         with the original job's chunks before ``request.redo_from_chunk`` (engine.api.Renderer.render)."""
         if base_checkpoint_dir is not None and checkpoint_dir is None:
             raise ValueError("base_checkpoint_dir needs a checkpoint_dir to continue in")
-        where = _Where(checkpoint_dir, keep_all_checkpoints, base_checkpoint_dir)
+        where = Where(checkpoint_dir, keep_all_checkpoints, base_checkpoint_dir)
         with torch.inference_mode(), _device_errors(), self._attention(), contextlib.ExitStack() as files:
             return self._render(request, out_path, progress, should_stop, files, where)
 
@@ -245,7 +244,7 @@ class Engine:
 
     # ---------------------------------------------------------------- the job
     def _render(self, req: RenderRequest, out_path: Path, progress: ProgressFn, should_stop: StopFn,
-                files: contextlib.ExitStack, where: _Where) -> RenderResult:
+                files: contextlib.ExitStack, where: Where) -> RenderResult:
         self._check_request(req)
         if self.m.swap_patch is not None:
             self.m.swap_patch(req.speakers)
@@ -256,7 +255,7 @@ class Engine:
                              f"(0 to {len(plan.chunks) - 1})")
         self._note_new_size(plan.height, plan.width)
         meter = _Meter(plan, progress)
-        out = self._output(plan, out_path, where)
+        out = open_output(plan, out_path, where, self.identity())
         dit_calls = blocks_skipped = 0
         try:
             for chunk in plan.chunks[out.first_chunk:]:
@@ -297,40 +296,6 @@ class Engine:
         plan.laps.lap("mux")
         meter.done()
         return self._result(plan, out, dit_calls, blocks_skipped)
-
-    def _output(self, plan: JobPlan, out_path: Path, where: _Where) -> _Output:
-        """The render's output: one mp4 writer, or (resumable) segments in the checkpoint directory, continuing
-        after the newest checkpoint found there when it is valid for this job (or, for a redo, after the original
-        job's chunks before the redo, taken from its directory)."""
-        req = plan.req
-        if where.directory is None:
-            # background: a chunk's x264 encoding runs in the writer's thread while the next chunk denoises
-            return _Output(VideoWriter(out_path, width=plan.width, height=plan.height, fps=FPS, crf=req.crf,
-                                       audio=plan.out_audio, audio_rate=OUTPUT_AUDIO_RATE, background=True))
-        directory = where.directory
-        directory.mkdir(parents=True, exist_ok=True)
-        recipes = ckpt.recipes(self.identity(), req)
-        found = _consistent(ckpt.load(directory, recipes.for_next_chunk), plan)
-        if isinstance(found, str) and found != "none":
-            emit("engine.checkpoint_discarded", logging.WARNING, directory=str(directory), reason=found)
-        if isinstance(found, str) and where.base is not None and req.redo_from_chunk > 0:
-            n = req.redo_from_chunk
-            found = _consistent(ckpt.seed_from(where.base, directory, n, recipes.prefix), plan)
-            if isinstance(found, str):
-                raise InputError(f"redo from chunk {n}: {where.base} holds no usable checkpoint of the original "
-                                 f"job's chunk {n - 1} ({found}); a redo needs the original job's kept "
-                                 "checkpoints, of the same inputs, settings, seed and engine")
-            emit("engine.redo_seeded", directory=str(directory), base=str(where.base), next_chunk=n)
-        sink = _Segments(directory, plan, recipes, out_path, keep_all=where.keep_all)
-        if isinstance(found, str):
-            ckpt.clear(directory)
-            return _Output(sink)
-        ckpt.prune(directory, found.next_chunk)
-        emit("engine.resumed", directory=str(directory), next_chunk=found.next_chunk,
-             chunks=len(plan.chunks), written_frames=found.written_frames)
-        out = _Output(sink, first_chunk=found.next_chunk)
-        out.written, out.context = found.written_frames, found.context
-        return out
 
     def _note_new_size(self, height: int, width: int) -> None:
         if self.fast and (height, width) not in self._compiled_sizes:
@@ -385,7 +350,7 @@ class Engine:
         return ChunkContext(y=y, clean=clean.to(torch.float32), inputs=inputs, masks=masks, caches=caches,
                             apg=sampling.APGState() if req.apg else None)
 
-    def _decode_write(self, plan: JobPlan, chunk: sampling.Chunk, z: torch.Tensor, out: _Output,
+    def _decode_write(self, plan: JobPlan, chunk: sampling.Chunk, z: torch.Tensor, out: Output,
                       meter: _Meter) -> None:
         """Decode, colour-match (on the device, before quantising, as upstream) and hand the new frames to the
         writer; unless this was the last chunk, encode the matched float frames' last ``motion`` frames into the
@@ -425,7 +390,7 @@ class Engine:
         del pieces
         out.context = self._encode_video(tail)[:, :plan.context_latents].float().cpu()
 
-    def _result(self, plan: JobPlan, out: _Output, dit_calls: int, blocks_skipped: int) -> RenderResult:
+    def _result(self, plan: JobPlan, out: Output, dit_calls: int, blocks_skipped: int) -> RenderResult:
         if out.written != plan.n_frames:
             raise RenderError(f"internal: wrote {out.written} frames for {plan.n_frames} audio frames")
         # the writer's encoding ran in its own thread, mostly overlapped with the next chunk: one name for it
@@ -460,134 +425,6 @@ class ChunkContext:
 
     def blocks_skipped(self) -> int:
         return sum(c.skipped for c in self.caches.values())
-
-
-@dataclass(frozen=True)
-class _Where:
-    """Where a render keeps its checkpoints (engine.api.Renderer.render's keywords)."""
-
-    directory: Path | None
-    keep_all: bool
-    base: Path | None
-
-
-def _consistent(found: ckpt.Checkpoint | str, plan: JobPlan) -> ckpt.Checkpoint | str:
-    """``found`` unless it contradicts the job's plan (more chunks or frames than the job has, no context for a
-    chunk that follows)."""
-    if isinstance(found, str):
-        return found
-    if found.next_chunk > len(plan.chunks) or found.written_frames > plan.n_frames:
-        return "inconsistent with the job's chunks"
-    if found.context is None and found.next_chunk < len(plan.chunks):
-        return "no context for the next chunk"
-    return found
-
-
-class _Output:
-    """The sink of one render and what the loop carries between chunks: frames written, motion context."""
-
-    def __init__(self, sink: VideoWriter | _Segments, first_chunk: int = 0) -> None:
-        self.sink: _SingleFile | _Segments = _SingleFile(sink) if isinstance(sink, VideoWriter) else sink
-        self.first_chunk = first_chunk  # > 0 when resumed from a checkpoint
-        self.written = 0
-        self.chunks_rendered = 0  # chunks this call rendered to completion
-        self.context: torch.Tensor | None = None  # [16, k, h, w] fp32 clean context latents for the next chunk, CPU
-
-    def write(self, frames: np.ndarray) -> None:
-        self.sink.write(frames)
-        self.written += len(frames)
-
-
-class _SingleFile:
-    """Not resumable: every chunk's frames go to one mp4 writer (with the audio) at the output path."""
-
-    def __init__(self, writer: VideoWriter) -> None:
-        self.writer = writer
-
-    @property
-    def encode_s(self) -> float:
-        return self.writer.encode_s
-
-    def write(self, frames: np.ndarray) -> None:
-        self.writer.write(frames)
-
-    def end_chunk(self, index: int, written: int, context: torch.Tensor | None, seconds: float) -> None:
-        emit("engine.chunk_done", chunk=index, next_chunk=index + 1, written_frames=written, seconds=round(seconds, 3))
-
-    def settle(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.writer.close()
-
-    def abort(self) -> None:
-        self.writer.abort()
-
-
-class _Segments:
-    """Resumable: each chunk's frames go to their own mp4 segment (video only, encoded in a background thread),
-    closed and renamed into place, then the checkpoint of the chunk is written (engine/checkpoint.py). Closing a
-    segment waits for its encoding, so it happens after the next chunk's first step (:meth:`settle`), when the
-    encoding has had time to finish, or when the render ends or stops. ``close`` joins the segments into the
-    output with the audio, without re-encoding. Every render uses the same segmentation, so interrupted and
-    uninterrupted renders give the same frames."""
-
-    def __init__(self, directory: Path, plan: JobPlan, recipes: ckpt.Recipes, out_path: Path, *,
-                 keep_all: bool) -> None:
-        self.dir, self.plan, self.recipes, self.out_path = directory, plan, recipes, out_path
-        self.keep_all = keep_all  # keep every chunk's checkpoint, not only the newest
-        self.writer: VideoWriter | None = None  # the segment of the chunk being written
-        # the finished chunk whose segment is still encoding, and the seconds it took to render
-        self.pending: tuple[VideoWriter, ckpt.Checkpoint, float] | None = None
-        self.encode_s = 0.0
-
-    def write(self, frames: np.ndarray) -> None:
-        if self.writer is None:
-            self.writer = VideoWriter(self.dir / "seg.part", width=self.plan.width, height=self.plan.height,
-                                      fps=FPS, crf=self.plan.req.crf, background=True)
-        self.writer.write(frames)
-
-    def end_chunk(self, index: int, written: int, context: torch.Tensor | None, seconds: float) -> None:
-        assert self.writer is not None
-        self.settle()
-        point = ckpt.Checkpoint(self.recipes.for_next_chunk(index + 1), index + 1, written, context)
-        self.pending = (self.writer, point, seconds)
-        self.writer = None
-
-    def settle(self) -> None:
-        """Close the finished chunk's segment, rename it into place, then write its checkpoint."""
-        if self.pending is None:
-            return
-        writer, point, seconds = self.pending
-        self.pending = None
-        t0 = time.perf_counter()
-        writer.close()
-        self.encode_s += writer.encode_s
-        writer.path.replace(ckpt.segment_path(self.dir, point.next_chunk - 1))
-        t1 = time.perf_counter()
-        path = ckpt.save_checkpoint(self.dir, point, keep_previous=self.keep_all)
-        emit("engine.chunk_done", chunk=point.next_chunk - 1, next_chunk=point.next_chunk,
-             written_frames=point.written_frames, seconds=round(seconds, 3), segment_close_s=round(t1 - t0, 4),
-             checkpoint_s=round(time.perf_counter() - t1, 4), checkpoint_bytes=path.stat().st_size)
-
-    def close(self) -> None:
-        self.settle()
-        done = ckpt.load(self.dir, self.recipes.for_next_chunk)
-        n = done.next_chunk if isinstance(done, ckpt.Checkpoint) else 0
-        t0 = time.perf_counter()
-        join_segments([ckpt.segment_path(self.dir, i) for i in range(n)], self.out_path, audio=self.plan.out_audio,
-                      audio_rate=OUTPUT_AUDIO_RATE)
-        self.encode_s += time.perf_counter() - t0
-
-    def abort(self) -> None:
-        """Keep every finished chunk (its segment and checkpoint); drop the chunk in progress."""
-        if self.writer is not None:
-            self.writer.abort()
-            self.writer = None
-        try:
-            self.settle()
-        except Exception as e:  # the original failure matters more; the chunk is rendered again on resume
-            emit("engine.checkpoint_failed", logging.WARNING, directory=str(self.dir), error=str(e))
 
 
 class _Meter:
