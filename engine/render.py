@@ -355,7 +355,7 @@ class Engine:
         """Decode, colour-match (on the device, before quantising, as upstream) and hand the new frames to the
         writer; unless this was the last chunk, encode the matched float frames' last ``motion`` frames into the
         next chunk's clean context latents (``out.context``: what a checkpoint stores, a few MB, instead of the
-        frames, ~25x larger; the next chunk would encode the same frames the same way).
+        frames, 36x larger; the next chunk would encode the same frames the same way).
 
         The last chunk goes to the writer one latent frame at a time, so its encoding runs while the VAE decodes the
         rest (nothing else is left to overlap it with); earlier chunks are written whole, without the writer
