@@ -143,7 +143,7 @@ def suite(size: c.Size, device: str, report: c.Report) -> None:
     tiny models (at full size the share needs a full models folder: ``--models DIR``)."""
     run_size(report, directory=None, repeat=3)
     if size is c.TINY:
-        run_render(report, device=device, models=None, chunks=3, hw=(64, 64), repeat=1, window=33)
+        run_render(report, device=device, models=None, chunks=3, hw=(32, 32), repeat=1, window=17)
 
 
 def main(argv: list[str] | None = None) -> int:
