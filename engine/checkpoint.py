@@ -267,16 +267,22 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def seed_from(base: Path, directory: Path, next_chunk: int, recipe: str) -> Checkpoint | str:
+def seed_from(base: Path, directory: Path, next_chunk: int, recipe: str, *,
+              with_earlier: bool = False) -> Checkpoint | str:
     """Start ``directory`` (emptied first) with the first ``next_chunk`` chunks of ``base``: their segments and
-    the checkpoint of ``next_chunk`` when it is valid for ``recipe``; else, touching nothing, why not. The
-    checkpoint comes last, so a crash part-way leaves no checkpoint and the next attempt seeds again."""
+    the checkpoint of ``next_chunk`` when it is valid for ``recipe``; else, touching nothing, why not. With
+    ``with_earlier``, base's earlier checkpoints come along too (so a redo of this redo can start earlier; they
+    are checked when used). The checkpoint of ``next_chunk`` comes last, so a crash part-way leaves none and the
+    next attempt seeds again."""
     found = load_at(base, next_chunk, recipe)
     if isinstance(found, str):
         return found
     clear(directory)
     for i in range(next_chunk):
         _link_or_copy(segment_path(base, i), segment_path(directory, i))
+    for n, path in _numbered(base) if with_earlier else []:
+        if n < next_chunk:
+            _link_or_copy(path, checkpoint_path(directory, n))
     _fsync_dir(directory)
     _link_or_copy(checkpoint_path(base, next_chunk), checkpoint_path(directory, next_chunk))
     _fsync_dir(directory)

@@ -169,7 +169,8 @@ def open_output(plan: JobPlan, out_path: Path, where: Where, engine_identity: st
         emit("engine.checkpoint_discarded", logging.WARNING, directory=str(directory), reason=found)
     if isinstance(found, str) and where.base is not None and req.redo_from_chunk > 0:
         n = req.redo_from_chunk
-        found = consistent(ckpt.seed_from(where.base, directory, n, recipes.prefix), plan)
+        found = consistent(ckpt.seed_from(where.base, directory, n, recipes.prefix,
+                                                with_earlier=where.keep_all), plan)
         if isinstance(found, str):
             raise InputError(f"redo from chunk {n}: {where.base} holds no usable checkpoint of the original "
                              f"job's chunk {n - 1} ({found}); a redo needs the original job's kept "

@@ -290,14 +290,15 @@ def test_redo_equals_a_fresh_render_with_the_same_seeds(engine, original, redone
 
 def test_seeded_redo_resumes_without_its_base(engine, original, redone, tmp_path: Path) -> None:
     """A redo stopped before its first chunk finished continues from the seeded checkpoint (of the original's
-    recipe) even when the base is gone."""
+    recipe) even when the base is gone. Keeping every checkpoint, the redo takes the base's earlier ones too (a
+    redo of the redo may start there)."""
     _, base, _ = original
     req, _, hashes, _ = redone
     ck, out = tmp_path / "ck", tmp_path / "out.mp4"
     with pytest.raises(RenderStopped):
         engine.render(req, out, lambda p: None, _stop_after(0, req.steps), checkpoint_dir=ck,
-                      base_checkpoint_dir=base)
-    assert _checkpoints(ck) == [ckpt.checkpoint_path(ck, 2).name]
+                      keep_all_checkpoints=True, base_checkpoint_dir=base)
+    assert _checkpoints(ck) == [ckpt.checkpoint_path(ck, n).name for n in (1, 2)]
     result = engine.render(req, out, lambda p: None, lambda: False, checkpoint_dir=ck)
     assert result.resumed_from_chunk == 2 and result.chunks_rendered == 3
     assert _hashes(out) == hashes
