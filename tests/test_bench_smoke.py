@@ -74,7 +74,7 @@ def test_checkpoint_share_and_size(tmp_path: Path, tiny_models: Path) -> None:
     the tiny models, both ways (resumable and one file)."""
     from bench import checkpoint
 
-    assert checkpoint.main(["--size", "32x32", "--window", "17", "--chunks", "2", "--repeat", "1",
+    assert checkpoint.main(["--size", "32x32", "--window", "17", "--chunks", "2", "--repeat", "1", "--warmup", "0",
                             "--models", str(tiny_models), "--out", str(tmp_path)]) == 0
     report = c.load_report(tmp_path / "checkpoint.json")
     assert all(r.error is None for r in report.rows), [r.error for r in report.rows if r.error]
