@@ -6,8 +6,10 @@ streaming under 24 / 16 GiB caps (bench/lowmem.py) and the mp4 writer next to GP
 timed as a whole on a GPU; as separate scripts these parts took 1-5 minutes each on an H100. The whole-engine
 render (bench/render.py) writes a 36 GB models folder first, so at full size it runs only with ``--render`` (or
 ``--models DIR``, an existing folder). Anywhere else (a smaller GPU, a CPU) the same code runs at the tests' tiny
-sizes, render included: a smoke test of the suite whose times mean nothing. The result is ``<out>/suite.json`` in
-the schema of bench/common.py and one Markdown table. The parts: forward (with the VAE), lowmem, writer, render.
+sizes, render included: a smoke test of the suite whose times mean nothing. The checkpoint part (bench/checkpoint.py:
+a checkpoint write's share of the chunk time, the checkpoint's size at real buckets) runs on the tiny models
+everywhere. The result is ``<out>/suite.json`` in the schema of bench/common.py and one Markdown table. The parts:
+forward (with the VAE), lowmem, writer, render, checkpoint.
 
     python -m bench [--size auto|full|tiny] [--render] [--models DIR] [--only forward,lowmem,...] [--out DIR]
 """
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from bench import common as c
 
-PARTS = ("forward", "lowmem", "writer", "render")
+PARTS = ("forward", "lowmem", "writer", "render", "checkpoint")
 
 
 def _parts(args: argparse.Namespace, size: c.Size) -> dict[str, Callable[[c.Size, str, c.Report], None]]:
@@ -49,9 +51,15 @@ def _parts(args: argparse.Namespace, size: c.Size) -> dict[str, Callable[[c.Size
 
         m.suite(s, d, r, models=args.models)
 
+    def checkpoint(s: c.Size, d: str, r: c.Report) -> None:
+        from bench import checkpoint as m
+
+        m.suite(s, d, r)
+
     parts = {"forward": forward, "lowmem": lowmem, "writer": writer}
     if size is c.TINY or args.render or args.models:
         parts["render"] = render
+    parts["checkpoint"] = checkpoint
     return {k: v for k, v in parts.items() if not args.only or k in args.only}
 
 

@@ -111,6 +111,7 @@ StopFn = Callable[[], bool]
 
 
 Box = tuple[int, int, int, int]
+_REDO_FIELDS = ("redo_from_chunk", "redo_seed")
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,10 @@ class RenderRequest:
     crf: int = 18
     loudness_normalize: bool = True
     teacache: float = 0.0  # TeaCache threshold (0 = off): skip the DiT blocks on some steps, an approximation
+    # A redo (not sidecar keys; set by the caller on a request built from a finished job's settings): chunks with
+    # index >= redo_from_chunk draw their noise from redo_seed when it is set, the earlier ones from seed.
+    redo_from_chunk: int = 0
+    redo_seed: int | None = None
 
     def __post_init__(self) -> None:
         if not self.audio or len(self.audio) > 2:
@@ -158,16 +163,34 @@ class RenderRequest:
             raise InputError(f"'boxes' gives {len(self.boxes)} boxes but the job has {len(self.audio)} speakers")
         if self.masks and self.boxes:
             raise InputError("give either 'masks' or 'boxes', not both")
+        if self.redo_from_chunk < 0:
+            raise InputError(f"redo from chunk {self.redo_from_chunk}: the chunk must be 0 or more")
+        if self.redo_seed is not None and not 0 <= self.redo_seed < 2**64:
+            raise InputError(f"redo seed {self.redo_seed}: a seed must be in [0, 2**64)")
 
     @property
     def speakers(self) -> int:
         return len(self.audio)
 
+    def chunk_seed(self, chunk_index: int) -> int:
+        """The seed chunk ``chunk_index``'s noise is drawn from (the redo seed from ``redo_from_chunk`` on)."""
+        if self.redo_seed is not None and chunk_index >= self.redo_from_chunk:
+            return self.redo_seed
+        return self.seed
+
+    def without_redo(self) -> RenderRequest:
+        """The same request without the redo fields: the one the chunks before ``redo_from_chunk`` depend on."""
+        return dataclasses.replace(self, redo_from_chunk=0, redo_seed=None)
+
     def params(self) -> dict[str, object]:
-        """The settings as JSON-able values (paths by bare name), for fingerprints and result files."""
+        """The settings as JSON-able values (paths by bare name), for fingerprints and result files. The redo
+        fields appear only when set, so a request without them has the same params (and fingerprint) as before
+        they existed."""
         out: dict[str, object] = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
+            if f.name in _REDO_FIELDS and v == f.default:
+                continue
             if isinstance(v, Path):
                 v = v.name
             elif isinstance(v, tuple):
@@ -192,6 +215,11 @@ class RenderResult:
     # Kernel choices that change bits but not results beyond bf16 noise (FA3 attention): reported in the
     # result JSON only, never part of the job's identity, so any GPU of a fleet may render any job.
     kernels: dict[str, str] = field(default_factory=dict)
+    # A resumable render (checkpoint_dir given): the first chunk this call rendered when it continued from a
+    # checkpoint (0-based; a redo that starts at chunk N reports N), else None; and the chunks this call rendered
+    # to completion (chunks - resumed_from_chunk for a render that was not interrupted again).
+    resumed_from_chunk: int | None = None
+    chunks_rendered: int = 0
 
 
 class Renderer(Protocol):
@@ -206,9 +234,21 @@ class Renderer(Protocol):
         ...
 
     def render(
-        self, request: RenderRequest, out_path: Path, progress: ProgressFn, should_stop: StopFn
+        self, request: RenderRequest, out_path: Path, progress: ProgressFn, should_stop: StopFn, *,
+        checkpoint_dir: Path | None = None, keep_all_checkpoints: bool = False,
+        base_checkpoint_dir: Path | None = None,
     ) -> RenderResult:
-        """Render ``request`` into ``out_path`` (an mp4). Raises InputError, RenderError or RenderStopped."""
+        """Render ``request`` into ``out_path`` (an mp4). Raises InputError, RenderError or RenderStopped.
+
+        ``checkpoint_dir``: make the render resumable: every finished chunk leaves a video segment and a
+        checkpoint there, and a render that finds a valid checkpoint of the same job continues after it with
+        the same frames (None: not resumable). The caller may delete the whole directory once the result is
+        published, and must not put or take anything else there (its layout: docs/formats.md §12).
+        ``keep_all_checkpoints``: keep every chunk's checkpoint, not only the last, so a later redo can start at
+        any chunk. ``base_checkpoint_dir`` (a redo): the kept checkpoint directory of the original job; when
+        ``checkpoint_dir`` holds no valid checkpoint, the original's chunks before ``request.redo_from_chunk``
+        are taken from there (InputError when it lacks them or they are of other inputs or settings).
+        """
         ...
 
 

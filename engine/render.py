@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -41,7 +40,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import checkpoint as ckpt
 from engine import frames as fr
 from engine import sampling
 from engine.api import (
@@ -59,13 +57,14 @@ from engine.api import (
 from engine.dit import Conditioning, ContextEmb, ContextKV, WanInfiniteTalk
 from engine.events import emit
 from engine.image_encoder import encode_image
-from engine.job import OUTPUT_AUDIO_RATE, JobPlan, plan_job
+from engine.job import JobPlan, plan_job
 from engine.models import Models
+from engine.output import Output, Where, open_output
 from engine.prompts import PromptCache
 from engine.recipes import PRESETS
 from engine.teacache import TeaCache, coefficients_for
 from engine.text_encoder import encode_text
-from engine.writer import FPS, VideoWriter, join_segments
+from engine.writer import FPS
 
 __all__ = ["CONDITION_CACHE_ITEMS", "ChunkContext", "Engine", "Models"]
 
@@ -160,13 +159,19 @@ class Engine:
         return contextlib.nullcontext()
 
     def render(self, request: RenderRequest, out_path: Path, progress: ProgressFn, should_stop: StopFn, *,
-               checkpoint_dir: Path | None = None) -> RenderResult:
+               checkpoint_dir: Path | None = None, keep_all_checkpoints: bool = False,
+               base_checkpoint_dir: Path | None = None) -> RenderResult:
         """Render ``request`` into ``out_path``. With ``checkpoint_dir``, the render is resumable: every finished
         chunk leaves a closed video segment and a checkpoint there (engine/checkpoint.py), and a render that finds
         a valid checkpoint of the same recipe continues after its chunk with the same frames as an uninterrupted
-        one. The directory is left in place afterwards (the caller removes it once the result is published)."""
+        one. The directory is left in place afterwards (the caller removes it once the result is published).
+        ``keep_all_checkpoints`` keeps every chunk's checkpoint; ``base_checkpoint_dir`` seeds a redo's directory
+        with the original job's chunks before ``request.redo_from_chunk`` (engine.api.Renderer.render)."""
+        if base_checkpoint_dir is not None and checkpoint_dir is None:
+            raise ValueError("base_checkpoint_dir needs a checkpoint_dir to continue in")
+        where = Where(checkpoint_dir, keep_all_checkpoints, base_checkpoint_dir)
         with torch.inference_mode(), _device_errors(), self._attention(), contextlib.ExitStack() as files:
-            return self._render(request, out_path, progress, should_stop, files, checkpoint_dir)
+            return self._render(request, out_path, progress, should_stop, files, where)
 
     # ---------------------------------------------------------------- helpers
     def _encode_prompts(self, texts: list[str]) -> list[torch.Tensor]:
@@ -239,22 +244,26 @@ class Engine:
 
     # ---------------------------------------------------------------- the job
     def _render(self, req: RenderRequest, out_path: Path, progress: ProgressFn, should_stop: StopFn,
-                files: contextlib.ExitStack, checkpoint_dir: Path | None) -> RenderResult:
+                files: contextlib.ExitStack, where: Where) -> RenderResult:
         self._check_request(req)
         if self.m.swap_patch is not None:
             self.m.swap_patch(req.speakers)
         progress(Progress("prepare", 0, 0, 0, 0, 0.0))
         plan = plan_job(req, self.m, files, embed_prompts=self.prompts.get, still_condition=self._still_condition)
+        if req.redo_from_chunk and req.redo_from_chunk >= len(plan.chunks):
+            raise InputError(f"redo from chunk {req.redo_from_chunk}: this job has {len(plan.chunks)} chunks "
+                             f"(0 to {len(plan.chunks) - 1})")
         self._note_new_size(plan.height, plan.width)
         meter = _Meter(plan, progress)
-        out = self._output(plan, out_path, checkpoint_dir)
+        out = open_output(plan, out_path, where, self.identity())
         dit_calls = blocks_skipped = 0
         try:
             for chunk in plan.chunks[out.first_chunk:]:
-                ctx = self._chunk_context(plan, chunk, out.context_frames)
+                t_chunk = time.perf_counter()
+                ctx = self._chunk_context(plan, chunk, out.context)
                 plan.laps.lap("chunk_context")
-                z = sampling.noise((self.m.dit.cfg.out_dim, ctx.y.shape[2], *plan.latent_hw), req.seed, chunk.index,
-                                   self.m.device)
+                z = sampling.noise((self.m.dit.cfg.out_dim, ctx.y.shape[2], *plan.latent_hw),
+                                   req.chunk_seed(chunk.index), chunk.index, self.m.device)
                 # the denoising steps: every guidance pass of the DiT, combined, one Euler step; the clean context
                 # latents stay pinned at the front of the window
                 for i in range(req.steps):
@@ -274,7 +283,8 @@ class Engine:
                 del ctx  # frees this chunk's K/V and cached residuals before the VAE decode
                 plan.laps.lap("denoise")
                 self._decode_write(plan, chunk, z, out, meter)
-                out.sink.end_chunk(chunk.index, out.written, out.context_frames)
+                out.chunks_rendered += 1
+                out.sink.end_chunk(chunk.index, out.written, out.context, time.perf_counter() - t_chunk)
                 plan.laps.lap("decode")
                 if out.written >= plan.n_frames:
                     break
@@ -287,32 +297,6 @@ class Engine:
         meter.done()
         return self._result(plan, out, dit_calls, blocks_skipped)
 
-    def _output(self, plan: JobPlan, out_path: Path, checkpoint_dir: Path | None) -> _Output:
-        """The render's output: one mp4 writer, or (resumable) segments in ``checkpoint_dir``, continuing after the
-        checkpoint found there when it is valid for this job."""
-        req = plan.req
-        if checkpoint_dir is None:
-            # background: a chunk's x264 encoding runs in the writer's thread while the next chunk denoises
-            return _Output(VideoWriter(out_path, width=plan.width, height=plan.height, fps=FPS, crf=req.crf,
-                                       audio=plan.out_audio, audio_rate=OUTPUT_AUDIO_RATE, background=True))
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        recipe = ckpt.recipe_id(self.identity(), req)
-        found = ckpt.load(checkpoint_dir, recipe)
-        if isinstance(found, ckpt.Checkpoint) and not (found.next_chunk <= len(plan.chunks)
-                                                       and found.written_frames <= plan.n_frames):
-            found = "inconsistent with the job's chunks"
-        sink = _Segments(checkpoint_dir, plan, recipe, out_path)
-        if isinstance(found, str):
-            if found != "none":
-                emit("engine.checkpoint_discarded", logging.WARNING, directory=str(checkpoint_dir), reason=found)
-            ckpt.clear(checkpoint_dir)
-            return _Output(sink)
-        emit("engine.resumed", directory=str(checkpoint_dir), next_chunk=found.next_chunk,
-             chunks=len(plan.chunks), written_frames=found.written_frames)
-        out = _Output(sink, first_chunk=found.next_chunk)
-        out.written, out.context_frames = found.written_frames, found.context_frames
-        return out
-
     def _note_new_size(self, height: int, width: int) -> None:
         if self.fast and (height, width) not in self._compiled_sizes:
             self._compiled_sizes.add((height, width))
@@ -320,10 +304,11 @@ class Engine:
                  note="the DiT blocks compile for this size during the job's first step; list it in "
                       "engine.warm_buckets to compile it at start instead")
 
-    def _chunk_context(self, plan: JobPlan, chunk: sampling.Chunk, context_frames: torch.Tensor | None,
+    def _chunk_context(self, plan: JobPlan, chunk: sampling.Chunk, context: torch.Tensor | None,
                        ) -> ChunkContext:
         """Everything the steps of ``chunk`` read: its conditioning latent, the clean context latents (the reference
-        for chunk 0, else the previous chunk's last decoded frames), and per guidance pass the DiT's inputs."""
+        for chunk 0, else ``context``: the previous chunk's, from ``_decode_write``), and per guidance pass the DiT's
+        inputs."""
         req, dit = plan.req, self.m.dit
         if plan.reader is not None:  # dubbing: this chunk's reference is the source frame at its start
             src = plan.reader.frame(min(chunk.start, plan.reader.num_frames - 1))
@@ -333,8 +318,10 @@ class Engine:
         else:
             assert plan.still is not None
             y, clip_fea = plan.still
-        ctx_video = plan.ref_t[:, None] if context_frames is None else context_frames
-        clean = self._encode_video(ctx_video)[:, : (1 if context_frames is None else plan.context_latents)]
+        if context is None:
+            clean = self._encode_video(plan.ref_t[:, None])[:, :1]
+        else:
+            clean = context.to(self.m.device)
         audio = torch.stack([sampling.slice_audio(f, chunk) for f in plan.feats])  # [P, window, 5, L*Hd]
         audio = self._to_dev(audio).unsqueeze(0)
         # constant over the chunk's steps: text/image context and audio tokens, embedded once, and (unless the
@@ -363,10 +350,12 @@ class Engine:
         return ChunkContext(y=y, clean=clean.to(torch.float32), inputs=inputs, masks=masks, caches=caches,
                             apg=sampling.APGState() if req.apg else None)
 
-    def _decode_write(self, plan: JobPlan, chunk: sampling.Chunk, z: torch.Tensor, out: _Output,
+    def _decode_write(self, plan: JobPlan, chunk: sampling.Chunk, z: torch.Tensor, out: Output,
                       meter: _Meter) -> None:
         """Decode, colour-match (on the device, before quantising, as upstream) and hand the new frames to the
-        writer; keep the matched float frames' last ``motion`` frames as the next chunk's context.
+        writer; unless this was the last chunk, encode the matched float frames' last ``motion`` frames into the
+        next chunk's clean context latents (``out.context``: what a checkpoint stores, a few MB, instead of the
+        frames, 36x larger; the next chunk would encode the same frames the same way).
 
         The last chunk goes to the writer one latent frame at a time, so its encoding runs while the VAE decodes the
         rest (nothing else is left to overlap it with); earlier chunks are written whole, without the writer
@@ -393,9 +382,15 @@ class Engine:
             if keep.shape[1]:
                 out.write(fr.from_model(keep))
             meter.decode(chunk, min(n_latents, (seen + 3) // 4), n_latents)
-        out.context_frames = torch.cat(pieces, dim=1)[:, -req.motion_frames:].float().cpu()
+        if out.written >= plan.n_frames:
+            out.context = None
+            return
+        m = req.motion_frames  # the last m frames, without concatenating the whole chunk first
+        tail = torch.cat([p[:, -m:] for p in pieces], dim=1)[:, -m:].float()
+        del pieces
+        out.context = self._encode_video(tail)[:, :plan.context_latents].float().cpu()
 
-    def _result(self, plan: JobPlan, out: _Output, dit_calls: int, blocks_skipped: int) -> RenderResult:
+    def _result(self, plan: JobPlan, out: Output, dit_calls: int, blocks_skipped: int) -> RenderResult:
         if out.written != plan.n_frames:
             raise RenderError(f"internal: wrote {out.written} frames for {plan.n_frames} audio frames")
         # the writer's encoding ran in its own thread, mostly overlapped with the next chunk: one name for it
@@ -404,7 +399,8 @@ class Engine:
                             duration_s=out.written / FPS, chunks=len(plan.chunks), seed=plan.req.seed,
                             timings={k: round(v, 3) for k, v in timings.items()},
                             model_files=dict(self.m.identities), dit_calls=dit_calls, blocks_skipped=blocks_skipped,
-                            kernels=self.kernels())
+                            kernels=self.kernels(), resumed_from_chunk=out.first_chunk or None,
+                            chunks_rendered=out.chunks_rendered)
 
 
 @dataclass
@@ -429,103 +425,6 @@ class ChunkContext:
 
     def blocks_skipped(self) -> int:
         return sum(c.skipped for c in self.caches.values())
-
-
-class _Output:
-    """The sink of one render and what the loop carries between chunks: frames written, motion context."""
-
-    def __init__(self, sink: VideoWriter | _Segments, first_chunk: int = 0) -> None:
-        self.sink: _SingleFile | _Segments = _SingleFile(sink) if isinstance(sink, VideoWriter) else sink
-        self.first_chunk = first_chunk  # > 0 when resumed from a checkpoint
-        self.written = 0
-        self.context_frames: torch.Tensor | None = None  # [3, motion, H, W] in [-1, 1], CPU
-
-    def write(self, frames: np.ndarray) -> None:
-        self.sink.write(frames)
-        self.written += len(frames)
-
-
-class _SingleFile:
-    """Not resumable: every chunk's frames go to one mp4 writer (with the audio) at the output path."""
-
-    def __init__(self, writer: VideoWriter) -> None:
-        self.writer = writer
-
-    @property
-    def encode_s(self) -> float:
-        return self.writer.encode_s
-
-    def write(self, frames: np.ndarray) -> None:
-        self.writer.write(frames)
-
-    def end_chunk(self, index: int, written: int, context: torch.Tensor | None) -> None:
-        pass
-
-    def settle(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.writer.close()
-
-    def abort(self) -> None:
-        self.writer.abort()
-
-
-class _Segments:
-    """Resumable: each chunk's frames go to their own mp4 segment (video only, encoded in a background thread),
-    closed and renamed into place, then the checkpoint of the chunk is written (engine/checkpoint.py). Closing a
-    segment waits for its encoding, so it happens after the next chunk's first step (:meth:`settle`), when the
-    encoding has had time to finish, or when the render ends or stops. ``close`` joins the segments into the
-    output with the audio, without re-encoding. Every render uses the same segmentation, so interrupted and
-    uninterrupted renders give the same frames."""
-
-    def __init__(self, directory: Path, plan: JobPlan, recipe: str, out_path: Path) -> None:
-        self.dir, self.plan, self.recipe, self.out_path = directory, plan, recipe, out_path
-        self.writer: VideoWriter | None = None  # the segment of the chunk being written
-        self.pending: tuple[VideoWriter, ckpt.Checkpoint] | None = None  # finished chunk, segment still encoding
-        self.encode_s = 0.0
-
-    def write(self, frames: np.ndarray) -> None:
-        if self.writer is None:
-            self.writer = VideoWriter(self.dir / "seg.part", width=self.plan.width, height=self.plan.height,
-                                      fps=FPS, crf=self.plan.req.crf, background=True)
-        self.writer.write(frames)
-
-    def end_chunk(self, index: int, written: int, context: torch.Tensor | None) -> None:
-        assert self.writer is not None and context is not None
-        self.settle()
-        self.pending = (self.writer, ckpt.Checkpoint(self.recipe, index + 1, written, context))
-        self.writer = None
-
-    def settle(self) -> None:
-        """Close the finished chunk's segment, rename it into place, then write its checkpoint."""
-        if self.pending is None:
-            return
-        writer, point = self.pending
-        self.pending = None
-        writer.close()
-        self.encode_s += writer.encode_s
-        writer.path.replace(ckpt.segment_path(self.dir, point.next_chunk - 1))
-        ckpt.save_checkpoint(self.dir, point)
-
-    def close(self) -> None:
-        self.settle()
-        done = ckpt.load(self.dir, self.recipe)
-        n = done.next_chunk if isinstance(done, ckpt.Checkpoint) else 0
-        t0 = time.perf_counter()
-        join_segments([ckpt.segment_path(self.dir, i) for i in range(n)], self.out_path, audio=self.plan.out_audio,
-                      audio_rate=OUTPUT_AUDIO_RATE)
-        self.encode_s += time.perf_counter() - t0
-
-    def abort(self) -> None:
-        """Keep every finished chunk (its segment and checkpoint); drop the chunk in progress."""
-        if self.writer is not None:
-            self.writer.abort()
-            self.writer = None
-        try:
-            self.settle()
-        except Exception as e:  # the original failure matters more; the chunk is rendered again on resume
-            emit("engine.checkpoint_failed", logging.WARNING, directory=str(self.dir), error=str(e))
 
 
 class _Meter:

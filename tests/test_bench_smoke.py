@@ -67,3 +67,18 @@ def test_fleet_overhead_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     doc = json.loads((tmp_path / "fleet.json").read_text())
     assert doc["results"]["ingest"]["stems_per_s"] > 0 and doc["results"]["status"]["median_s"] > 0
     assert "| status |" in capsys.readouterr().out
+
+
+def test_checkpoint_share_and_size(tmp_path: Path, tiny_models: Path) -> None:
+    """bench/checkpoint.py: the checkpoint's size at a real bucket (3 bytes per output pixel) and the render part on
+    the tiny models, both ways (resumable and one file)."""
+    from bench import checkpoint
+
+    assert checkpoint.main(["--size", "32x32", "--window", "17", "--chunks", "2", "--repeat", "1", "--warmup", "0",
+                            "--models", str(tiny_models), "--out", str(tmp_path)]) == 0
+    report = c.load_report(tmp_path / "checkpoint.json")
+    assert all(r.error is None for r in report.rows), [r.error for r in report.rows if r.error]
+    sizes, render = report.rows[:-1], report.rows[-1]
+    assert [r.case.split(" (")[0] for r in sizes] == [f"checkpoint at {h}x{w}" for h, w in checkpoint.BUCKETS]
+    assert all(abs(r.metrics["bytes_per_output_pixel"] - 3.0) < 0.01 for r in sizes)
+    assert render.metrics["chunks_timed"] == 2 and 0 < render.seconds < 1
