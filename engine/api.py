@@ -146,6 +146,10 @@ class RenderRequest:
     crf: int = 18
     loudness_normalize: bool = True
     teacache: float = 0.0  # TeaCache threshold (0 = off): skip the DiT blocks on some steps, an approximation
+    # A redo of a finished job (never sidecar keys; the daemon sets them): chunks from redo_from_chunk on draw
+    # their noise from redo_seed (when set) instead of seed.
+    redo_from_chunk: int = 0
+    redo_seed: int | None = None
 
     def __post_init__(self) -> None:
         if not self.audio or len(self.audio) > 2:
@@ -192,6 +196,8 @@ class RenderResult:
     # Kernel choices that change bits but not results beyond bf16 noise (FA3 attention): reported in the
     # result JSON only, never part of the job's identity, so any GPU of a fleet may render any job.
     kernels: dict[str, str] = field(default_factory=dict)
+    resumed_from_chunk: int | None = None  # the first chunk this call rendered after a checkpoint (0-based)
+    chunks_rendered: int = 0  # chunks this call rendered to completion
 
 
 class Renderer(Protocol):
@@ -206,9 +212,14 @@ class Renderer(Protocol):
         ...
 
     def render(
-        self, request: RenderRequest, out_path: Path, progress: ProgressFn, should_stop: StopFn
+        self, request: RenderRequest, out_path: Path, progress: ProgressFn, should_stop: StopFn, *,
+        checkpoint_dir: Path | None = None, keep_all_checkpoints: bool = False,
+        base_checkpoint_dir: Path | None = None,
     ) -> RenderResult:
-        """Render ``request`` into ``out_path`` (an mp4). Raises InputError, RenderError or RenderStopped."""
+        """Render ``request`` into ``out_path`` (an mp4). Raises InputError, RenderError or RenderStopped.
+
+        ``checkpoint_dir``: resumable (segments and checkpoints there); ``keep_all_checkpoints``: keep every
+        chunk's checkpoint (for a later redo); ``base_checkpoint_dir``: a redo's original checkpoints."""
         ...
 
 

@@ -73,6 +73,7 @@ class FakeRenderer:
         self.record = record
         self.warm = False
         self.renders = 0
+        self.resume_options: list[tuple[Path | None, bool, Path | None]] = []  # per render call
 
     def warmup(self) -> None:
         self.warm = True
@@ -85,11 +86,18 @@ class FakeRenderer:
             with open(self.record, "a", encoding="utf-8") as f:
                 f.write(f"{what} {os.getpid()}\n")
 
-    def render(self, request: RenderRequest, out_path: Path, progress: ProgressFn,
-               should_stop: StopFn) -> RenderResult:
+    def render(self, request: RenderRequest, out_path: Path, progress: ProgressFn, should_stop: StopFn, *,
+               checkpoint_dir: Path | None = None, keep_all_checkpoints: bool = False,
+               base_checkpoint_dir: Path | None = None) -> RenderResult:
+        """The resume keywords are accepted and noted (``resume_options``), not acted on: the
+        fake has no chunks to resume; the daemon tests check the folders' life cycle, not their content."""
         assert self.warm, "warmup() must run before the first render"
         stem = request.audio[0].stem
         self._note(f"start {stem}")
+        if checkpoint_dir is not None:
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)  # as the engine does
+            (checkpoint_dir / "fake-checkpoint").write_text(f"{request.seed}\n", encoding="utf-8")
+        self.resume_options.append((checkpoint_dir, keep_all_checkpoints, base_checkpoint_dir))
         # a stdlib record, as the real engine writes them: it must reach the job's log file too
         logging.getLogger("infinitetalkd.engine").info("fake engine: rendering %s", stem)
         t0 = time.monotonic()
