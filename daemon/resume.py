@@ -142,12 +142,10 @@ class ChunkTracker:
     def progress(self, p: Progress) -> None:
         if p.stage in ("denoise", "decode") and p.chunk > 0:
             if self.first is None:
-                self.first = p.chunk
-            if p.chunk > self.last:
-                done_before = self.finished
+                self.first = self.last = p.chunk
+            elif p.chunk > self.last:
                 self.last = p.chunk
-                if self.finished > done_before:
-                    log.info("job.chunk_finished", chunk=p.chunk - 2, chunks=p.chunks, total=self.total)
+                log.info("job.chunk_finished", chunk=p.chunk - 2, chunks=p.chunks, total=self.total)
         elif p.stage == "mux" and self.first is not None and not self.muxed:
             self.muxed = True
             log.info("job.chunk_finished", chunk=self.last - 1, chunks=p.chunks, total=self.total)

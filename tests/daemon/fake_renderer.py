@@ -65,6 +65,8 @@ def _audio_seconds(path: Path) -> float:
 
 
 class FakeRenderer:
+    chunks = 1  # what its results report (a test of redo sets more: a redo starts at chunk 1 or later)
+
     def __init__(self, options: EngineOptions, *, steps: int = 4, step_s: float = 0.02,
                  record: Path | None = None) -> None:
         self.options = options
@@ -147,5 +149,5 @@ class FakeRenderer:
         self.renders += 1
         self._note(f"done {stem}")
         return RenderResult(frames=self.steps, fps=FPS, width=SIZE, height=SIZE, duration_s=self.steps / FPS,
-                            chunks=1, seed=request.seed, timings={"denoise_s": time.monotonic() - t0},
+                            chunks=self.chunks, seed=request.seed, timings={"denoise_s": time.monotonic() - t0},
                             model_files={"dit": "fake-dit.safetensors"})
