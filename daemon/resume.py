@@ -14,6 +14,7 @@ Rules:
   ``jobs.keep_checkpoints_h`` > 0 (then every chunk's checkpoint is kept for ``infinitetalkd redo``);
 - the ingest leader's sweep removes kept folders once ``finished_at + keep_checkpoints_h`` has passed
   on the database clock, and folders of jobs that ended without their holder (recovery, the sweeper).
+  Only then: a queued or running job's folder belongs to whoever holds or will hold the job.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def remove(config: Config, job_id: int) -> None:
 
 def sweep(config: Config, store: Store) -> list[int]:
     """Remove the folders of jobs that ended (failed, cancelled, or done longer ago than
-    ``jobs.keep_checkpoints_h``) and of jobs that no longer exist. Run by the ingest leader only.
+    ``jobs.keep_checkpoints_h``). Run by the ingest leader only.
     Returns the job ids whose folders were removed."""
     root = checkpoints_root(config)
     try:
@@ -93,7 +94,10 @@ def sweep(config: Config, store: Store) -> list[int]:
     if not ids:
         return []
     gone = store.finished_before(list(ids), keep_s=config.jobs.keep_checkpoints_h * 3600)
-    removed = [i for i in sorted(ids) if gone.get(i, True)]
+    # A folder of an id the database does not know stays: nothing wrote it in this database's life (a
+    # restored or replaced database); a job that gets that id later finds a checkpoint of another recipe,
+    # which the engine discards.
+    removed = [i for i in sorted(ids) if gone.get(i, False)]
     for job_id in removed:
         remove(config, job_id)
     return removed
