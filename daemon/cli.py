@@ -179,7 +179,7 @@ def _job_brief(j: Job) -> dict[str, Any]:
 
 
 def _chunk_note(j: Job) -> str:
-    """``status`` text: how the job's chunks went (docs/daemon.md §4.7); "" before the first chunk."""
+    """``status`` text: how the job's chunks went (docs/daemon.md §4.8); "" before the first chunk."""
     parts = [f"resumed from chunk {j.resumed_from_chunk}"] if j.resumed_from_chunk is not None else []
     if j.chunks_rendered:
         parts.append(f"{j.chunks_rendered} chunk{'s' if j.chunks_rendered != 1 else ''} rendered in total")

@@ -156,7 +156,7 @@ class JobRow(Base):
     outputs: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
     timings: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
     failed_dir: Mapped[str | None] = mapped_column(Text)
-    # Resume (docs/daemon.md §4.7): chunks rendered to completion over all attempts of this queueing, and the
+    # Resume (docs/daemon.md §4.8): chunks rendered to completion over all attempts of this queueing, and the
     # first chunk (0-based) the latest attempt rendered after a checkpoint (None: it started at chunk 0).
     chunks_rendered: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     resumed_from_chunk: Mapped[int | None] = mapped_column(Integer)

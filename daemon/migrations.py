@@ -143,7 +143,7 @@ def _add_column(conn: Connection, table: str, column: Column[Any], default: str 
 
 
 def _migration_3(conn: Connection) -> None:
-    """Resume and redo (docs/daemon.md §4.7): chunks rendered over all attempts and where the latest
+    """Resume and redo (docs/daemon.md §4.8): chunks rendered over all attempts and where the latest
     attempt resumed; a redo job's original, first chunk, seed and inputs folder; a worker's pause reason."""
     for column, default in (
         (Column("chunks_rendered", Integer, nullable=False), "0"),

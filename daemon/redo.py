@@ -1,5 +1,5 @@
 """``infinitetalkd redo JOB --from-chunk N [--seed S]``: re-render a finished job from chunk N with another
-seed, keeping chunks 0..N-1 (docs/daemon.md §4.7).
+seed, keeping chunks 0..N-1 (docs/daemon.md §4.8).
 
 A redo is a job of its own: a new row (stem ``<stem>.redo-c<N>-s<S>``, so its result is published under
 that name and the original's stays) with ``redo_of``, ``redo_from_chunk`` and ``redo_seed`` set, whose

@@ -4,7 +4,7 @@ Shape (one name per thing): ``params`` are the render settings as requested (``p
 the source video of a dubbing job, null for a portrait); ``output`` describes the video written;
 ``timings`` has the queue wait, the whole render and the engine's per-stage seconds;
 ``resumed_from_chunk`` / ``chunks_rendered`` say how the job survived interruptions and ``redo`` names the
-job a redo re-rendered (docs/daemon.md §4.7).
+job a redo re-rendered (docs/daemon.md §4.8).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def result_doc(job: Job, prepared: ib.Prepared, result: RenderResult, base: str,
                identity: str, *, chunks_rendered: int, resumed_from_chunk: int | None) -> dict[str, Any]:
     """``chunks_rendered``: chunks rendered to completion over all attempts (more than ``output.chunks``
     when a kill lost a chunk in progress); ``resumed_from_chunk``: where the last attempt continued after a
-    checkpoint (docs/daemon.md §4.7)."""
+    checkpoint (docs/daemon.md §4.8)."""
     now = time.time()
     stages = {k: v for k, v in result.timings.items() if k not in _NOT_STAGES}
     return {

@@ -1,5 +1,5 @@
 """Resumable jobs on the daemon's side: each job's checkpoint folder, who may remove it and when, and
-the count of chunks rendered over all attempts (docs/daemon.md §4.7).
+the count of chunks rendered over all attempts (docs/daemon.md §4.8).
 
 A job's checkpoints live in ``outbox/.tmp/.checkpoints/<job id>/`` (engine/checkpoint.py owns what is
 inside): on the outbox's filesystem, so that any worker of a fleet that claims the job next continues
@@ -106,7 +106,9 @@ def sweep(config: Config, store: Store) -> list[int]:
 class ChunkTracker:
     """Counts the chunks one attempt renders from its progress reports (a report of chunk c + 1, or the
     final mux, means chunk c is finished) and stores the total over all attempts, with the chunk the
-    attempt resumed at, in the job database as it goes: what survives a kill -9.
+    attempt resumed at, in the job database as it goes: what survives a kill -9. The total is a lower bound
+    (a chunk whose end no report showed is counted once a later attempt resumes after it) and the
+    engine's own figures replace this attempt's count when the render returns.
 
     The render thread only hands over numbers; the writes run on a thread of their own, so a slow or
     locked database never stalls a render. Each write is fenced (only while this worker holds this
@@ -147,6 +149,10 @@ class ChunkTracker:
         if p.stage in ("denoise", "decode") and p.chunk > 0:
             if self.first is None:
                 self.first = self.last = p.chunk
+                # The earlier attempts rendered at least the chunks this one resumed after (a redo's first
+                # chunks come from its original): a clean stop right after a chunk's decode, before any report
+                # of the next, is not seen as that chunk's end.
+                self.before = max(self.before, p.chunk - 1 - (self.job.redo_from_chunk or 0))
             elif p.chunk > self.last:
                 self.last = p.chunk
                 log.info("job.chunk_finished", chunk=p.chunk - 2, chunks=p.chunks, total=self.total)

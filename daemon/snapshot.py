@@ -1,6 +1,6 @@
 """A claimed job's inputs: where they are, the snapshot the render reads, and the request built from it.
 
-A job's inputs are in the inbox, except a redo's (``infinitetalkd redo``, docs/daemon.md §4.7): those are
+A job's inputs are in the inbox, except a redo's (``infinitetalkd redo``, docs/daemon.md §4.8): those are
 its own copy of the original's archived inputs in ``inputs_dir``, outside the inbox, so the scanner never
 sees them as a new drop and nothing the user drops there is touched by the redo.
 """

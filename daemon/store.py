@@ -249,9 +249,9 @@ class Store(FleetOps):
                                  redo_from_chunk=from_chunk, redo_seed=seed, inputs_dir=inputs_dir)
 
     def finished_before(self, job_ids: Collection[int], *, keep_s: float) -> dict[int, bool]:
-        """For each of ``job_ids`` that exists: whether its checkpoints may go (docs/daemon.md §4.7): failed
-        or cancelled, or done more than ``keep_s`` seconds ago on the database clock. Running and queued
-        jobs are absent from the answer as False; ids with no row are absent."""
+        """For each of ``job_ids`` that exists: whether its checkpoints may go (docs/daemon.md §4.8): failed
+        or cancelled, or done more than ``keep_s`` seconds ago on the database clock (queued and running
+        jobs: False). Ids with no row are left out of the answer."""
         if not job_ids:
             return {}
         now = self._now()
@@ -351,7 +351,7 @@ class Store(FleetOps):
 
     def record_chunks(self, job: Job, worker_id: str, chunks_rendered: int, resumed_from_chunk: int | None) -> bool:
         """Store the chunks rendered over all attempts and where this attempt resumed, while ``worker_id``
-        holds this attempt (docs/daemon.md §4.7). False when it no longer does."""
+        holds this attempt (docs/daemon.md §4.8). False when it no longer does."""
         with self.engine.begin() as conn:
             res = conn.execute(_guarded("chunks", *self._fenced(job, worker_id), chunks_rendered=chunks_rendered,
                                         resumed_from_chunk=resumed_from_chunk, updated_at=self._now()))

@@ -348,7 +348,7 @@ class Worker:
             prepared = reprepare(self.config, job, tmp / "inputs", identity=self.identity, limits=self.limits,
                                  fingerprint=self._source_fingerprint(job))
             mp4 = tmp / ob.fit_name(job.stem, ".mp4")
-            try:  # resumable: checkpoints on the outbox's filesystem (docs/daemon.md §4.7)
+            try:  # resumable: checkpoints on the outbox's filesystem (docs/daemon.md §4.8)
                 result = self.renderer.render(prepared.request, mp4, monitor.progress, monitor.should_stop,
                                               **resume.render_options(self.config, job))
             finally:
@@ -547,7 +547,7 @@ class Worker:
 
     def _ended(self, job: Job, *, published: bool = False) -> None:
         """The job ended here (this worker recorded it): its checkpoints go, unless it was published and
-        jobs.keep_checkpoints_h keeps them (docs/daemon.md §4.7); a redo's inputs folder goes too (after
+        jobs.keep_checkpoints_h keeps them (docs/daemon.md §4.8); a redo's inputs folder goes too (after
         a failure only once empty: its files moved to failed/)."""
         if not (published and resume.keep_after(self.config, "done")):
             resume.remove(self.config, job.id)

@@ -172,6 +172,8 @@ class RenderRequest:
         out: dict[str, object] = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
+            if f.name in ("redo_from_chunk", "redo_seed") and v == f.default:
+                continue  # unset redo fields leave the params (and fingerprints) as they were
             if isinstance(v, Path):
                 v = v.name
             elif isinstance(v, tuple):

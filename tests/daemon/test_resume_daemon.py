@@ -345,6 +345,12 @@ def _events(*logs: Path, name: str) -> list[dict[str, Any]]:
     return sorted(out, key=lambda e: str(e.get("timestamp")))
 
 
+def _chunks_seen(log_text: str) -> int:
+    """Chunks rendered as a job's log tells: the engine's event per checkpointed chunk where the engine has one,
+    else the worker's line per chunk it saw end."""
+    return len(re.findall(r"engine\.chunk_done", log_text)) or len(re.findall(r"job\.chunk_finished", log_text))
+
+
 def _check_published(outbox: Path, stem: str, frames: list[str], seconds: float) -> dict[str, Any]:
     from engine.media import probe
 
@@ -433,10 +439,10 @@ def test_kill_9_ten_times_then_identical_frames(tiny_models: Path, tmp_path: Pat
     assert job is not None and job.attempts == kills + 1
     # chunks rendered, counted from the job's own log (every attempt appends to it), not from the database
     text = (tmp_path / "outbox" / "talk.log").read_text()
-    finished = len(re.findall(r"job\.chunk_finished", text))
+    finished = _chunks_seen(text)
     resumed = [int(n) for n in re.findall(r"engine\.resumed.*?next_chunk=(\d+)", text)]
     assert 6 <= finished <= 6 + kills, text
-    assert doc["chunks_rendered"] == job.chunks_rendered == finished
+    assert doc["chunks_rendered"] == job.chunks_rendered and finished <= job.chunks_rendered <= 6 + kills
     assert resumed and resumed == sorted(resumed)  # continued, never went back
     print(f"kills {kills}, chunks rendered {finished}, resumed at {resumed}")
 
@@ -481,20 +487,25 @@ def test_sigterm_then_another_worker_of_the_fleet_continues(tiny_models: Path, t
         store.close()
     doc = _check_published(tmp_path / "outbox", "talk", frames, SIX_CHUNKS_S)
     resumed = [e["next_chunk"] for e in _events(*logs.values(), name="engine.resumed")]
-    finished = _events(*logs.values(), name="job.chunk_finished")
+    checkpointed = _events(*logs.values(), name="engine.chunk_done")  # where the engine has the event
+    seen = _events(*logs.values(), name="job.chunk_finished")  # the ends the worker saw (a stop may hide one)
     assert len(resumed) == 2 and resumed[0] >= 2 and resumed[1] >= 4, resumed
-    assert 6 <= len(finished) <= 6 + 2
-    assert job is not None and doc["chunks_rendered"] == job.chunks_rendered == len(finished)
+    assert not checkpointed or 6 <= len(checkpointed) <= 6 + 2
+    assert job is not None and doc["chunks_rendered"] == job.chunks_rendered
+    assert max(6, len(seen)) <= job.chunks_rendered <= 6 + 2
     assert doc["resumed_from_chunk"] == resumed[1]
 
 
 def _damage(how: str, folder: Path) -> None:
-    path = folder / "checkpoint.safetensors"
-    data = path.read_bytes()
-    if how == "truncate":
-        path.write_bytes(data[: len(data) // 2])
-    elif how == "edit":
-        path.write_bytes(data[:-100] + bytes([data[-100] ^ 1]) + data[-99:])  # one bit of the motion frames
+    """Damage every checkpoint file in ``folder`` (their names are the engine's business)."""
+    files = sorted(folder.glob("*.safetensors"))
+    assert files, sorted(folder.iterdir())
+    for path in files:
+        data = path.read_bytes()
+        if how == "truncate":
+            path.write_bytes(data[: len(data) // 2])
+        elif how == "edit":
+            path.write_bytes(data[:-100] + bytes([data[-100] ^ 1]) + data[-99:])  # one bit of the tensor
 
 
 def test_damaged_or_foreign_checkpoints_are_discarded_and_the_job_starts_over(
@@ -567,4 +578,4 @@ def test_redo_from_chunk_2_re_renders_only_chunks_2_to_4(tiny_models: Path, tmp_
     doc = json.loads((outbox / "talk.redo-c2-s7.json").read_text())
     assert doc["chunks_rendered"] == 3 and doc["resumed_from_chunk"] == 2 and doc["redo"]["seed"] == 7
     text = (outbox / "talk.redo-c2-s7.log").read_text()
-    assert len(re.findall(r"job\.chunk_finished", text)) == 3  # chunks 2, 3 and 4 only
+    assert _chunks_seen(text) == 3  # chunks 2, 3 and 4 only
