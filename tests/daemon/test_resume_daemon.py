@@ -330,7 +330,7 @@ def _seen(job: Job) -> Seen | None:
 def _store(config: Path) -> Store:
     db = config.parent / "state" / "jobs.db"
     wait_for(db.exists, timeout=120, what="the job database")
-    return Store.open(db, migrate=None)
+    return Store.open(db)  # migrations take a lock: this waits for the daemon's, or makes it find version 3
 
 
 def _events(*logs: Path, name: str) -> list[dict[str, Any]]:
