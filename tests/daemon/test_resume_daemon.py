@@ -101,6 +101,47 @@ def test_kept_checkpoints_are_swept_after_keep_checkpoints_h(make_env: Callable[
     assert not _ckpt(env, job).exists() and stray.exists()
 
 
+# -- the chunk count ------------------------------------------------------------------------------------
+
+
+def _feed(tracker: resume.ChunkTracker, first: int, last: int, n: int, mux: bool) -> None:
+    from engine.api import Progress
+
+    tracker.progress(Progress("prepare", 0, 0, 0, 0, 0.0))
+    for c in range(first, last + 1):
+        for step in (1, 2):
+            tracker.progress(Progress("denoise", c, n, step, 2, 0.5))
+        tracker.progress(Progress("decode", c, n, 2, 2, 0.5))
+    if mux:
+        tracker.progress(Progress("mux", n, n, 0, 0, 0.99))
+        tracker.progress(Progress("mux", n, n, 0, 0, 1.0))
+    tracker.close()
+
+
+def test_chunk_counts_over_attempts_are_stored_as_they_go(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "jobs.db")
+    try:
+        store.add(fingerprint="f", stem="a", inputs=[], params={}, identity="e", max_attempts=5)
+        job = store.claim("w", 30)
+        assert job is not None
+        first = resume.ChunkTracker(store, job, "w")
+        _feed(first, 1, 3, 6, mux=False)  # killed in chunk 3: chunks 1 and 2 (1-based) finished
+        assert (first.finished, first.resumed_from) == (2, None)
+        assert store.get(job.id).chunks_rendered == 2  # type: ignore[union-attr]
+        store.requeue(job, "w", refund=False)  # what recovery does after the kill
+        again = store.claim("w", 30)
+        assert again is not None and again.chunks_rendered == 2
+        second = resume.ChunkTracker(store, again, "w")
+        _feed(second, 4, 6, 6, mux=True)  # resumed after chunk 3 (a stop hid the end of chunk 3)
+        row = store.get(job.id)
+        assert row is not None and (row.chunks_rendered, row.resumed_from_chunk) == (3 + 3, 3)
+        assert (second.finished, second.resumed_from) == (3, 3)
+        second.settle(4, 2)  # the engine's own figures win
+        assert (second.total, second.resumed_from) == (3 + 4, 2)
+    finally:
+        store.close()
+
+
 # -- redo (fake renderer): the command's rules and the job's files -----------------------------------------
 
 
