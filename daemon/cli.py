@@ -4,6 +4,7 @@
     infinitetalkd status [--config FILE] [--json]      queue, running job with progress, failures
     infinitetalkd retry JOB | cancel JOB               JOB is a job id or a stem (``cancel -- -x``
                                                        for a stem beginning with '-')
+    infinitetalkd redo JOB --from-chunk N [--seed S]   re-render a finished job from chunk N (new name)
     infinitetalkd web [--config FILE]                  the web page and HTTP API (no GPU, no engine)
     infinitetalkd doctor [--config FILE] [--models-dir DIR] [--json]
     infinitetalkd migrate [--config FILE]              bring the job database's schema up to date
@@ -26,6 +27,7 @@ import importlib
 import importlib.metadata
 import json
 import os
+import secrets
 import signal
 import sys
 import time
@@ -169,8 +171,21 @@ def _job_brief(j: Job) -> dict[str, Any]:
         "max_attempts": j.max_attempts, "progress": round(j.progress, 4), "progress_text": j.progress_text,
         "cancel_requested": j.cancel_requested, "error": j.error, "outputs": j.outputs,
         "failed_dir": j.failed_dir, "created_at": j.created_at, "started_at": j.started_at,
-        "finished_at": j.finished_at,
+        "finished_at": j.finished_at, "resumed_from_chunk": j.resumed_from_chunk,
+        "chunks_rendered": j.chunks_rendered,
+        "redo": None if j.redo_of is None else {"of_job": j.redo_of, "from_chunk": j.redo_from_chunk,
+                                                "seed": j.redo_seed},
     }
+
+
+def _chunk_note(j: Job) -> str:
+    """``status`` text: how the job's chunks went (docs/daemon.md §4.8); "" before the first chunk."""
+    parts = [f"resumed from chunk {j.resumed_from_chunk}"] if j.resumed_from_chunk is not None else []
+    if j.chunks_rendered:
+        parts.append(f"{j.chunks_rendered} chunk{'s' if j.chunks_rendered != 1 else ''} rendered in total")
+    if j.redo_of is not None:
+        parts.append(f"redo of #{j.redo_of} from chunk {j.redo_from_chunk}, seed {j.redo_seed}")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _recent_render_s(done: list[Job]) -> float | None:
@@ -207,7 +222,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     finally:
         store.close()
     inbox = _state_file(cfg, "inbox.json")
-    paused = str(_state_file(cfg, "worker.json").get("paused") or "")
+    # each worker's pause reason from the database (any host, any state folder); a daemon that has not
+    # written one yet (an older version) still has state/worker.json
+    pauses = [(w["name"], str(w["paused"])) for w in fleet["workers"] if w.get("paused") and w["state"] == "live"]
+    paused = str(_state_file(cfg, "worker.json").get("paused") or "") if not pauses else pauses[0][1]
     per_job = _recent_render_s(done)
     queue_s = None if per_job is None else per_job * counts.get(JobStatus.QUEUED.value, 0)
     if args.json:
@@ -218,13 +236,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
         return 0
     print("jobs: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f"; last success {_fmt_time(last)}")
-    if paused:
-        print(f"paused   {paused}")
+    for name, reason in pauses or ([("", paused)] if paused else []):
+        print(f"paused   {reason}" + (f" (worker {name})" if name else ""))
     _print_fleet(fleet)
     for j in running:
         cancel = " (cancel requested)" if j.cancel_requested else ""
         print(f"running  #{j.id} {j.stem}: {j.progress_text or 'starting'}{cancel}, "
-              f"attempt {j.attempts}/{j.max_attempts}, since {_fmt_time(j.started_at)}")
+              f"attempt {j.attempts}/{j.max_attempts}, since {_fmt_time(j.started_at)}{_chunk_note(j)}")
     if queue_s and per_job is not None:
         print(f"queue    about {format_duration(queue_s)} of rendering at the recent average of "
               f"{format_duration(per_job)} per job")
@@ -237,7 +255,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"inbox    {inbox.get('inbox')} is MISSING (not mounted?)")
     for j in recent:
         detail = j.outputs.get("mp4", "") if j.status is JobStatus.DONE else (j.error or "")
-        print(f"{j.status.value:<8} #{j.id} {j.stem} {_fmt_time(j.finished_at)}  {detail}")
+        print(f"{j.status.value:<8} #{j.id} {j.stem} {_fmt_time(j.finished_at)}  {detail}{_chunk_note(j)}")
     return 0
 
 
@@ -292,6 +310,33 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         raise
     finally:
         store.close()
+
+
+def cmd_redo(args: argparse.Namespace) -> int:
+    """Queue a re-render of a finished job from chunk N with another seed (daemon/redo.py)."""
+    from daemon.redo import RedoError, redo_stem, request_redo
+
+    cfg = _config(args.config)
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    if not 0 <= seed < 2**63:
+        raise _Fail(f"--seed {seed}: must be 0 to 2**63 - 1", EXIT_INPUT)
+    store = _store(cfg)
+    try:
+        job = _find(store, args.job)
+        try:
+            new, created = request_redo(cfg, store, job, args.from_chunk, seed)
+        except (RedoError, OSError) as exc:
+            raise _Fail(str(exc)) from None
+    finally:
+        store.close()
+    if not created:
+        print(f"job #{new.id} ({new.stem}) already re-renders job #{job.id} from chunk {args.from_chunk} with seed "
+              f"{seed}; it is {new.status.value}")
+        return 0
+    print(f"job #{new.id} queued: re-renders job #{job.id} ({job.stem}) from chunk {args.from_chunk} with seed "
+          f"{seed}; chunks 0 to {args.from_chunk - 1} are kept. The result is published as "
+          f"{redo_stem(job.stem, args.from_chunk, seed)}.mp4; {job.outputs.get('mp4', 'the original')} stays.")
+    return 0
 
 
 def cmd_web(args: argparse.Namespace) -> int:
@@ -485,6 +530,14 @@ def build_parser() -> argparse.ArgumentParser:
                        f"infinitetalkd {name} -- -x)")
         with_config(p)
         p.set_defaults(func=func)
+    p = sub.add_parser("redo", help="re-render a finished job from chunk N with another seed (needs "
+                       "jobs.keep_checkpoints_h)")
+    p.add_argument("job", help="job id or stem of a finished job")
+    p.add_argument("--from-chunk", type=int, required=True, metavar="N",
+                   help="the first chunk to render again (0-based; chunks before it are kept)")
+    p.add_argument("--seed", type=int, help="the seed of chunks N and later (default: a random one, printed)")
+    with_config(p)
+    p.set_defaults(func=cmd_redo)
     p = sub.add_parser("web", help="serve the web page and HTTP API (see README 'Web page and API')")
     with_config(p)
     p.set_defaults(func=cmd_web)

@@ -211,8 +211,9 @@ class JobsConfig(BaseModel):
                                 "with aliases disabled)")
     max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=256, le=MAX_IMAGE_PIXELS, description="larger images are "
                                   "refused before they are decoded (pixel bombs); at most the engine's own limit")
-    keep_checkpoints_h: float = Field(0.0, ge=0, description="a finished job's last checkpoint is kept this many "
-                                      "hours (0: deleted when the job ends)")
+    keep_checkpoints_h: float = Field(0.0, ge=0, description="a published job's checkpoints (every chunk's) and "
+                                      "segments are kept this many hours, for `infinitetalkd redo` (0: removed "
+                                      "when the job ends)")
 
 
 _ROLE_DOC = doc(doc_type="bare file name", doc_default="[the models table](#the-models-folder)")

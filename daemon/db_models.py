@@ -31,6 +31,8 @@ WORKERS = Table(
     Column("heartbeat_at", Float, nullable=False),
     Column("stopped_at", Float),
     Column("job_id", Integer),
+    # why the worker does not claim now (full disk, missing inbox, database outage); None: it claims
+    Column("paused", Text),
 )
 
 # Named leases ("ingest": the one process that scans the inbox, rejects, cancels and sweeps).

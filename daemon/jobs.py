@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Float, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, Float, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = ["JobStatus", "Base", "JobRow", "SchemaMeta", "Job", "TERMINAL", "Transition", "TRANSITIONS",
@@ -46,6 +46,7 @@ TERMINAL = (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)
 _FRESH: Mapping[str, Any] = {
     "worker_id": None, "lease_until": None, "started_at": None, "finished_at": None, "error": None,
     "failed_dir": None, "progress": 0.0, "progress_text": "", "attempts": 0, "cancel_requested": False,
+    "chunks_rendered": 0, "resumed_from_chunk": None,
 }
 
 
@@ -80,13 +81,16 @@ def _t(name: str, sources: tuple[JobStatus, ...], target: JobStatus | None, sets
 _Q, _R, _D, _F, _C = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)
 _CLEAR = {"progress": 0.0, "progress_text": "", "error": None}
 _UNLEASE = {"worker_id": None, "lease_until": None}
-_FINISH = "error outputs timings failed_dir finished_at progress progress_text"
+_FINISH = "error outputs timings failed_dir finished_at progress progress_text chunks_rendered"
 
 TRANSITIONS: Mapping[str, Transition] = {t.name: t for t in (
     # queued -> running, or a running job whose lease expired (the store adds that condition):
     # a new attempt for a new holder; the previous holder's fence (worker, attempts) no longer matches.
-    _t("claim", (_Q, _R), _R, "worker_id attempts lease_until heartbeat_at started_at", _CLEAR),
+    _t("claim", (_Q, _R), _R, "worker_id attempts lease_until heartbeat_at started_at",
+       {**_CLEAR, "resumed_from_chunk": None}),
     _t("heartbeat", (_R,), None, "lease_until heartbeat_at progress progress_text"),
+    # a chunk finished (or the attempt resumed after a checkpoint): the counts that survive a kill -9
+    _t("chunks", (_R,), None, "chunks_rendered resumed_from_chunk"),
     _t("done", (_R,), _D, _FINISH, {"lease_until": None}),
     _t("fail", (_R,), _F, _FINISH, {"lease_until": None}),
     _t("cancel_running", (_R,), _C, _FINISH, {"lease_until": None}),
@@ -152,6 +156,16 @@ class JobRow(Base):
     outputs: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
     timings: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
     failed_dir: Mapped[str | None] = mapped_column(Text)
+    # Resume (docs/daemon.md §4.8): chunks rendered to completion over all attempts of this queueing, and the
+    # first chunk (0-based) the latest attempt rendered after a checkpoint (None: it started at chunk 0).
+    chunks_rendered: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    resumed_from_chunk: Mapped[int | None] = mapped_column(Integer)
+    # A redo (``infinitetalkd redo``): the finished job it re-renders from chunk ``redo_from_chunk`` with
+    # ``redo_seed``. ``inputs_dir``: where the job's inputs are when not in the inbox (a redo's own copy).
+    redo_of: Mapped[int | None] = mapped_column(Integer)
+    redo_from_chunk: Mapped[int | None] = mapped_column(Integer)
+    redo_seed: Mapped[int | None] = mapped_column(BigInteger)
+    inputs_dir: Mapped[str | None] = mapped_column(Text)
 
 
 @dataclass(frozen=True)
@@ -181,6 +195,12 @@ class Job:
     outputs: dict[str, Any]
     timings: dict[str, Any]
     failed_dir: str | None
+    chunks_rendered: int = 0
+    resumed_from_chunk: int | None = None
+    redo_of: int | None = None
+    redo_from_chunk: int | None = None
+    redo_seed: int | None = None
+    inputs_dir: str | None = None
 
     @property
     def rejected(self) -> bool:

@@ -14,9 +14,11 @@ and then find the current version.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     Connection,
@@ -129,7 +131,33 @@ def _migration_2(conn: Connection) -> None:
     md.create_all(conn, tables=[md.tables[n] for n in ("workers", "leases", "output_names", "scanner_waiting")])
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2]
+def _add_column(conn: Connection, table: str, column: Column[Any], default: str | None = None) -> None:
+    """ALTER TABLE ... ADD COLUMN, spelled for this backend (SQLAlchemy Core has no construct for it)."""
+    prep = conn.dialect.identifier_preparer
+    ddl = f"ALTER TABLE {prep.quote(table)} ADD COLUMN {prep.quote(column.name)} {column.type.compile(conn.dialect)}"
+    if default is not None:
+        ddl += f" DEFAULT {default}"
+    if not column.nullable:
+        ddl += " NOT NULL"
+    conn.exec_driver_sql(ddl)
+
+
+def _migration_3(conn: Connection) -> None:
+    """Resume and redo (docs/daemon.md §4.8): chunks rendered over all attempts and where the latest
+    attempt resumed; a redo job's original, first chunk, seed and inputs folder; a worker's pause reason."""
+    for column, default in (
+        (Column("chunks_rendered", Integer, nullable=False), "0"),
+        (Column("resumed_from_chunk", Integer), None),
+        (Column("redo_of", Integer), None),
+        (Column("redo_from_chunk", Integer), None),
+        (Column("redo_seed", BigInteger), None),
+        (Column("inputs_dir", Text), None),
+    ):
+        _add_column(conn, "jobs", column, default)
+    _add_column(conn, "workers", Column("paused", Text))
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

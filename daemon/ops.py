@@ -10,6 +10,7 @@ from pathlib import Path
 
 from daemon.config import Config
 from daemon.jobs import Job, JobStatus
+from daemon.snapshot import source_dir
 from daemon.store import Store
 
 __all__ = ["OpError", "Retried", "restore_inputs", "retry_job"]
@@ -27,14 +28,18 @@ class Retried:
 
 
 def restore_inputs(cfg: Config, job: Job) -> list[str]:
-    """Move a failed job's inputs from its failed/ folder back into the inbox."""
+    """Move a failed job's inputs from its failed/ folder back where the job reads them: the inbox, or a
+    redo's own folder (docs/daemon.md §4.8), which the scanner does not watch."""
     if not job.failed_dir:
         return []
     src = Path(job.failed_dir)
+    home = source_dir(cfg, job)
+    if job.inputs_dir:
+        home.mkdir(parents=True, exist_ok=True)
     moved = []
     for i in job.inputs:
         name = str(i["name"])
-        p, dst = src / name, cfg.paths.inbox / name
+        p, dst = src / name, home / name
         if os.path.lexists(p):
             if os.path.lexists(dst):
                 raise OpError(f"{dst} exists; remove it or move it away, then retry again")

@@ -28,6 +28,7 @@ __all__ = [
     "fresh_tmp_dir",
     "clean_tmp",
     "choose_base",
+    "candidate_names",
     "find_published",
     "write_json",
     "publish",
@@ -114,6 +115,16 @@ def _candidates(stem: str, job_id: int) -> Iterable[str]:
     while True:
         yield fit(f".{job_id}.{n}")
         n += 1
+
+
+def candidate_names(stem: str, job_id: int, limit: int = 20) -> list[str]:
+    """The first ``limit`` names :func:`unique_dir` and :func:`choose_base` try for a job, in order."""
+    out: list[str] = []
+    for name in _candidates(stem, job_id):
+        if len(out) >= limit:
+            break
+        out.append(name)
+    return out
 
 
 def _json_job_id(path: Path) -> object:

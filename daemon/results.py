@@ -2,7 +2,9 @@
 
 Shape (one name per thing): ``params`` are the render settings as requested (``params.video`` is
 the source video of a dubbing job, null for a portrait); ``output`` describes the video written;
-``timings`` has the queue wait, the whole render and the engine's per-stage seconds.
+``timings`` has the queue wait, the whole render and the engine's per-stage seconds;
+``resumed_from_chunk`` / ``chunks_rendered`` say how the job survived interruptions and ``redo`` names the
+job a redo re-rendered (docs/daemon.md §4.8).
 """
 
 from __future__ import annotations
@@ -43,7 +45,10 @@ def _iso(ts: float | None) -> str | None:
 
 
 def result_doc(job: Job, prepared: ib.Prepared, result: RenderResult, base: str, render_s: float,
-               identity: str) -> dict[str, Any]:
+               identity: str, *, chunks_rendered: int, resumed_from_chunk: int | None) -> dict[str, Any]:
+    """``chunks_rendered``: chunks rendered to completion over all attempts (more than ``output.chunks``
+    when a kill lost a chunk in progress); ``resumed_from_chunk``: where the last attempt continued after a
+    checkpoint (docs/daemon.md §4.8)."""
     now = time.time()
     stages = {k: v for k, v in result.timings.items() if k not in _NOT_STAGES}
     return {
@@ -58,6 +63,10 @@ def result_doc(job: Job, prepared: ib.Prepared, result: RenderResult, base: str,
         "output": {"frames": result.frames, "fps": result.fps, "width": result.width, "height": result.height,
                    "duration_s": result.duration_s, "chunks": result.chunks,
                    "dit_calls": result.dit_calls, "blocks_skipped": result.blocks_skipped},
+        "resumed_from_chunk": resumed_from_chunk,
+        "chunks_rendered": chunks_rendered,
+        "redo": None if job.redo_of is None else {"of_job": job.redo_of, "from_chunk": job.redo_from_chunk,
+                                                  "seed": job.redo_seed},
         "timings": {"queued_s": round((job.started_at or now) - job.created_at, 3),
                     "render_s": round(render_s, 3), **stages},
         "inputs": prepared.inputs,

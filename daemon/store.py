@@ -31,6 +31,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.sql import Update
 
 from daemon.db import StoreError, StoreOptions, StoreSettings, build_url, db_now, make_engine, redacted
+from daemon.db_models import WORKERS
 from daemon.jobs import TERMINAL, TRANSITIONS, Job, JobRow, JobStatus
 from daemon.migrations import SCHEMA_VERSION, read_version
 from daemon.migrations import migrate as run_migrations
@@ -237,6 +238,37 @@ class Store(FleetOps):
         row each call unless ``key`` is given; see :meth:`reject`)."""
         return self.reject(key or uuid.uuid4().hex, stem=stem, inputs=inputs, error=error)[0]
 
+    def add_redo(self, original: Job, *, fingerprint: str, stem: str, from_chunk: int, seed: int,
+                 inputs_dir: str) -> tuple[Job, bool]:
+        """Queue a redo of the finished job ``original`` (``infinitetalkd redo``): its inputs, settings and
+        engine identity, re-rendered from chunk ``from_chunk`` with ``seed``, reading its inputs from
+        ``inputs_dir``. Returns (job, created); the same redo asked twice is one job (``fingerprint``)."""
+        return self._insert_once(fingerprint, stem=stem, status=JobStatus.QUEUED.value,
+                                 max_attempts=original.max_attempts, inputs=original.inputs, params=original.params,
+                                 engine_identity=original.engine_identity, redo_of=original.id,
+                                 redo_from_chunk=from_chunk, redo_seed=seed, inputs_dir=inputs_dir)
+
+    def finished_before(self, job_ids: Collection[int], *, keep_s: float) -> dict[int, bool]:
+        """For each of ``job_ids`` that exists: whether its checkpoints may go (docs/daemon.md §4.8): failed
+        or cancelled, or done more than ``keep_s`` seconds ago on the database clock (queued and running
+        jobs: False). Ids with no row are left out of the answer."""
+        if not job_ids:
+            return {}
+        now = self._now()
+        expired = or_(_T.c.status.in_([JobStatus.FAILED.value, JobStatus.CANCELLED.value]),
+                      and_(_T.c.status == JobStatus.DONE.value, _T.c.finished_at < now - keep_s))
+        with self.engine.begin() as conn:
+            rows = conn.execute(select(_T.c.id, expired.label("gone")).where(_T.c.id.in_(sorted(job_ids)))).all()
+        return {int(r.id): bool(r.gone) for r in rows}
+
+    def set_worker_paused(self, name: str, token: str, reason: str | None) -> bool:
+        """Record why worker ``name`` does not claim (None: it claims), for ``status`` on any host.
+        False when the name is no longer this process's."""
+        with self.engine.begin() as conn:
+            res = conn.execute(update(WORKERS).where(WORKERS.c.name == name, WORKERS.c.token == token)
+                               .values(paused=reason or None))
+        return res.rowcount == 1
+
     def set_failed_dir(self, job_id: int, failed_dir: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(update(_T).where(_T.c.id == job_id).values(failed_dir=failed_dir))
@@ -317,9 +349,17 @@ class Store(FleetOps):
             return False, False
         return True, bool(row[0])
 
+    def record_chunks(self, job: Job, worker_id: str, chunks_rendered: int, resumed_from_chunk: int | None) -> bool:
+        """Store the chunks rendered over all attempts and where this attempt resumed, while ``worker_id``
+        holds this attempt (docs/daemon.md §4.8). False when it no longer does."""
+        with self.engine.begin() as conn:
+            res = conn.execute(_guarded("chunks", *self._fenced(job, worker_id), chunks_rendered=chunks_rendered,
+                                        resumed_from_chunk=resumed_from_chunk, updated_at=self._now()))
+        return res.rowcount == 1
+
     def finish(self, job: Job, worker_id: str, status: JobStatus, *, error: str | None = None,
                outputs: dict[str, Any] | None = None, timings: dict[str, Any] | None = None,
-               failed_dir: str | None = None) -> Job:
+               failed_dir: str | None = None, chunks_rendered: int | None = None) -> Job:
         """running -> done | failed | cancelled, only if this worker still holds this attempt."""
         assert status in TERMINAL
         name = {JobStatus.DONE: "done", JobStatus.FAILED: "fail", JobStatus.CANCELLED: "cancel_running"}[status]
@@ -328,7 +368,8 @@ class Store(FleetOps):
             row = conn.execute(
                 _guarded(name, *self._fenced(job, worker_id), error=error, outputs=outputs or {},
                          timings=timings or {}, failed_dir=failed_dir, finished_at=now, updated_at=now,
-                         progress=1.0 if status is JobStatus.DONE else _T.c.progress, progress_text=status.value)
+                         progress=1.0 if status is JobStatus.DONE else _T.c.progress, progress_text=status.value,
+                         chunks_rendered=_T.c.chunks_rendered if chunks_rendered is None else chunks_rendered)
                 .returning(*_T.c)
             ).first()
         if row is None:

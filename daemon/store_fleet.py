@@ -52,6 +52,7 @@ class WorkerInfo:
     stopped_at: float | None
     job_id: int | None
     age_s: float
+    paused: str | None = None  # why it does not claim (schema 3); None: it claims
 
 
 @dataclass(frozen=True)
@@ -276,7 +277,7 @@ class FleetOps:
         the database clock, the ingest leader, and the scanner's waiting list."""
         workers = [{
             "name": w.name, "host": w.host, "pid": w.pid, "device": w.device, "gpu": w.gpu, "version": w.version,
-            "job_id": w.job_id, "heartbeat_age_s": round(w.age_s, 1),
+            "job_id": w.job_id, "heartbeat_age_s": round(w.age_s, 1), "paused": w.paused,
             "state": "stopped" if w.stopped_at is not None else "stale" if w.age_s > stale_s else "live",
         } for w in self.list_workers()]
         lease = self.lease(INGEST_LEASE)

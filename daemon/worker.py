@@ -38,22 +38,23 @@ import structlog
 from daemon import files as fl
 from daemon import inbox as ib
 from daemon import outbox as ob
+from daemon import resume
 from daemon.config import Config
 from daemon.db_liveness import Liveness
 from daemon.jobs import Job, JobStatus
 from daemon.log import get_logger, job_log
 from daemon.metrics import Metrics
+from daemon.monitor import Monitor
 from daemon.notify import Notifier
 from daemon.patience import Stopped, patiently
 from daemon.pause import DiskPause
-from daemon.progress import Eta, describe_progress
 from daemon.results import result_doc, run_key
+from daemon.snapshot import InboxGone, InputsChanged, InputsGone, reprepare, source_dir
 from daemon.store import StaleJob, Store
 from engine.api import (
     DeviceFault,
     InputError,
     OutOfMemory,
-    Progress,
     Renderer,
     RenderError,
     RenderStopped,
@@ -85,18 +86,6 @@ def job_log_path(config: Config, job_id: int) -> Path:
     return config.paths.state / "joblogs" / f"{job_id}.log"
 
 
-class _InputsGone(Exception):
-    pass
-
-
-class _InboxGone(Exception):
-    pass
-
-
-class _InputsChanged(Exception):
-    pass
-
-
 @dataclass
 class _Outcome:
     kind: OutcomeKind
@@ -106,71 +95,7 @@ class _Outcome:
     base: str = ""
     files: dict[str, Path] = field(default_factory=dict)
     already_published: bool = False
-
-
-class _Monitor:
-    """The two callables handed to the renderer for one job: progress and should_stop.
-
-    Progress pings the watchdog and updates STATUS; at most once a second both callables extend
-    the lease, store the progress and read the cancel flag (``infinitetalkd cancel``). A busy
-    database only skips that second's update (the heartbeat returns None).
-    """
-
-    def __init__(self, worker: Worker, job: Job) -> None:
-        self.w = worker
-        self.job = job
-        self.cancel = job.cancel_requested
-        self.lost = False
-        self.latest: Progress | None = None
-        self.eta = Eta()
-        self.eta_s: float | None = None  # seconds left, once the rate of progress is known
-        self._last_db = 0.0
-        self._last_status = 0.0
-
-    def progress(self, p: Progress) -> None:
-        self.latest = p
-        live = self.w.live
-        self.eta_s = self.eta.update(p)
-        self.w.metrics.set_running(p.fraction, self.eta_s)
-        self.w.notifier.watchdog()
-        now = time.monotonic()
-        if now - self._last_status >= 0.5:
-            self._last_status = now
-            self.w.notifier.status(f"job {self.job.id} {self.job.stem}: {describe_progress(p, self.eta_s)}; "
-                                   f"queued {self.w.queued}{self.w.db_note()}")
-        if live is not None:  # the side thread stores it; this thread never waits for the database
-            live.progress(p.fraction, describe_progress(p, self.eta_s))
-            return
-        self._sync(now)
-
-    def should_stop(self) -> bool:
-        if self.w.stop.is_set():
-            return True
-        live = self.w.live
-        if live is not None:
-            self.cancel = self.cancel or live.cancel_requested
-            self.lost = live.job_lost or live.name_lost
-        else:
-            self._sync(time.monotonic())
-        return self.cancel or self.lost
-
-    def _sync(self, now: float) -> None:
-        if now - self._last_db < 1.0:
-            return
-        self._last_db = now
-        p = self.latest
-        try:
-            state = self.w.store.heartbeat(self.job, self.w.worker_id, self.w.config.jobs.lease_s,
-                                           p.fraction if p else 0.0,
-                                           describe_progress(p, self.eta_s) if p else "starting")
-        except Exception:  # noqa: BLE001 - a heartbeat is best effort; the next one tries again
-            log.warning("job.heartbeat_failed", exc_info=True)
-            return
-        if state is None:
-            return  # database busy: try again at the next callback
-        owned, cancel = state
-        self.lost = not owned
-        self.cancel = self.cancel or cancel
+    chunks_rendered: int | None = None
 
 
 class Worker:
@@ -198,6 +123,8 @@ class Worker:
         self._low_disk = False
         self.disk = DiskPause()
         self.paused = ""
+        self._paused_db = ""  # what the worker's database row says
+        self._swept = 0.0  # time.monotonic() of the last sweep of kept checkpoints
         self.limits = ib.Limits(
             max_input_bytes=config.jobs.max_input_mb * 2**20,
             max_sidecar_bytes=config.jobs.max_sidecar_kb * 1024,
@@ -248,6 +175,7 @@ class Worker:
             return None
         if self._leading():
             self._cancel_requested_jobs()
+            self._sweep_checkpoints()
         counts = self._db(self.store.counts, "counting jobs")
         self.queued = counts[JobStatus.QUEUED.value]
         self.metrics.set_counts(counts)
@@ -278,7 +206,15 @@ class Worker:
         return self._disk_pause()
 
     def _set_paused(self, reason: str) -> None:
-        """state/worker.json: why the worker does not claim, for `infinitetalkd status`."""
+        """Why the worker does not claim, for `infinitetalkd status`: in its row of the job database (seen
+        from any host) and in state/worker.json."""
+        live = self.live
+        if live is not None and live.database_ok and reason != self._paused_db:
+            try:
+                self.store.set_worker_paused(live.name, live.token, reason)
+                self._paused_db = reason
+            except Exception as exc:  # noqa: BLE001 - only a status line: tried again at the next pass
+                log.warning("worker.paused_not_recorded", error=str(exc))
         if reason == self.paused:
             return
         self.paused = reason
@@ -327,18 +263,32 @@ class Worker:
         self._low_disk = low
         return reason
 
+    def _sweep_checkpoints(self) -> None:
+        """The ingest leader removes checkpoints nobody holds any more (daemon/resume.py), once a minute."""
+        if time.monotonic() - self._swept < 60.0 and self._swept:
+            return
+        self._swept = time.monotonic()
+        try:
+            removed = resume.sweep(self.config, self.store)
+        except Exception as exc:  # noqa: BLE001 - a database hiccup: the next sweep
+            log.warning("checkpoints.sweep_failed", error=str(exc))
+            return
+        if removed:
+            log.info("checkpoints.swept", job_ids=removed)
+
     def _cancel_requested_jobs(self) -> None:
         for job in self._db(self.store.cancel_requests, "reading cancel requests"):
             reason = "cancelled by user (infinitetalkd cancel) before it started"
             with structlog.contextvars.bound_contextvars(job_id=job.id, stem=job.stem), self.files_lock:
                 try:
-                    dest = fl.to_failed(self.config.paths.failed, job.stem, job.id, self.config.paths.inbox,
+                    dest = fl.to_failed(self.config.paths.failed, job.stem, job.id, source_dir(self.config, job),
                                         job.inputs, reason)
                 except OSError as exc:
                     log.error("job.cancel_move_failed", error=str(exc), hint="tried again at the next pass")
                     continue
                 if self._cancel_queued(job, reason, dest) is not None:
                     log.info("job.cancelled", reason=reason, failed_dir=str(dest))
+                    self._ended(job)  # an earlier, requeued attempt may have left checkpoints
 
     def _cancel_queued(self, job: Job, reason: str, dest: Path) -> Job | None:
         return self._db(lambda: self.store.cancel_queued(job, error=reason, failed_dir=str(dest)),
@@ -380,40 +330,12 @@ class Worker:
                     self.tmp_root.rmdir()  # only when empty: leave no trace in outbox/.tmp when idle
         return outcome.kind
 
-    def _reprepare(self, job: Job, snap: Path) -> ib.Prepared:
-        """Snapshot the inputs into the job's work folder, then validate and hash the snapshot:
-        the render reads exactly the bytes that were fingerprinted."""
-        inbox = self.config.paths.inbox
-        if not inbox.is_dir():
-            raise _InboxGone(f"the inbox {inbox} is missing")
-        names = [str(i["name"]) for i in job.inputs]
-        gone = [n for n in names if not os.path.lexists(inbox / n)]
-        if gone:
-            if not inbox.is_dir():
-                raise _InboxGone(f"the inbox {inbox} is missing")
-            raise _InputsGone(f"input files disappeared from the inbox before the render: {', '.join(gone)}")
-        try:
-            fl.snapshot(inbox, names, snap)
-        except FileNotFoundError:
-            if not inbox.is_dir():
-                raise _InboxGone(f"the inbox {inbox} is missing") from None
-            raise _InputsGone("input files disappeared from the inbox while the job started") from None
-        roles = {str(i["role"]): str(i["name"]) for i in job.inputs}
-        parts = ib.Parts(image=roles.get("image"), video=roles.get("video"), audio=roles.get("audio"),
-                         sidecar=roles.get("sidecar"), marker=roles.get("marker"), problem=None, missing=())
-        prepared = ib.prepare(snap, job.stem, parts, defaults=self.config.render, identity=self.identity,
-                              limits=self.limits)
-        if prepared.fingerprint != job.fingerprint:
-            raise _InputsChanged("the inputs or the engine changed after the job was queued; "
-                                 "the current files are scanned as a new job")
-        return prepared
-
     def _attempt(self, job: Job, tmp: Path) -> _Outcome:
         """Everything that can fail for one job, behind the one catch-all of the worker."""
         started = time.time()
         log.info("job.started", attempt=job.attempts, max_attempts=job.max_attempts,
                  waited_s=round(started - job.created_at, 3))
-        monitor = _Monitor(self, job)
+        monitor = Monitor(self, job)
 
         def failed(kind: OutcomeKind, reason: str, failure: str) -> _Outcome:
             log.warning("job.finished", outcome=kind, reason=reason, failure=failure,
@@ -426,13 +348,19 @@ class Worker:
             if published is not None:
                 log.info("job.already_published", outputs=published.get("outputs"))
                 return _Outcome("done", doc=published, already_published=True)
-            prepared = self._reprepare(job, tmp / "inputs")
+            prepared = reprepare(self.config, job, tmp / "inputs", identity=self.identity, limits=self.limits,
+                                 fingerprint=self._source_fingerprint(job))
             mp4 = tmp / ob.fit_name(job.stem, ".mp4")
-            result = self.renderer.render(prepared.request, mp4, monitor.progress, monitor.should_stop)
+            try:  # resumable: checkpoints on the outbox's filesystem (docs/daemon.md §4.8)
+                result = self.renderer.render(prepared.request, mp4, monitor.progress, monitor.should_stop,
+                                              **resume.render_options(self.config, job))
+            finally:
+                monitor.chunks.close()
+            monitor.chunks.settle(result.chunks_rendered, result.resumed_from_chunk)
             if not mp4.is_file() or mp4.stat().st_size == 0:
                 raise RenderError("the renderer returned without writing the video")
             if not all(fl.same_file(tmp / "inputs" / str(i["name"]), i) for i in prepared.inputs):
-                raise _InputsChanged("an input file was changed in place during the render; "
+                raise InputsChanged("an input file was changed in place during the render; "
                                      "the current files are scanned as a new job")
             render_s = time.time() - started
             if monitor.lost:
@@ -442,14 +370,17 @@ class Worker:
             if base is None:
                 log.error("job.lost", reason="the job was taken from this worker (lease lost); result discarded")
                 return _Outcome("lost")
-            doc = result_doc(job, prepared, result, base, render_s, self.identity)
+            doc = result_doc(job, prepared, result, base, render_s, self.identity, chunks_rendered=monitor.chunks.total,
+                             resumed_from_chunk=monitor.chunks.resumed_from)
             json_path = tmp / ob.fit_name(job.stem, ".json")
             ob.write_json(json_path, doc)
             # The canonical line of a job: everything needed to grep for outcomes and speed.
             log.info("job.finished", outcome="done", render_s=round(render_s, 3), frames=result.frames,
                      duration_s=result.duration_s, width=result.width, height=result.height,
-                     chunks=result.chunks, seed=result.seed, output=f"{base}.mp4")
-            return _Outcome("done", doc=doc, base=base, files={"mp4": mp4, "json": json_path})
+                     chunks=result.chunks, seed=result.seed, output=f"{base}.mp4",
+                     chunks_rendered=monitor.chunks.total, resumed_from_chunk=monitor.chunks.resumed_from)
+            return _Outcome("done", doc=doc, base=base, files={"mp4": mp4, "json": json_path},
+                            chunks_rendered=monitor.chunks.total)
         except RenderStopped:
             if self.stop.is_set():
                 log.info("job.interrupted", reason="shutdown requested; the job goes back to the queue")
@@ -468,11 +399,11 @@ class Worker:
             return failed("failed", f"out of memory: {ib.one_line(str(exc))}", "oom")
         except InputError as exc:
             return failed("failed", ib.one_line(str(exc)), "input")
-        except _InboxGone as exc:
+        except InboxGone as exc:
             return failed("inbox_gone", f"{exc}; the job waits until it is back", "")
-        except _InputsGone as exc:
+        except InputsGone as exc:
             return failed("failed", str(exc), "input")
-        except _InputsChanged as exc:
+        except InputsChanged as exc:
             return failed("superseded", str(exc), "superseded")
         except Exception as exc:  # the one catch-all: any other failure ends this job, not the daemon
             if fl.is_storage_fault(exc):
@@ -524,6 +455,7 @@ class Worker:
         elif out.kind == "superseded":
             self._finish(job, JobStatus.CANCELLED, "recording a superseded job", error=out.reason)
             log.info("job.superseded", reason=out.reason)
+            self._ended(job)
         elif out.kind == "stopped":
             with contextlib.suppress(Stopped):  # if the database stays busy, recovery at start requeues it
                 self._db(lambda: self.store.requeue(job, self.worker_id, refund=True), "requeueing")
@@ -556,17 +488,21 @@ class Worker:
                 self._requeue_for_space(job, f"disk full or failing while publishing: {ib.one_line(str(exc))}")
                 return
             try:
-                where = fl.dispose_after_success(cfg.paths.inbox, job.inputs, tmp / "inputs",
-                                                 after_success=cfg.jobs.after_success, archive_root=cfg.paths.archive,
-                                                 stem=job.stem, job_id=job.id)
+                if job.inputs_dir:  # a redo's own copy: the originals stay in the archive
+                    where = "the redo's copy removed; the originals stay in the archive"
+                else:
+                    where = fl.dispose_after_success(cfg.paths.inbox, job.inputs, tmp / "inputs",
+                                                     after_success=cfg.jobs.after_success,
+                                                     archive_root=cfg.paths.archive, stem=job.stem, job_id=job.id)
             except OSError as exc:
                 # Published: the job is done. The inputs stay in the inbox, where the scanner sees
                 # the files of a finished job and archives them once it can.
                 where = f"left in the inbox ({ib.one_line(str(exc))}); archived later"
                 log.warning("job.archive_failed", error=str(exc))
             self._finish(job, JobStatus.DONE, "recording a finished job", outputs=dict(doc["outputs"]),
-                         timings=dict(doc["timings"]))
+                         timings=dict(doc["timings"]), chunks_rendered=out.chunks_rendered)
         _unlink_quietly(log_path)
+        self._ended(job, published=True)
         self.disk.succeeded()
         log.info("job.done", outputs=doc["outputs"], inputs=where)
         self.metrics.render_seconds.observe(float(doc["timings"].get("render_s", 0.0)))
@@ -580,7 +516,7 @@ class Worker:
         status = JobStatus.CANCELLED if out.kind == "cancelled" else JobStatus.FAILED
         with self.files_lock:
             try:
-                dest = fl.to_failed(cfg.paths.failed, job.stem, job.id, cfg.paths.inbox, job.inputs, reason,
+                dest = fl.to_failed(cfg.paths.failed, job.stem, job.id, source_dir(cfg, job), job.inputs, reason,
                                     snap=tmp / "inputs", log_file=log_path)
             except OSError as exc:
                 # failed/ cannot be written: keep everything where it is and try the job again later.
@@ -588,6 +524,7 @@ class Worker:
                 return
             self._finish(job, status, "recording a failed job", error=reason, failed_dir=str(dest))
         _unlink_quietly(log_path)
+        self._ended(job)
         log.warning(f"job.{status.value}", reason=reason, failed_dir=str(dest))
         if status is JobStatus.FAILED:
             self.metrics.failures.labels(kind=out.failure).inc()
@@ -600,6 +537,29 @@ class Worker:
         log.error("job.requeued", reason=reason, attempt_refunded=True,
                   hint="the worker waits for free space in the outbox, then renders it again")
         self.metrics.failures.labels(kind="disk").inc()
+
+
+    def _source_fingerprint(self, job: Job) -> str:
+        """What the job's inputs must hash to: its own fingerprint, or for a redo its original's."""
+        if job.redo_of is None:
+            return job.fingerprint
+        original = self._db(lambda: self.store.get(job.redo_of or 0), "reading the redo's original")
+        if original is None:
+            raise InputError(f"job #{job.redo_of}, which this job re-renders, is no longer in the job database")
+        return original.fingerprint
+
+    def _ended(self, job: Job, *, published: bool = False) -> None:
+        """The job ended here (this worker recorded it): its checkpoints go, unless it was published and
+        jobs.keep_checkpoints_h keeps them (docs/daemon.md §4.8); a redo's inputs folder goes too (after
+        a failure only once empty: its files moved to failed/)."""
+        if not (published and resume.keep_after(self.config, "done")):
+            resume.remove(self.config, job.id)
+        if job.inputs_dir:
+            with contextlib.suppress(OSError):
+                if published:
+                    shutil.rmtree(job.inputs_dir)
+                else:
+                    Path(job.inputs_dir).rmdir()
 
 
 def _unlink_quietly(path: Path) -> None:

@@ -73,6 +73,10 @@ class JobOut(BaseModel):
     finished_at: float | None
     rejected: bool = Field(description="refused at ingest (never rendered)")
     params: dict[str, Any]
+    resumed_from_chunk: int | None = Field(None, description="where the latest attempt continued after a "
+                                           "checkpoint (0-based); null: it started at chunk 0")
+    chunks_rendered: int = Field(0, description="chunks rendered over all attempts")
+    redo_of: int | None = Field(None, description="the job a redo (`infinitetalkd redo`) re-renders")
 
 
 class JobList(BaseModel):

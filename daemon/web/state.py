@@ -89,6 +89,7 @@ def job_doc(j: Job) -> dict[str, Any]:
         "error": j.error, "outputs": dict(j.outputs), "worker": j.worker_id, "created_at": j.created_at,
         "started_at": j.started_at, "finished_at": j.finished_at, "rejected": j.rejected,
         "params": {k: v for k, v in j.params.items() if k not in ("audio", "image", "video", "masks")},
+        "resumed_from_chunk": j.resumed_from_chunk, "chunks_rendered": j.chunks_rendered, "redo_of": j.redo_of,
     }
 
 

@@ -65,6 +65,8 @@ def _audio_seconds(path: Path) -> float:
 
 
 class FakeRenderer:
+    chunks = 1  # what its results report (a test of redo sets more: a redo starts at chunk 1 or later)
+
     def __init__(self, options: EngineOptions, *, steps: int = 4, step_s: float = 0.02,
                  record: Path | None = None) -> None:
         self.options = options
@@ -73,6 +75,7 @@ class FakeRenderer:
         self.record = record
         self.warm = False
         self.renders = 0
+        self.resume_options: list[tuple[Path | None, bool, Path | None]] = []  # per render call
 
     def warmup(self) -> None:
         self.warm = True
@@ -85,11 +88,18 @@ class FakeRenderer:
             with open(self.record, "a", encoding="utf-8") as f:
                 f.write(f"{what} {os.getpid()}\n")
 
-    def render(self, request: RenderRequest, out_path: Path, progress: ProgressFn,
-               should_stop: StopFn) -> RenderResult:
+    def render(self, request: RenderRequest, out_path: Path, progress: ProgressFn, should_stop: StopFn, *,
+               checkpoint_dir: Path | None = None, keep_all_checkpoints: bool = False,
+               base_checkpoint_dir: Path | None = None) -> RenderResult:
+        """The resume keywords are accepted and noted (``resume_options``), not acted on: the
+        fake has no chunks to resume; the daemon tests check the folders' life cycle, not their content."""
         assert self.warm, "warmup() must run before the first render"
         stem = request.audio[0].stem
         self._note(f"start {stem}")
+        if checkpoint_dir is not None:
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)  # as the engine does
+            (checkpoint_dir / "fake-checkpoint").write_text(f"{request.seed}\n", encoding="utf-8")
+        self.resume_options.append((checkpoint_dir, keep_all_checkpoints, base_checkpoint_dir))
         # a stdlib record, as the real engine writes them: it must reach the job's log file too
         logging.getLogger("infinitetalkd.engine").info("fake engine: rendering %s", stem)
         t0 = time.monotonic()
@@ -139,5 +149,5 @@ class FakeRenderer:
         self.renders += 1
         self._note(f"done {stem}")
         return RenderResult(frames=self.steps, fps=FPS, width=SIZE, height=SIZE, duration_s=self.steps / FPS,
-                            chunks=1, seed=request.seed, timings={"denoise_s": time.monotonic() - t0},
+                            chunks=self.chunks, seed=request.seed, timings={"denoise_s": time.monotonic() - t0},
                             model_files={"dit": "fake-dit.safetensors"})

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from sqlalchemy import Table, insert, inspect, update
+from sqlalchemy import Column, MetaData, Table, insert, inspect, update
 
 from daemon.db import StoreOptions, build_url, make_engine
 from daemon.jobs import TRANSITIONS, Base, Job, JobRow, JobStatus
@@ -46,7 +46,7 @@ def add(store: Store, fp: str, stem: str = "a", max_attempts: int = 3) -> int:
 
 
 def test_schema_version_and_pragmas(tmp_path: Path, sqlite_store: Store) -> None:
-    assert sqlite_store.schema_version() == SCHEMA_VERSION == 2
+    assert sqlite_store.schema_version() == SCHEMA_VERSION == 3
     sqlite_store.close()
     again = Store.open(tmp_path / "jobs.db")  # reopening runs no migration twice
     assert again.schema_version() == SCHEMA_VERSION
@@ -196,8 +196,12 @@ def test_upgrade_from_version_1_keeps_the_jobs(db_target: Path | str) -> None:
         StoreOptions(url=db_target), Path())
     engine = make_engine(url, opts)
     assert migrate(engine, target=1) == (0, 1)
+    v1 = {c.name for c in _JOBS.c} - {"chunks_rendered", "resumed_from_chunk", "redo_of", "redo_from_chunk",
+                                       "redo_seed", "inputs_dir"}
+    # the live table has version 3's columns, with ORM defaults that would insert them
+    jobs_v1 = Table("jobs", MetaData(), *(Column(c.name, c.type) for c in _JOBS.c if c.name in v1))
     with engine.begin() as conn:
-        conn.execute(insert(_JOBS).values(
+        conn.execute(insert(jobs_v1).values(
             fingerprint="old", stem="a", status="queued", attempts=0, max_attempts=3, cancel_requested=False,
             created_at=1.0, updated_at=1.0, inputs=[], params={}, engine_identity="", progress=0.0,
             progress_text="", outputs={}, timings={}))
@@ -206,8 +210,10 @@ def test_upgrade_from_version_1_keeps_the_jobs(db_target: Path | str) -> None:
         Store.open(db_target, migrate=False)
     s2 = Store.open(db_target)
     try:
-        assert s2.schema_version() == 2 and s2.find("a") is not None
-        assert s2.migrate() == (2, 2)  # idempotent
+        old = s2.find("a")
+        assert s2.schema_version() == 3 and old is not None
+        assert (old.chunks_rendered, old.resumed_from_chunk, old.redo_of) == (0, None, None)  # version 3's columns
+        assert s2.migrate() == (3, 3)  # idempotent
         assert s2.list_workers() == []  # version 2's tables exist
     finally:
         s2.close()
@@ -331,6 +337,7 @@ EXPECTED = {
     "claim": ({_Q, _R}, _R), "heartbeat": ({_R}, None), "done": ({_R}, _D), "fail": ({_R}, _F),
     "cancel_running": ({_R}, _C), "requeue": ({_R}, _Q), "give_up": ({_R}, _F), "cancel_queued": ({_Q}, _C),
     "request_cancel": ({_Q, _R}, None), "retry": ({_F, _C}, _Q), "redrop": ({_D, _F, _C}, _Q),
+    "chunks": ({_R}, None),
 }
 
 
@@ -362,6 +369,7 @@ def _apply(store: Store, name: str, job: Job) -> None:
         "give_up": store.sweep_expired, "cancel_queued": lambda: store.cancel_queued(job, error="c", failed_dir=None),
         "request_cancel": lambda: store.request_cancel(job.id), "retry": lambda: store.retry(job.id),
         "redrop": lambda: store.requeue_finished(job, stem="b", inputs=[], max_attempts=4),
+        "chunks": lambda: store.record_chunks(job, "w", 3, 1),
     }
     with contextlib.suppress(StaleJob):  # a fenced call on a job in another state refuses
         calls[name]()
@@ -436,3 +444,47 @@ def test_a_killed_workers_job_is_taken_over_within_its_lease(db_target: Path | s
     finally:
         proc.kill()
         proc.join(30)
+
+
+# -- schema 3: resume and redo ------------------------------------------------------------------------
+
+
+def test_chunk_counts_are_fenced_survive_a_requeue_and_reset_on_retry(store: Store) -> None:
+    add(store, "fp1")
+    job = store.claim("w", 30)
+    assert job is not None
+    assert store.record_chunks(job, "w", 2, None)
+    assert not store.record_chunks(job, "other", 9, 4)  # not the holder: nothing written
+    again = store.claim("w2", 30) or store.requeue(job, "w", refund=True)
+    assert again.chunks_rendered == 2 and again.resumed_from_chunk is None
+    second = store.claim("w2", 30)
+    assert second is not None and second.chunks_rendered == 2  # a new attempt starts from the stored total
+    assert store.record_chunks(second, "w2", 5, 2)
+    done = store.finish(second, "w2", JobStatus.FAILED, error="x", chunks_rendered=6)
+    assert (done.chunks_rendered, done.resumed_from_chunk) == (6, 2)
+    fresh = store.retry(job.id)
+    assert fresh is not None and (fresh.chunks_rendered, fresh.resumed_from_chunk) == (0, None)
+
+
+def test_redo_rows_and_the_checkpoint_sweep_query(store: Store) -> None:
+    add(store, "fp1")
+    job = store.claim("w", 30)
+    assert job is not None
+    done = store.finish(job, "w", JobStatus.DONE)
+    redo, created = store.add_redo(done, fingerprint="redo:x", stem="a.redo-c2-s7", from_chunk=2, seed=2**40,
+                                   inputs_dir="/o/.tmp/.redo/x")
+    assert created and (redo.redo_of, redo.redo_from_chunk, redo.redo_seed) == (done.id, 2, 2**40)
+    assert redo.status is JobStatus.QUEUED and redo.inputs == done.inputs and redo.params == done.params
+    assert store.add_redo(done, fingerprint="redo:x", stem="a.redo-c2-s7", from_chunk=2, seed=2**40,
+                          inputs_dir="/o/.tmp/.redo/x") == (redo, False)  # asked twice: one job
+    assert store.finished_before([done.id, redo.id, 999], keep_s=3600) == {done.id: False, redo.id: False}
+    assert store.finished_before([done.id], keep_s=-1) == {done.id: True}  # done longer ago than keep_s
+
+
+def test_worker_pause_reason_is_stored_for_status(store: Store) -> None:
+    token = store.register_worker("h/cuda:0", host="h", pid=1, device="cuda:0", gpu="g", version="v", stale_s=30)
+    assert store.set_worker_paused("h/cuda:0", token, "less than jobs.min_free_mb free")
+    assert not store.set_worker_paused("h/cuda:0", "not-the-token", "x")
+    assert [w["paused"] for w in store.fleet_snapshot(30)["workers"]] == ["less than jobs.min_free_mb free"]
+    assert store.set_worker_paused("h/cuda:0", token, "")
+    assert [w.paused for w in store.list_workers()] == [None]

@@ -209,7 +209,7 @@ def test_waiting_list_is_replaced_and_timed_on_the_database_clock(store: Store) 
 
 def test_health_reports_latency_skew_and_schema(store: Store) -> None:
     h = store.health()
-    assert h.reachable and h.error is None and h.schema_version == h.expected_version == 2
+    assert h.reachable and h.error is None and h.schema_version == h.expected_version == 3
     assert h.latency_s is not None and 0 <= h.latency_s < 5
     assert h.clock_skew_s is not None and abs(h.clock_skew_s) < 5
 
@@ -243,16 +243,16 @@ def test_migrate_command_creates_then_upgrades_nothing(tmp_path: Path, capsys: p
     assert migrate(engine, target=1) == (0, 1)  # a database an older infinitetalkd created
     engine.dispose()
     assert cli.main(["migrate", "--config", str(config)]) == 0
-    assert capsys.readouterr().out.strip() == f"database sqlite:///{db}: schema 1 -> 2"
+    assert capsys.readouterr().out.strip() == f"database sqlite:///{db}: schema 1 -> 3"
     assert cli.main(["migrate", "--config", str(config)]) == 0
-    assert "schema 2, up to date" in capsys.readouterr().out
+    assert "schema 3, up to date" in capsys.readouterr().out
 
 
 def test_connect_takes_the_config_section(pg_url: str, tmp_path: Path) -> None:
     s = Store.connect(StoreOptions(url=pg_url, statement_timeout_s=7), tmp_path / "unused.db", migrate=None)
     try:
         assert s.backend == "postgresql" and s.schema_version() == 0 and not (tmp_path / "unused.db").exists()
-        assert s.migrate() == (0, 2)
+        assert s.migrate() == (0, 3)
         with s.engine.connect() as conn:
             assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == "7s"
     finally:
