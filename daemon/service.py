@@ -35,6 +35,7 @@ from daemon.metrics import Metrics
 from daemon.notify import Notifier
 from daemon.patience import Stopped, patiently, unusable_database
 from daemon.results import program_version
+from daemon.snapshot import source_dir
 from daemon.store import Store, StoreError
 from daemon.store_fleet import WorkerNameTaken
 from daemon.watcher import Scanner
@@ -148,7 +149,8 @@ def move_to_failed(config: Config, store: Store, jobs: list[Job], stop: threadin
         reason = job.error or "interrupted too often"
         snaps = sorted(tmp.glob(f"{job.id}-*/inputs")) if tmp is not None else []
         try:
-            dest = fl.to_failed(paths.failed, job.stem, job.id, paths.inbox, job.inputs, reason,
+            # (a redo's inputs are in its own folder, never the inbox: source_dir)
+            dest = fl.to_failed(paths.failed, job.stem, job.id, source_dir(config, job), job.inputs, reason,
                                 snap=snaps[-1] if snaps else None)
         except OSError as exc:
             log.error("job.recovered", job_id=job.id, stem=job.stem, action="failed", reason=reason,
