@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from sqlalchemy import update
 
 from daemon import cli, resume
 from daemon.jobs import Job, JobRow, JobStatus
+from daemon.service import move_to_failed
 from daemon.store import Store
 from tests.daemon.conftest import Env, wait_for
 from tests.daemon.fake_renderer import FakeRenderer
@@ -212,3 +214,30 @@ def test_status_shows_each_workers_pause_reason_from_the_database(make_env: Call
     code, out = _cli(env, "status", "--json", capsys=capsys)
     assert "jobs.min_free_mb" in _status_doc(out)["workers"][0]["paused"]
     assert env.stop() == 0
+
+
+def test_a_redo_failed_by_recovery_moves_its_own_inputs_not_the_inboxs(make_env: Callable[..., Env], five_chunks: None,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    env = make_env({"jobs": {"keep_checkpoints_h": 1}})
+    env.start()
+    env.drop("alice")
+    env.wait_status("alice", JobStatus.DONE, timeout=30)
+    wait_for(lambda: not list(env.inbox.iterdir()), what="the inputs to be archived")
+    assert env.stop() == 0
+    code, out = _cli(env, "redo", "alice", "--from-chunk", "2", "--seed", "7", capsys=capsys)
+    assert code == 0, out
+    redo = env.job("alice.redo-c2-s7")
+    assert redo is not None and redo.inputs_dir
+    # the user's own files of the same names, in the inbox (unstable on purpose: not yet a job)
+    names = sorted(str(i["name"]) for i in redo.inputs)
+    for n in names:
+        (env.inbox / n).write_bytes(b"the user's newer file")
+    claimed = env.store.claim("gone", 60)
+    assert claimed is not None and claimed.id == redo.id
+    failed = env.store.finish(claimed, "gone", JobStatus.FAILED, error="interrupted too often")
+    assert failed is not None
+    move_to_failed(env.config, env.store, [failed], threading.Event())
+    assert all((env.inbox / n).read_bytes() == b"the user's newer file" for n in names)  # untouched
+    dest = Path(env.store.get(redo.id).failed_dir or "")  # type: ignore[union-attr]
+    assert sorted(p.name for p in dest.iterdir() if p.name in names) == names
+    assert all((dest / n).read_bytes() != b"the user's newer file" for n in names)
