@@ -1,0 +1,415 @@
+"""The fleet under fire (docs/daemon.md §4.6): real daemon processes (the fake renderer) on one inbox,
+good and bad drops arriving in waves, while
+
+- a worker in mid-render is SIGSTOPped past its lease and resumed: its job is taken over, and the
+  resumed worker discards its result (``job.lost``) instead of publishing it a second time;
+- the ingest leader is killed with SIGKILL (another daemon takes the inbox over) and restarted;
+- PostgreSQL is restarted (``pg_ctl stop -m immediate``: every connection cut) while renders run;
+- random workers are killed with SIGKILL and restarted.
+
+At the end every good drop is published exactly once (one mp4, one json, one log), every bad drop
+has exactly one failed/ folder with its reason, every input file's bytes are in archive/ or
+failed/ exactly once, and no daemon exited unless the test stopped it.
+
+PostgreSQL: 4 daemons on a cluster of the test's own (tests/daemon/pg_cluster.py). SQLite: 3
+daemons on one host, no database restart. The drop counts default to a CI-sized run;
+INFINITETALKD_FLEET=full runs the full scenario (200 good drops and 20 bad ones);
+INFINITETALKD_FLEET_GOOD / _BAD set other counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+
+from daemon.jobs import Job, JobStatus
+from daemon.store import Store
+from daemon.store_fleet import INGEST_LEASE
+from tests.daemon.conftest import REPO, Env, wait_for, write_png, write_wav
+from tests.daemon.pg_cluster import PgCluster, pg_cluster  # noqa: F401 - the fixture
+from tests.daemon.test_inbox import png_header_only
+
+T = TypeVar("T")
+
+FULL = os.environ.get("INFINITETALKD_FLEET") == "full"
+N_GOOD = int(os.environ.get("INFINITETALKD_FLEET_GOOD", "200" if FULL else "32"))
+N_BAD = int(os.environ.get("INFINITETALKD_FLEET_BAD", "20" if FULL else "11"))
+LEASE_S = 3.0
+STEPS, STEP_S = 8, 0.1  # 0.8 s a render
+INCOMPLETE_S = 3.0  # a stem missing its partner is refused after this long
+# Events that mean a bug, whatever else happened (daemon/worker.py, daemon/watcher.py, daemon/service.py).
+BUG_EVENTS = {"job.internal_error", "job.finalize_failed", "scan.failed", "scan.stem_failed", "engine.load_failed",
+              "store.unusable", "job.stale"}
+
+
+# -- the drops ---------------------------------------------------------------------------------------
+
+
+def _pair(d: Path, stem: str, *, image: bool = True, audio: bool = True, seconds: float = 0.4) -> None:
+    if image:
+        r, g, b = hashlib.sha1(stem.encode()).digest()[:3]  # one fingerprint each
+        write_png(d / f"{stem}.png", color=(r, g, b))
+    if audio:
+        write_wav(d / f"{stem}.wav", seconds=seconds)
+
+
+def _sidecar(d: Path, stem: str, doc: object) -> None:
+    (d / f"{stem}.yaml").write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc), encoding="utf-8")
+
+
+def _text_png(d: Path, stem: str) -> None:
+    _pair(d, stem, image=False)
+    (d / f"{stem}.png").write_text("this is a text file pretending to be a portrait\n")
+
+
+def _corrupt_png(d: Path, stem: str) -> None:
+    _pair(d, stem)
+    good = (d / f"{stem}.png").read_bytes()
+    (d / f"{stem}.png").write_bytes(good[:40] + b"\x00" * 30)
+
+
+def _empty_wav(d: Path, stem: str) -> None:
+    _pair(d, stem, audio=False)
+    (d / f"{stem}.wav").touch()
+
+
+def _broken_wav(d: Path, stem: str) -> None:
+    _pair(d, stem, audio=False)
+    (d / f"{stem}.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEjunk" + bytes(40))
+
+
+def _yaml_syntax(d: Path, stem: str) -> None:
+    _pair(d, stem)
+    _sidecar(d, stem, "seed: [1, 2\nprompt: hello\n")
+
+
+def _unknown_key(d: Path, stem: str) -> None:
+    _pair(d, stem)
+    _sidecar(d, stem, {"sed": 3})
+
+
+def _no_partner(d: Path, stem: str) -> None:
+    _pair(d, stem, audio=False)  # refused once watch.incomplete_after_s passed
+
+
+def _pixel_bomb(d: Path, stem: str) -> None:
+    _pair(d, stem, image=False)
+    png_header_only(d / f"{stem}.png", 100_000, 100_000)
+
+
+def _too_long(d: Path, stem: str) -> None:
+    _pair(d, stem, seconds=2.0)  # refused by the renderer, so by a worker, not at ingest
+    _sidecar(d, stem, {"max_duration_s": 1.0})
+
+
+def _refused_by_engine(d: Path, stem: str) -> None:
+    _pair(d, stem)
+    _sidecar(d, stem, {"prompt": "FAIL:input"})
+
+
+def _wrong_type(d: Path, stem: str) -> None:
+    _pair(d, stem)
+    _sidecar(d, stem, {"seed": "forty-two"})
+
+
+BAD_KINDS: list[tuple[Callable[[Path, str], None], str]] = [
+    (_text_png, "is not a .png file"),
+    (_empty_wav, "is empty (0 bytes)"),
+    (_yaml_syntax, "YAML error at line"),
+    (_no_partner, "is missing a speech file"),
+    (_too_long, "is 2.0 s long, more than max_duration_s"),
+    (_corrupt_png, "not a readable PNG, JPEG or WebP image"),
+    (_unknown_key, "unknown setting 'sed'"),
+    (_pixel_bomb, "has too many pixels"),
+    (_refused_by_engine, "the fake renderer refused the input"),
+    (_broken_wav, "is not a readable WAV file"),
+    (_wrong_type, "setting 'seed': must be a whole number"),
+]
+
+
+def _good(d: Path, stem: str, i: int) -> None:
+    write_png(d / f"{stem}.png", color=(i % 256, (i // 256) % 256, 90))  # one fingerprint each
+    write_wav(d / f"{stem}.wav")
+
+
+@dataclass
+class Drops:
+    """Drops are written to a staging folder, hashed, then renamed into the inbox (as an upload tool would)."""
+
+    env: Env
+    staging: Path
+    good: list[str] = field(default_factory=list)
+    bad: dict[str, str] = field(default_factory=dict)  # stem -> part of its reason
+    hashes: dict[str, str] = field(default_factory=dict)  # file name -> sha256 of the bytes dropped
+
+    def drop(self, good: range, bad: range) -> None:
+        self.staging.mkdir(exist_ok=True)
+        for i in good:
+            stem = f"good{i:03d}"
+            _good(self.staging, stem, i)
+            self.good.append(stem)
+        for i in bad:
+            make, reason = BAD_KINDS[i % len(BAD_KINDS)]
+            stem = f"bad{i:02d}{make.__name__}"
+            make(self.staging, stem)
+            self.bad[stem] = reason
+        for p in sorted(self.staging.iterdir()):
+            self.hashes[p.name] = hashlib.sha256(p.read_bytes()).hexdigest()
+            os.replace(p, self.env.inbox / p.name)
+
+
+# -- the daemons ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Fleet:
+    env: Env
+    names: list[str]
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    killed: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)  # by the test
+    events: list[str] = field(default_factory=list)
+
+    def log_of(self, name: str) -> Path:
+        return self.env.root / "logs" / f"{name}.log"
+
+    def start(self, name: str) -> None:
+        e = dict(os.environ, FAKE_STEPS=str(STEPS), FAKE_STEP_S=str(STEP_S), PYTHONPATH=str(REPO),
+                 INFINITETALKD_WORKER=name, INFINITETALKD_STATE=str(self.env.root / "state" / name))
+        e.pop("NOTIFY_SOCKET", None)
+        self.log_of(name).parent.mkdir(exist_ok=True)
+        with open(self.log_of(name), "ab") as out:  # appended across restarts
+            self.procs[name] = subprocess.Popen([sys.executable, "-m", "tests.daemon.fake_daemon",
+                                                 str(self.env.config_path)], cwd=REPO, env=e, stdout=out,
+                                                stderr=subprocess.STDOUT)
+        self.events.append(f"{time.monotonic():.1f} start {name}")
+
+    def kill(self, name: str) -> None:
+        p = self.procs[name]
+        assert p.poll() is None, f"{name} exited by itself with {p.returncode}"
+        p.send_signal(signal.SIGCONT)  # (a no-op unless stopped)
+        p.kill()
+        p.wait(30)
+        self.killed.append((name, p))
+        self.events.append(f"{time.monotonic():.1f} kill -9 {name}")
+
+    def check_alive(self) -> None:
+        dead = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
+        assert not dead, f"daemons exited by themselves: {dead}\n" + self.tail()
+
+    def log_lines(self, name: str) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_of(name).read_text(errors="replace").splitlines():
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                doc = {"event": "(not json)", "line": line}
+            out.append(doc if isinstance(doc, dict) else {"event": "(not json)", "line": line})
+        return out
+
+    def tail(self, n: int = 15) -> str:
+        parts = []
+        for name in self.names:
+            lines = self.log_of(name).read_text(errors="replace").splitlines()[-n:] if self.log_of(name).exists() else []
+            parts.append(f"--- {name}\n" + "\n".join(lines))
+        return "\n".join(parts + ["--- events", *self.events])
+
+    def close(self) -> None:
+        for p in list(self.procs.values()):
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+            p.wait(30)
+
+
+def _quiet(call: Callable[[], T]) -> T | None:
+    """A poll of the database that may meet it restarting: None then, and the poll goes on."""
+    try:
+        return call()
+    except Exception:  # noqa: BLE001 - the test's own reads ride out the outage like the daemons
+        return None
+
+
+@dataclass
+class Scenario:
+    env: Env
+    fleet: Fleet
+    drops: Drops
+    store: Store
+    rng: random.Random
+
+    def jobs(self) -> list[Job]:
+        return self.store.list_jobs(limit=100_000)
+
+    def rendering(self, *, below: float = 0.6) -> Job | None:
+        """A job in mid-render (past the start, well before the end) by a running daemon of the test."""
+        running = _quiet(lambda: self.store.list_jobs([JobStatus.RUNNING], limit=1000)) or []
+        live = {n for n, p in self.fleet.procs.items() if p.poll() is None}
+        return next((j for j in running if 0 < j.progress < below and j.worker_id in live), None)
+
+    def wait_rendering(self, what: str) -> Job:
+        job: Job = wait_for(self.rendering, timeout=90, interval=0.05, what=f"a render in progress ({what})")
+        return job
+
+    # -- the faults ------------------------------------------------------------------------------------
+
+    def sigstop_past_the_lease(self) -> tuple[str, Job]:
+        victim = self.wait_rendering("to SIGSTOP")
+        name = str(victim.worker_id)
+        p = self.fleet.procs[name]
+        p.send_signal(signal.SIGSTOP)
+        self.fleet.events.append(f"{time.monotonic():.1f} SIGSTOP {name} (job {victim.id})")
+        try:
+            # Past its lease: another worker holds the job now (or already finished it).
+            wait_for(lambda: (j := _quiet(lambda: self.store.get(victim.id))) is not None and j.worker_id != name
+                     and j.status in (JobStatus.RUNNING, JobStatus.DONE), timeout=90, interval=0.1,
+                     what="another worker to take the stopped worker's job over")
+        finally:
+            p.send_signal(signal.SIGCONT)
+            self.fleet.events.append(f"{time.monotonic():.1f} SIGCONT {name}")
+        return name, victim
+
+    def kill_the_ingest_leader(self) -> None:
+        def leader() -> str | None:
+            lease = _quiet(lambda: self.store.lease(INGEST_LEASE))
+            live = {n for n, p in self.fleet.procs.items() if p.poll() is None}
+            return lease.holder if lease is not None and lease.remaining_s > 0 and lease.holder in live else None
+
+        old = wait_for(leader, timeout=60, what="a live ingest leader")
+        self.fleet.kill(old)
+        wait_for(lambda: (n := leader()) is not None and n != old, timeout=60, interval=0.1,
+                 what="another daemon to take the inbox over")
+        self.fleet.start(old)
+
+    def restart_postgresql(self, cluster: PgCluster) -> None:
+        self.wait_rendering("to restart PostgreSQL under")
+        self.fleet.events.append(f"{time.monotonic():.1f} pg restart")
+        cluster.restart("immediate")
+        self.fleet.events.append(f"{time.monotonic():.1f} pg up")
+
+    def kill_random_workers(self, times: int) -> None:
+        for _ in range(times):
+            job = self.rendering(below=0.95)
+            live = sorted(n for n, p in self.fleet.procs.items() if p.poll() is None)
+            name = str(job.worker_id) if job is not None else self.rng.choice(live)
+            self.fleet.kill(name)
+            if self.rng.random() < 0.5:
+                time.sleep(self.rng.uniform(0.2, LEASE_S + 1))  # long enough, at times, for a takeover
+            self.fleet.start(name)
+            time.sleep(self.rng.uniform(0.3, 1.5))
+
+    # -- the end -------------------------------------------------------------------------------------
+
+    def settled(self) -> bool:
+        jobs = _quiet(self.jobs)
+        if jobs is None:
+            return False
+        by = {j.stem: j for j in jobs}
+        return (all(s in by and by[s].status is JobStatus.DONE for s in self.drops.good)
+                and all(s in by and by[s].status is JobStatus.FAILED and by[s].failed_dir for s in self.drops.bad)
+                and not any(j.status in (JobStatus.QUEUED, JobStatus.RUNNING) for j in jobs))
+
+
+def _batches(n: int, parts: int) -> list[range]:
+    """``range(n)`` in ``parts`` consecutive pieces, the first the largest (work for every worker at once)."""
+    first = max(n - (parts - 1) * (n // (parts + 1)), 0)
+    rest = (n - first) // (parts - 1) if parts > 1 else 0
+    edges = [0, first] + [first + rest * k for k in range(1, parts - 1)] + [n]
+    return [range(a, b) for a, b in zip(edges, edges[1:], strict=False)]
+
+
+@pytest.fixture
+def scenario(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Scenario, PgCluster | None]]:
+    backend, workers = request.param
+    cluster: PgCluster | None = request.getfixturevalue("pg_cluster") if backend == "postgresql" else None
+    store_cfg = {} if cluster is None else {"store": {
+        "url": cluster.url, "connect_timeout_s": 2, "statement_timeout_s": 10, "lock_timeout_s": 5}}
+    env = Env(tmp_path, {"watch": {"poll_interval_s": 0.1, "stable_window_s": 0.3, "incomplete_after_s": INCOMPLETE_S},
+                         "jobs": {"lease_s": LEASE_S, "max_attempts": 20}, "worker": {"heartbeat_s": 0.3},
+                         **store_cfg})
+    fleet = Fleet(env, [f"w{i}" for i in range(workers)])
+    drops = Drops(env, tmp_path / "staging")
+    store = Store.connect(env.config.store, env.config.paths.database)
+    try:
+        yield Scenario(env, fleet, drops, store, random.Random(12)), cluster
+    finally:
+        fleet.close()
+        store.close()
+        env.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", [("sqlite", 3), ("postgresql", 4)], ids=["sqlite-3", "postgresql-4"],
+                         indirect=True)
+def test_a_fleet_under_kills_stops_and_a_database_restart_publishes_each_job_once(
+        scenario: tuple[Scenario, PgCluster | None]) -> None:
+    sc, cluster = scenario
+    env, fleet, drops = sc.env, sc.fleet, sc.drops
+    t0 = time.monotonic()
+    good, bad = _batches(N_GOOD, 4), _batches(N_BAD, 4)
+    drops.drop(good[0], bad[0])
+    for name in fleet.names:
+        fleet.start(name)
+
+    stopped_name, stopped_job = sc.sigstop_past_the_lease()
+    drops.drop(good[1], bad[1])
+    sc.kill_the_ingest_leader()
+    drops.drop(good[2], bad[2])
+    if cluster is not None:
+        sc.restart_postgresql(cluster)
+    drops.drop(good[3], bad[3])
+    sc.kill_random_workers(3)
+    fleet.check_alive()
+    wait_for(sc.settled, timeout=120 + 2 * (N_GOOD + N_BAD), interval=0.25,
+             what="every good drop done and every bad one refused\n" + fleet.tail())
+    # The resumed worker threw its result away rather than publishing it.
+    wait_for(lambda: any(d.get("event") == "job.lost" and d.get("job_id") == stopped_job.id
+                         for d in fleet.log_lines(stopped_name)), timeout=30,
+             what=f"{stopped_name} to discard job {stopped_job.id}\n" + fleet.tail())
+    fleet.check_alive()
+    for p in fleet.procs.values():
+        p.terminate()
+    codes = {n: p.wait(60) for n, p in fleet.procs.items()}
+    assert codes == dict.fromkeys(fleet.names, 0), fleet.tail()
+    assert all(p.returncode == -signal.SIGKILL for _, p in fleet.killed)
+    elapsed = time.monotonic() - t0
+
+    # Exactly once: one mp4, json and log per good drop, nothing else in the outbox.
+    assert env.outbox_files() == sorted(f"{s}.{ext}" for s in drops.good for ext in ("json", "log", "mp4"))
+    for stem in drops.good:
+        doc = json.loads((env.outbox / f"{stem}.json").read_text())
+        assert doc["outputs"]["mp4"].endswith(f"{stem}.mp4")
+    # One failed/ folder per bad drop, saying why.
+    assert sorted(p.name for p in env.failed.iterdir()) == sorted(drops.bad)
+    for stem, reason in drops.bad.items():
+        assert reason in (env.failed / stem / "error.txt").read_text(), stem
+    jobs = sc.jobs()
+    assert sorted(j.stem for j in jobs if j.status is JobStatus.DONE) == sorted(drops.good)
+    assert sorted(j.stem for j in jobs if j.status is JobStatus.FAILED) == sorted(drops.bad)
+    assert len(jobs) == len(drops.good) + len(drops.bad)
+    # No input byte lost: each dropped file is in archive/ or failed/, once, as dropped.
+    assert not list(env.inbox.iterdir())
+    found: dict[str, list[str]] = {}
+    for root in (env.archive, env.failed):
+        for p in root.rglob("*"):
+            if p.is_file() and p.name in drops.hashes:
+                found.setdefault(p.name, []).append(hashlib.sha256(p.read_bytes()).hexdigest())
+    assert {n: found.get(n) for n in drops.hashes} == {n: [h] for n, h in drops.hashes.items()}
+    # Nothing went wrong inside any daemon.
+    bugs = [(n, d) for n in fleet.names for d in fleet.log_lines(n) if d.get("event") in BUG_EVENTS
+            or d.get("event") == "(not json)" and "Traceback" in str(d.get("line"))]
+    assert not bugs, bugs[:5]
+    print(f"fleet scenario: {len(fleet.names)} daemons, {len(drops.good)} good + {len(drops.bad)} bad drops, "
+          f"{len(fleet.killed)} kills, {elapsed:.0f} s; {fleet.events}")
