@@ -24,6 +24,7 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -234,6 +235,19 @@ class Fleet:
             p.wait(30)
 
 
+def _sqlite_write_locked(path: Path) -> bool:
+    """Another process holds the SQLite database's write lock now."""
+    conn = sqlite3.connect(path, timeout=0.2, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+        return False
+    except sqlite3.OperationalError:
+        return True
+    finally:
+        conn.close()
+
+
 def _quiet(call: Callable[[], T]) -> T | None:
     """A poll of the database that may meet it restarting: None then, and the poll goes on."""
     try:
@@ -266,19 +280,55 @@ class Scenario:
     # -- the faults ------------------------------------------------------------------------------------
 
     def sigstop_past_the_lease(self) -> tuple[str, Job]:
+        for _ in range(5):
+            stopped = self._sigstop_once()
+            if stopped is not None:
+                return stopped
+        raise AssertionError("every SIGSTOP caught its worker inside an SQLite write transaction\n" + self.fleet.tail())
+
+    def _sigstop_once(self) -> tuple[str, Job] | None:
+        """SIGSTOP a worker in mid-render until another worker holds its job, then SIGCONT it.
+
+        None when the stop caught the worker inside an SQLite write transaction: SQLite's lock is
+        the stopped process's, and every sibling waits for it (docs/daemon.md §4.6); PostgreSQL
+        ends such a transaction on its own (idle_in_transaction_session_timeout)."""
+        leader = _quiet(lambda: self.store.lease(INGEST_LEASE))
+        # Not the ingest leader if another will do: it writes the most, so is the likeliest to
+        # be caught inside a write transaction.
         victim = self.wait_rendering("to SIGSTOP")
+        if leader is not None and victim.worker_id == leader.holder:
+            victim = wait_for(lambda: (j := self.rendering()) is not None and j.worker_id != leader.holder and j,
+                              timeout=10, interval=0.05, what="a render elsewhere") if len(self.fleet.names) > 2 \
+                else victim
         name = str(victim.worker_id)
         p = self.fleet.procs[name]
         p.send_signal(signal.SIGSTOP)
         self.fleet.events.append(f"{time.monotonic():.1f} SIGSTOP {name} (job {victim.id})")
+        sqlite = self.env.config.store.url is None
+        locked_since: list[float] = []
+
+        def outcome() -> str | None:
+            j = _quiet(lambda: self.store.get(victim.id))
+            if j is not None and j.worker_id != name and j.status in (JobStatus.RUNNING, JobStatus.DONE):
+                return "taken"
+            if sqlite and _sqlite_write_locked(self.env.config.paths.database):
+                locked_since.append(locked_since[0] if locked_since else time.monotonic())
+                if time.monotonic() - locked_since[0] > 2 * LEASE_S:
+                    return "locked"
+            else:
+                locked_since.clear()
+            return None
+
         try:
             # Past its lease: another worker holds the job now (or already finished it).
-            wait_for(lambda: (j := _quiet(lambda: self.store.get(victim.id))) is not None and j.worker_id != name
-                     and j.status in (JobStatus.RUNNING, JobStatus.DONE), timeout=90, interval=0.1,
-                     what="another worker to take the stopped worker's job over")
+            what = wait_for(outcome, timeout=90, interval=0.1,
+                            what="another worker to take the stopped worker's job over\n" + self.fleet.tail())
         finally:
             p.send_signal(signal.SIGCONT)
             self.fleet.events.append(f"{time.monotonic():.1f} SIGCONT {name}")
+        if what == "locked":
+            self.fleet.events.append("(stopped inside an SQLite write transaction: again)")
+            return None
         return name, victim
 
     def kill_the_ingest_leader(self) -> None:
