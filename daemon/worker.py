@@ -198,6 +198,7 @@ class Worker:
         self._low_disk = False
         self.disk = DiskPause()
         self.paused = ""
+        self._unmoved: dict[int, Job] = {}  # cancelled here; inputs not yet in failed/ (a full disk)
         self.limits = ib.Limits(
             max_input_bytes=config.jobs.max_input_mb * 2**20,
             max_sidecar_bytes=config.jobs.max_sidecar_kb * 1024,
@@ -325,8 +326,15 @@ class Worker:
         return reason
 
     def _cancel_requested_jobs(self) -> None:
+        # Database first (docs/daemon.md §4.6): only the process whose row update wins moves the
+        # files, so a cut-off former ingest leader holding a stale list moves nothing.
+        reason = "cancelled by user (infinitetalkd cancel) before it started"
         for job in self._db(self.store.cancel_requests, "reading cancel requests"):
-            reason = "cancelled by user (infinitetalkd cancel) before it started"
+            with self.files_lock:
+                if self._db(lambda j=job: self.store.cancel_queued(j, error=reason, failed_dir=None),  # type: ignore[misc]
+                            "cancelling a queued job") is not None:
+                    self._unmoved[job.id] = job
+        for job in list(self._unmoved.values()):
             with structlog.contextvars.bound_contextvars(job_id=job.id, stem=job.stem), self.files_lock:
                 try:
                     dest = fl.to_failed(self.config.paths.failed, job.stem, job.id, self.config.paths.inbox,
@@ -334,12 +342,10 @@ class Worker:
                 except OSError as exc:
                     log.error("job.cancel_move_failed", error=str(exc), hint="tried again at the next pass")
                     continue
-                if self._cancel_queued(job, reason, dest) is not None:
-                    log.info("job.cancelled", reason=reason, failed_dir=str(dest))
-
-    def _cancel_queued(self, job: Job, reason: str, dest: Path) -> Job | None:
-        return self._db(lambda: self.store.cancel_queued(job, error=reason, failed_dir=str(dest)),
-                        "cancelling a queued job")
+                del self._unmoved[job.id]
+                self._db(lambda j=job.id, d=str(dest): self.store.set_failed_dir(j, d),  # type: ignore[misc]
+                         "recording a cancelled job")
+                log.info("job.cancelled", reason=reason, failed_dir=str(dest))
 
     # -- one job ------------------------------------------------------------------------------
 
