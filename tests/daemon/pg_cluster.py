@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,16 +75,18 @@ class PgCluster:
     def _ctl(self, *args: str) -> None:
         done = self._pg(str(self.bindir / "pg_ctl"), "-D", str(self.data), *args)
         if done.returncode != 0:
-            log = (self.dir / "server.log").read_text(errors="replace")[-3000:] if (self.dir / "server.log").exists() else ""
+            server_log = self.dir / "server.log"
+            log = server_log.read_text(errors="replace")[-3000:] if server_log.exists() else ""
             raise RuntimeError(f"pg_ctl {' '.join(args)} failed: {done.stdout}{done.stderr}\n{log}")
 
     def start(self) -> None:
         self._ctl("-l", str(self.dir / "server.log"), "-o", self._options(), "-w", "-t", "60", "start")
 
-    def restart(self, mode: str = "immediate") -> None:
-        """Stop the server (``immediate``: every connection cut at once, as in a crash) and start it
-        again on the same port."""
+    def restart(self, mode: str = "immediate", down_s: float = 0.0) -> None:
+        """Stop the server (``immediate``: every connection cut at once, as in a crash), leave it down
+        for ``down_s`` seconds, and start it again on the same port."""
         self._ctl("-m", mode, "-w", "-t", "60", "stop")
+        time.sleep(down_s)
         self.start()
 
     def close(self) -> None:

@@ -4,7 +4,8 @@ good and bad drops arriving in waves, while
 - a worker in mid-render is SIGSTOPped past its lease and resumed: its job is taken over, and the
   resumed worker discards its result (``job.lost``) instead of publishing it a second time;
 - the ingest leader is killed with SIGKILL (another daemon takes the inbox over) and restarted;
-- PostgreSQL is restarted (``pg_ctl stop -m immediate``: every connection cut) while renders run;
+- PostgreSQL is stopped (``pg_ctl stop -m immediate``: every connection cut) while renders run, and
+  started again 1.6 s later;
 - random workers are killed with SIGKILL and restarted.
 
 At the end every good drop is published exactly once (one mp4, one json, one log), every bad drop
@@ -182,6 +183,7 @@ class Fleet:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     killed: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)  # by the test
     events: list[str] = field(default_factory=list)
+    started_at: dict[str, int] = field(default_factory=dict)  # name -> its log's size at its latest start
 
     def log_of(self, name: str) -> Path:
         return self.env.root / "logs" / f"{name}.log"
@@ -191,6 +193,7 @@ class Fleet:
                  INFINITETALKD_WORKER=name, INFINITETALKD_STATE=str(self.env.root / "state" / name))
         e.pop("NOTIFY_SOCKET", None)
         self.log_of(name).parent.mkdir(exist_ok=True)
+        self.started_at[name] = self.log_of(name).stat().st_size if self.log_of(name).exists() else 0
         with open(self.log_of(name), "ab") as out:  # appended across restarts
             self.procs[name] = subprocess.Popen([sys.executable, "-m", "tests.daemon.fake_daemon",
                                                  str(self.env.config_path)], cwd=REPO, env=e, stdout=out,
@@ -205,6 +208,17 @@ class Fleet:
         p.wait(30)
         self.killed.append((name, p))
         self.events.append(f"{time.monotonic():.1f} kill -9 {name}")
+
+    def wait_ready(self) -> None:
+        """Every daemon's latest start got as far as ``daemon.ready`` (a SIGTERM before its signal
+        handlers are in place would end it as a default SIGTERM does)."""
+        for name in self.names:
+            def ready(n: str = name) -> bool:
+                with open(self.log_of(n), "rb") as f:
+                    f.seek(self.started_at[n])
+                    return b'"daemon.ready"' in f.read()
+
+            wait_for(ready, timeout=60, interval=0.1, what=f"{name} to be ready")
 
     def check_alive(self) -> None:
         dead = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
@@ -223,7 +237,8 @@ class Fleet:
     def tail(self, n: int = 15) -> str:
         parts = []
         for name in self.names:
-            lines = self.log_of(name).read_text(errors="replace").splitlines()[-n:] if self.log_of(name).exists() else []
+            log = self.log_of(name)
+            lines = log.read_text(errors="replace").splitlines()[-n:] if log.exists() else []
             parts.append(f"--- {name}\n" + "\n".join(lines))
         return "\n".join(parts + ["--- events", *self.events])
 
@@ -329,6 +344,10 @@ class Scenario:
         if what == "locked":
             self.fleet.events.append("(stopped inside an SQLite write transaction: again)")
             return None
+        # Resumed, it throws its result away rather than publishing it.
+        wait_for(lambda: any(d.get("event") == "job.lost" and d.get("job_id") == victim.id
+                             for d in self.fleet.log_lines(name)), timeout=30, interval=0.1,
+                 what=f"{name} to discard job {victim.id}")
         return name, victim
 
     def kill_the_ingest_leader(self) -> None:
@@ -346,7 +365,9 @@ class Scenario:
     def restart_postgresql(self, cluster: PgCluster) -> None:
         self.wait_rendering("to restart PostgreSQL under")
         self.fleet.events.append(f"{time.monotonic():.1f} pg restart")
-        cluster.restart("immediate")
+        # Down for longer than a render: renders finish during the outage and record their end
+        # once it is over; a lease may run out meanwhile (a takeover, never a second publish).
+        cluster.restart("immediate", down_s=2 * STEPS * STEP_S)
         self.fleet.events.append(f"{time.monotonic():.1f} pg up")
 
     def kill_random_workers(self, times: int) -> None:
@@ -413,7 +434,7 @@ def test_a_fleet_under_kills_stops_and_a_database_restart_publishes_each_job_onc
     for name in fleet.names:
         fleet.start(name)
 
-    stopped_name, stopped_job = sc.sigstop_past_the_lease()
+    sc.sigstop_past_the_lease()
     drops.drop(good[1], bad[1])
     sc.kill_the_ingest_leader()
     drops.drop(good[2], bad[2])
@@ -424,10 +445,7 @@ def test_a_fleet_under_kills_stops_and_a_database_restart_publishes_each_job_onc
     fleet.check_alive()
     wait_for(sc.settled, timeout=120 + 2 * (N_GOOD + N_BAD), interval=0.25,
              what="every good drop done and every bad one refused\n" + fleet.tail())
-    # The resumed worker threw its result away rather than publishing it.
-    wait_for(lambda: any(d.get("event") == "job.lost" and d.get("job_id") == stopped_job.id
-                         for d in fleet.log_lines(stopped_name)), timeout=30,
-             what=f"{stopped_name} to discard job {stopped_job.id}\n" + fleet.tail())
+    fleet.wait_ready()
     fleet.check_alive()
     for p in fleet.procs.values():
         p.terminate()
@@ -463,3 +481,49 @@ def test_a_fleet_under_kills_stops_and_a_database_restart_publishes_each_job_onc
     assert not bugs, bugs[:5]
     print(f"fleet scenario: {len(fleet.names)} daemons, {len(drops.good)} good + {len(drops.bad)} bad drops, "
           f"{len(fleet.killed)} kills, {elapsed:.0f} s; {fleet.events}")
+
+
+def test_a_cut_off_former_leader_moves_no_file_of_a_cancelled_queued_job(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes handle the same cancel request: the new ingest leader, and a former one cut off
+    with the list it read before (a stale view). Only the process whose row update wins moves the
+    inputs; the other moves nothing, not even files dropped again under the same names since."""
+    import threading
+
+    from daemon.metrics import Metrics
+    from daemon.notify import Notifier
+    from daemon.worker import Worker
+    from tests.daemon.fake_renderer import FakeRenderer
+
+    env = Env(tmp_path)
+    former_store = Store.connect(env.config.store, env.config.paths.database)
+    try:
+        for d in (env.outbox, env.failed, env.config.paths.state):
+            d.mkdir(parents=True, exist_ok=True)
+        env.drop("alice")
+        inputs = [{"role": role, "name": f"alice.{ext}", "size": (env.inbox / f"alice.{ext}").stat().st_size,
+                   "mtime_ns": (env.inbox / f"alice.{ext}").stat().st_mtime_ns}
+                  for role, ext in (("image", "png"), ("audio", "wav"))]
+        job, _ = env.store.add(fingerprint="a" * 64, stem="alice", inputs=inputs, params={}, identity="x",
+                               max_attempts=3)
+        assert env.store.request_cancel(job.id) is not None
+
+        def worker(store: Store, name: str) -> Worker:
+            return Worker(env.config, store, FakeRenderer(env.config.engine.options()), "x", notifier=Notifier({}),
+                          metrics=Metrics(), stop=threading.Event(), wake=threading.Event(),
+                          files_lock=threading.Lock(), name=name)
+
+        stale = former_store.cancel_requests()  # read just before the former leader was cut off
+        worker(env.store, "new-leader")._cancel_requested_jobs()
+        assert sorted(p.name for p in (env.failed / "alice").iterdir()) == ["alice.png", "alice.wav", "error.txt"]
+        env.drop("alice", color=(1, 2, 3))  # the user drops new files under the same names
+        monkeypatch.setattr(former_store, "cancel_requests", lambda: stale)
+        worker(former_store, "former-leader")._cancel_requested_jobs()
+        assert [p.name for p in env.failed.iterdir()] == ["alice"]  # no second folder
+        assert sorted(p.name for p in env.inbox.iterdir()) == ["alice.png", "alice.wav"]  # left alone
+        done = env.store.get(job.id)
+        assert done is not None and done.status is JobStatus.CANCELLED and done.failed_dir == str(env.failed / "alice")
+        assert done.error == (env.failed / "alice" / "error.txt").read_text().strip()
+    finally:
+        former_store.close()
+        env.close()
