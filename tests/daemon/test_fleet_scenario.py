@@ -299,7 +299,7 @@ class Scenario:
             stopped = self._sigstop_once()
             if stopped is not None:
                 return stopped
-        raise AssertionError("every SIGSTOP caught its worker inside an SQLite write transaction\n" + self.fleet.tail())
+        raise AssertionError("every SIGSTOP caught its worker inside an SQLite write transaction")
 
     def _sigstop_once(self) -> tuple[str, Job] | None:
         """SIGSTOP a worker in mid-render until another worker holds its job, then SIGCONT it.
@@ -337,7 +337,7 @@ class Scenario:
         try:
             # Past its lease: another worker holds the job now (or already finished it).
             what = wait_for(outcome, timeout=90, interval=0.1,
-                            what="another worker to take the stopped worker's job over\n" + self.fleet.tail())
+                            what="another worker to take the stopped worker's job over")
         finally:
             p.send_signal(signal.SIGCONT)
             self.fleet.events.append(f"{time.monotonic():.1f} SIGCONT {name}")
@@ -430,21 +430,24 @@ def test_a_fleet_under_kills_stops_and_a_database_restart_publishes_each_job_onc
     env, fleet, drops = sc.env, sc.fleet, sc.drops
     t0 = time.monotonic()
     good, bad = _batches(N_GOOD, 4), _batches(N_BAD, 4)
-    drops.drop(good[0], bad[0])
-    for name in fleet.names:
-        fleet.start(name)
+    try:
+        drops.drop(good[0], bad[0])
+        for name in fleet.names:
+            fleet.start(name)
 
-    sc.sigstop_past_the_lease()
-    drops.drop(good[1], bad[1])
-    sc.kill_the_ingest_leader()
-    drops.drop(good[2], bad[2])
-    if cluster is not None:
-        sc.restart_postgresql(cluster)
-    drops.drop(good[3], bad[3])
-    sc.kill_random_workers(3)
-    fleet.check_alive()
-    wait_for(sc.settled, timeout=120 + 2 * (N_GOOD + N_BAD), interval=0.25,
-             what="every good drop done and every bad one refused\n" + fleet.tail())
+        sc.sigstop_past_the_lease()
+        drops.drop(good[1], bad[1])
+        sc.kill_the_ingest_leader()
+        drops.drop(good[2], bad[2])
+        if cluster is not None:
+            sc.restart_postgresql(cluster)
+        drops.drop(good[3], bad[3])
+        sc.kill_random_workers(3)
+        fleet.check_alive()
+        wait_for(sc.settled, timeout=120 + 2 * (N_GOOD + N_BAD), interval=0.25,
+                 what="every good drop done and every bad one refused")
+    except AssertionError as exc:  # with what each daemon did last
+        raise AssertionError(f"{exc}\n{fleet.tail()}") from None
     fleet.wait_ready()
     fleet.check_alive()
     for p in fleet.procs.values():
