@@ -8,8 +8,9 @@ good and bad drops arriving in waves, while
   started again 1.6 s later;
 - random workers are killed with SIGKILL and restarted.
 
-At the end every good drop is published exactly once (one mp4, one json, one log), every bad drop
-has exactly one failed/ folder with its reason, every input file's bytes are in archive/ or
+Three jobs are cancelled meanwhile (two queued, one in mid-render). At the end every good drop is
+published exactly once (one mp4, one json, one log) unless it was cancelled, every bad drop and
+cancelled job has exactly one failed/ folder with its reason, every input file's bytes are in archive/ or
 failed/ exactly once, and no daemon exited unless the test stopped it.
 
 PostgreSQL: 4 daemons on a cluster of the test's own (tests/daemon/pg_cluster.py). SQLite: 3
@@ -156,6 +157,7 @@ class Drops:
     good: list[str] = field(default_factory=list)
     bad: dict[str, str] = field(default_factory=dict)  # stem -> part of its reason
     hashes: dict[str, str] = field(default_factory=dict)  # file name -> sha256 of the bytes dropped
+    cancelled: list[str] = field(default_factory=list)  # good drops cancelled (`infinitetalkd cancel`)
 
     def drop(self, good: range, bad: range) -> None:
         self.staging.mkdir(exist_ok=True)
@@ -381,6 +383,17 @@ class Scenario:
             self.fleet.start(name)
             time.sleep(self.rng.uniform(0.3, 1.5))
 
+    def cancel(self, stems: list[str]) -> None:
+        """`infinitetalkd cancel` for just-queued jobs and for one in mid-render: each ends cancelled
+        (its inputs in failed/) or, when the cancel came too late, done."""
+        for stem in stems:
+            job = wait_for(lambda s=stem: _quiet(lambda: self.store.find(s)), timeout=60, what=f"{stem} queued")
+            self.store.request_cancel(job.id)
+        running = self.wait_rendering("to cancel")
+        self.store.request_cancel(running.id)
+        self.drops.cancelled += [*stems, running.stem]
+        self.fleet.events.append(f"{time.monotonic():.1f} cancel {self.drops.cancelled}")
+
     # -- the end -------------------------------------------------------------------------------------
 
     def settled(self) -> bool:
@@ -388,7 +401,10 @@ class Scenario:
         if jobs is None:
             return False
         by = {j.stem: j for j in jobs}
-        return (all(s in by and by[s].status is JobStatus.DONE for s in self.drops.good)
+        cancelled = set(self.drops.cancelled)
+        return (all(s in by and by[s].status is JobStatus.DONE for s in self.drops.good if s not in cancelled)
+                and all(s in by and (by[s].status is JobStatus.DONE or by[s].status is JobStatus.CANCELLED
+                                     and by[s].failed_dir) for s in cancelled)
                 and all(s in by and by[s].status is JobStatus.FAILED and by[s].failed_dir for s in self.drops.bad)
                 and not any(j.status in (JobStatus.QUEUED, JobStatus.RUNNING) for j in jobs))
 
@@ -442,6 +458,7 @@ def test_a_fleet_under_kills_stops_and_a_database_restart_publishes_each_job_onc
         if cluster is not None:
             sc.restart_postgresql(cluster)
         drops.drop(good[3], bad[3])
+        sc.cancel([f"good{i:03d}" for i in good[3][-2:]])
         sc.kill_random_workers(3)
         fleet.check_alive()
         wait_for(sc.settled, timeout=120 + 2 * (N_GOOD + N_BAD), interval=0.25,
@@ -457,17 +474,20 @@ def test_a_fleet_under_kills_stops_and_a_database_restart_publishes_each_job_onc
     assert all(p.returncode == -signal.SIGKILL for _, p in fleet.killed)
     elapsed = time.monotonic() - t0
 
+    jobs = sc.jobs()
+    cancelled = sorted(j.stem for j in jobs if j.status is JobStatus.CANCELLED)
+    assert set(cancelled) <= set(drops.cancelled)
+    published = sorted(set(drops.good) - set(cancelled))
     # Exactly once: one mp4, json and log per good drop, nothing else in the outbox.
-    assert env.outbox_files() == sorted(f"{s}.{ext}" for s in drops.good for ext in ("json", "log", "mp4"))
-    for stem in drops.good:
+    assert env.outbox_files() == sorted(f"{s}.{ext}" for s in published for ext in ("json", "log", "mp4"))
+    for stem in published:
         doc = json.loads((env.outbox / f"{stem}.json").read_text())
         assert doc["outputs"]["mp4"].endswith(f"{stem}.mp4")
-    # One failed/ folder per bad drop, saying why.
-    assert sorted(p.name for p in env.failed.iterdir()) == sorted(drops.bad)
-    for stem, reason in drops.bad.items():
+    # One failed/ folder per bad drop and per cancelled job, saying why.
+    assert sorted(p.name for p in env.failed.iterdir()) == sorted([*drops.bad, *cancelled])
+    for stem, reason in [*drops.bad.items(), *((s, "cancelled") for s in cancelled)]:
         assert reason in (env.failed / stem / "error.txt").read_text(), stem
-    jobs = sc.jobs()
-    assert sorted(j.stem for j in jobs if j.status is JobStatus.DONE) == sorted(drops.good)
+    assert sorted(j.stem for j in jobs if j.status is JobStatus.DONE) == published
     assert sorted(j.stem for j in jobs if j.status is JobStatus.FAILED) == sorted(drops.bad)
     assert len(jobs) == len(drops.good) + len(drops.bad)
     # No input byte lost: each dropped file is in archive/ or failed/, once, as dropped.
@@ -483,7 +503,7 @@ def test_a_fleet_under_kills_stops_and_a_database_restart_publishes_each_job_onc
             or d.get("event") == "(not json)" and "Traceback" in str(d.get("line"))]
     assert not bugs, bugs[:5]
     print(f"fleet scenario: {len(fleet.names)} daemons, {len(drops.good)} good + {len(drops.bad)} bad drops, "
-          f"{len(fleet.killed)} kills, {elapsed:.0f} s; {fleet.events}")
+          f"{len(cancelled)} cancelled, {len(fleet.killed)} kills, {elapsed:.0f} s; {fleet.events}")
 
 
 def test_a_cut_off_former_leader_moves_no_file_of_a_cancelled_queued_job(tmp_path: Path,
