@@ -4,6 +4,8 @@ good and bad drops arriving in waves, while
 - a worker in mid-render is SIGSTOPped past its lease and resumed: its job is taken over, and the
   resumed worker discards its result (``job.lost``) instead of publishing it a second time;
 - the ingest leader is killed with SIGKILL (another daemon takes the inbox over) and restarted;
+- the ingest leader is SIGSTOPped while drops arrive, until another daemon has taken the inbox
+  over and ingested them, and resumed: a cut-off former leader moves nothing;
 - PostgreSQL is stopped (``pg_ctl stop -m immediate``: every connection cut) while renders run, and
   started again 1.6 s later;
 - random workers are killed with SIGKILL and restarted.
@@ -296,38 +298,24 @@ class Scenario:
 
     # -- the faults ------------------------------------------------------------------------------------
 
-    def sigstop_past_the_lease(self) -> tuple[str, Job]:
-        for _ in range(5):
-            stopped = self._sigstop_once()
-            if stopped is not None:
-                return stopped
-        raise AssertionError("every SIGSTOP caught its worker inside an SQLite write transaction")
+    def live_leader(self) -> str | None:
+        lease = _quiet(lambda: self.store.lease(INGEST_LEASE))
+        live = {n for n, p in self.fleet.procs.items() if p.poll() is None}
+        return lease.holder if lease is not None and lease.remaining_s > 0 and lease.holder in live else None
 
-    def _sigstop_once(self) -> tuple[str, Job] | None:
-        """SIGSTOP a worker in mid-render until another worker holds its job, then SIGCONT it.
-
-        None when the stop caught the worker inside an SQLite write transaction: SQLite's lock is
-        the stopped process's, and every sibling waits for it (docs/daemon.md §4.6); PostgreSQL
-        ends such a transaction on its own (idle_in_transaction_session_timeout)."""
-        leader = _quiet(lambda: self.store.lease(INGEST_LEASE))
-        # Not the ingest leader if another will do: it writes the most, so is the likeliest to
-        # be caught inside a write transaction.
-        victim = self.wait_rendering("to SIGSTOP")
-        if leader is not None and victim.worker_id == leader.holder:
-            victim = wait_for(lambda: (j := self.rendering()) is not None and j.worker_id != leader.holder and j,
-                              timeout=10, interval=0.05, what="a render elsewhere") if len(self.fleet.names) > 2 \
-                else victim
-        name = str(victim.worker_id)
+    def _stopped_until(self, name: str, until: Callable[[], bool], what: str) -> bool:
+        """SIGSTOP daemon ``name`` until ``until()``, then SIGCONT it. False when the stop caught it
+        inside an SQLite write transaction: SQLite's lock is the stopped process's, and every sibling
+        waits for it (docs/daemon.md §4.6); PostgreSQL ends such a transaction by itself."""
         p = self.fleet.procs[name]
         p.send_signal(signal.SIGSTOP)
-        self.fleet.events.append(f"{time.monotonic():.1f} SIGSTOP {name} (job {victim.id})")
+        self.fleet.events.append(f"{time.monotonic():.1f} SIGSTOP {name} ({what})")
         sqlite = self.env.config.store.url is None
         locked_since: list[float] = []
 
         def outcome() -> str | None:
-            j = _quiet(lambda: self.store.get(victim.id))
-            if j is not None and j.worker_id != name and j.status in (JobStatus.RUNNING, JobStatus.DONE):
-                return "taken"
+            if until():
+                return "done"
             if sqlite and _sqlite_write_locked(self.env.config.paths.database):
                 locked_since.append(locked_since[0] if locked_since else time.monotonic())
                 if time.monotonic() - locked_since[0] > 2 * LEASE_S:
@@ -337,30 +325,59 @@ class Scenario:
             return None
 
         try:
-            # Past its lease: another worker holds the job now (or already finished it).
-            what = wait_for(outcome, timeout=90, interval=0.1,
-                            what="another worker to take the stopped worker's job over")
+            done = wait_for(outcome, timeout=90, interval=0.1, what=what) == "done"
         finally:
             p.send_signal(signal.SIGCONT)
             self.fleet.events.append(f"{time.monotonic():.1f} SIGCONT {name}")
-        if what == "locked":
+        if not done:
             self.fleet.events.append("(stopped inside an SQLite write transaction: again)")
-            return None
-        # Resumed, it throws its result away rather than publishing it.
-        wait_for(lambda: any(d.get("event") == "job.lost" and d.get("job_id") == victim.id
-                             for d in self.fleet.log_lines(name)), timeout=30, interval=0.1,
-                 what=f"{name} to discard job {victim.id}")
-        return name, victim
+        return done
+
+    def sigstop_past_the_lease(self) -> None:
+        """A worker in mid-render is stopped until another worker holds its job (its lease ran out);
+        resumed, it throws its result away rather than publishing it."""
+        for _ in range(5):
+            # Not the ingest leader if another will do: it writes the most, so is the likeliest to
+            # be caught inside a write transaction.
+            leader = self.live_leader()
+            victim = self.wait_rendering("to SIGSTOP")
+            if victim.worker_id == leader and len(self.fleet.names) > 2:
+                victim = wait_for(lambda ld=leader: (j := self.rendering()) is not None and j.worker_id != ld and j,
+                                  timeout=10, interval=0.05, what="a render elsewhere")
+            name = str(victim.worker_id)
+
+            def taken(v: Job = victim, n: str = name) -> bool:
+                j = _quiet(lambda: self.store.get(v.id))
+                return j is not None and j.worker_id != n and j.status in (JobStatus.RUNNING, JobStatus.DONE)
+
+            if self._stopped_until(name, taken, f"until another worker holds job {victim.id}"):
+                wait_for(lambda v=victim, n=name: any(d.get("event") == "job.lost" and d.get("job_id") == v.id
+                                                      for d in self.fleet.log_lines(n)),
+                         timeout=30, interval=0.1, what=f"{name} to discard job {victim.id}")
+                return
+        raise AssertionError("every SIGSTOP caught its worker inside an SQLite write transaction")
+
+    def sigstop_the_ingest_leader(self, good: range, bad: range) -> None:
+        """Drops arrive while the ingest leader is stopped past its lease: another daemon takes the
+        inbox over and ingests them; the former leader, resumed with its stale view of the inbox,
+        moves nothing (the final checks: one folder per refusal, every byte once)."""
+        self.drops.drop(good, bad)
+        stems = [f"good{i:03d}" for i in good]
+        for _ in range(5):
+            old = wait_for(self.live_leader, timeout=60, what="a live ingest leader")
+
+            def taken_over(o: str = old) -> bool:
+                return (self.live_leader() not in (None, o)
+                        and all(_quiet(lambda s=s: self.store.find(s)) is not None for s in stems))
+
+            if self._stopped_until(old, taken_over, "the ingest leader, until another ingested the new drops"):
+                return
+        raise AssertionError("every SIGSTOP caught the leader inside an SQLite write transaction")
 
     def kill_the_ingest_leader(self) -> None:
-        def leader() -> str | None:
-            lease = _quiet(lambda: self.store.lease(INGEST_LEASE))
-            live = {n for n, p in self.fleet.procs.items() if p.poll() is None}
-            return lease.holder if lease is not None and lease.remaining_s > 0 and lease.holder in live else None
-
-        old = wait_for(leader, timeout=60, what="a live ingest leader")
+        old = wait_for(self.live_leader, timeout=60, what="a live ingest leader")
         self.fleet.kill(old)
-        wait_for(lambda: (n := leader()) is not None and n != old, timeout=60, interval=0.1,
+        wait_for(lambda: self.live_leader() not in (None, old), timeout=60, interval=0.1,
                  what="another daemon to take the inbox over")
         self.fleet.start(old)
 
@@ -454,7 +471,7 @@ def test_a_fleet_under_kills_stops_and_a_database_restart_publishes_each_job_onc
         sc.sigstop_past_the_lease()
         drops.drop(good[1], bad[1])
         sc.kill_the_ingest_leader()
-        drops.drop(good[2], bad[2])
+        sc.sigstop_the_ingest_leader(good[2], bad[2])
         if cluster is not None:
             sc.restart_postgresql(cluster)
         drops.drop(good[3], bad[3])
