@@ -567,3 +567,40 @@ def test_a_cut_off_former_leader_moves_no_file_of_a_cancelled_queued_job(tmp_pat
     finally:
         former_store.close()
         env.close()
+
+
+def test_a_leader_that_loses_its_lease_during_a_pass_moves_nothing_more(tmp_path: Path) -> None:
+    """A re-drop of a rendered job's files is archived by the ingest leader (jobs.redo_finished =
+    skip) without winning a row: a leader whose lease ran out during its pass (stopped, cut off)
+    leaves them, and the rest of the inbox, to the new leader."""
+    import threading
+
+    from daemon.watcher import Scanner
+
+    env = Env(tmp_path, {"watch": {"stable_window_s": 0}})
+    try:
+        for d in (env.outbox, env.config.paths.state):
+            d.mkdir(parents=True, exist_ok=True)
+
+        def scanner(leading: Callable[[], bool]) -> Scanner:
+            return Scanner(env.config, env.store, "x", files_lock=threading.Lock(), wake_worker=lambda: None,
+                           leading=leading, name="w")
+
+        env.drop("alice")
+        scanner(lambda: True).scan_once()
+        job = env.job("alice")
+        assert job is not None and job.status is JobStatus.QUEUED
+        claimed = env.store.claim("w", lease_s=60)
+        assert claimed is not None and claimed.id == job.id
+        env.store.finish(claimed, "w", JobStatus.DONE, outputs={"mp4": "alice.mp4"})
+        before = {p.name: p.read_bytes() for p in env.inbox.iterdir()}
+        env.drop("zed", color=(9, 9, 9))  # a new stem after it in the pass
+        answers = iter([True])  # leading when the pass starts, never again
+        scanner(lambda: next(answers, False)).scan_once()
+        assert {p.name: p.read_bytes() for p in env.inbox.iterdir() if p.stem == "alice"} == before
+        assert not env.archive.exists() or not list(env.archive.iterdir())
+        assert env.job("zed") is None
+        scanner(lambda: True).scan_once()  # the leader now archives the re-drop and queues zed
+        assert not (env.inbox / "alice.png").exists() and env.job("zed") is not None
+    finally:
+        env.close()
