@@ -116,7 +116,7 @@ def _pixel_bomb(d: Path, stem: str) -> None:
 
 
 def _too_long(d: Path, stem: str) -> None:
-    _pair(d, stem, seconds=2.0)  # refused by the renderer, so by a worker, not at ingest
+    _pair(d, stem, seconds=2.0)
     _sidecar(d, stem, {"max_duration_s": 1.0})
 
 
