@@ -192,9 +192,10 @@ class Fleet:
     def log_of(self, name: str) -> Path:
         return self.env.root / "logs" / f"{name}.log"
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, extra_env: dict[str, str] | None = None) -> None:
         e = dict(os.environ, FAKE_STEPS=str(STEPS), FAKE_STEP_S=str(STEP_S), PYTHONPATH=str(REPO),
-                 INFINITETALKD_WORKER=name, INFINITETALKD_STATE=str(self.env.root / "state" / name))
+                 INFINITETALKD_WORKER=name, INFINITETALKD_STATE=str(self.env.root / "state" / name),
+                 **(extra_env or {}))
         e.pop("NOTIFY_SOCKET", None)
         self.log_of(name).parent.mkdir(exist_ok=True)
         self.started_at[name] = self.log_of(name).stat().st_size if self.log_of(name).exists() else 0
@@ -603,4 +604,31 @@ def test_a_leader_that_loses_its_lease_during_a_pass_moves_nothing_more(tmp_path
         scanner(lambda: True).scan_once()  # the leader now archives the re-drop and queues zed
         assert not (env.inbox / "alice.png").exists() and env.job("zed") is not None
     finally:
+        env.close()
+
+
+def test_workers_whose_clocks_are_15_minutes_off_steal_nothing(tmp_path: Path) -> None:
+    """Two daemons on one host, one clock 15 minutes ahead, the other 15 minutes behind: leases are
+    judged on the database's clock, so neither takes a job, a worker name or the ingest lease from
+    the other; every job is rendered once, in one attempt."""
+    env = Env(tmp_path, {"jobs": {"lease_s": LEASE_S}, "worker": {"heartbeat_s": 0.3}})
+    fleet = Fleet(env, ["ahead", "behind"])
+    stems = [f"good{i:03d}" for i in range(8)]
+    try:
+        for i, stem in enumerate(stems):
+            _good(env.inbox, stem, i)
+        for name, offset in (("ahead", 900), ("behind", -900)):
+            fleet.start(name, {"FAKE_CLOCK_OFFSET_S": str(offset)})
+        for stem in stems:
+            env.wait_status(stem, JobStatus.DONE, timeout=90)
+        fleet.check_alive()
+        jobs = env.jobs()
+        assert [j.attempts for j in jobs] == [1] * len(stems)
+        assert {j.worker_id for j in jobs} == {"ahead", "behind"}  # both rendered, side by side
+        events = [d.get("event") for n in fleet.names for d in fleet.log_lines(n)]
+        assert "job.lost" not in events and "liveness: lost the ingest lease" not in events
+        assert sum(e == "liveness: now the ingest leader (epoch 1)" for e in events) == 1
+        assert env.outbox_files() == sorted(f"{s}.{ext}" for s in stems for ext in ("json", "log", "mp4"))
+    finally:
+        fleet.close()
         env.close()
