@@ -8,7 +8,8 @@ good and bad drops arriving in waves, while
   over and ingested them, and resumed: a cut-off former leader moves nothing;
 - PostgreSQL is stopped (``pg_ctl stop -m immediate``: every connection cut) while renders run, and
   started again 1.6 s later;
-- random workers are killed with SIGKILL and restarted.
+- random workers are killed with SIGKILL and restarted, and one dies (an injected crash) between
+  the renames of a publish, leaving a partial result set in the outbox.
 
 Three jobs are cancelled meanwhile (two queued, one in mid-render). At the end every good drop is
 published exactly once (one mp4, one json, one log) unless it was cancelled, every bad drop and
@@ -188,6 +189,25 @@ class Fleet:
     killed: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)  # by the test
     events: list[str] = field(default_factory=list)
     started_at: dict[str, int] = field(default_factory=dict)  # name -> its log's size at its latest start
+    crashed: list[str] = field(default_factory=list)  # died of the injected crash in mid-publish
+
+    @property
+    def crash_flag(self) -> Path:
+        return self.env.root / "crash"
+
+    def start_crashing(self, name: str) -> None:
+        """Start ``name`` to die (exit 137, as kill -9) right after the first rename of its first
+        publish: a result set half in the outbox (tests/daemon/faults.py)."""
+        self.start(name, {"FAKE_FAULTS": json.dumps({"crash_after_publish": str(self.env.outbox),
+                                                     "flag": str(self.crash_flag)})})
+
+    def revive(self) -> None:
+        """Restart a daemon that died of the injected crash (once)."""
+        for name, p in list(self.procs.items()):
+            if (p.poll() == 137 and not self.crashed and Path(f"{self.crash_flag}.crashed").exists()):
+                self.crashed.append(name)
+                self.events.append(f"{time.monotonic():.1f} {name} crashed in mid-publish")
+                self.start(name)
 
     def log_of(self, name: str) -> Path:
         return self.env.root / "logs" / f"{name}.log"
@@ -226,6 +246,7 @@ class Fleet:
             wait_for(ready, timeout=60, interval=0.1, what=f"{name} to be ready")
 
     def check_alive(self) -> None:
+        self.revive()
         dead = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
         assert not dead, f"daemons exited by themselves: {dead}\n" + self.tail()
 
@@ -289,6 +310,7 @@ class Scenario:
 
     def rendering(self, *, below: float = 0.6) -> Job | None:
         """A job in mid-render (past the start, well before the end) by a running daemon of the test."""
+        self.fleet.revive()
         running = _quiet(lambda: self.store.list_jobs([JobStatus.RUNNING], limit=1000)) or []
         live = {n for n, p in self.fleet.procs.items() if p.poll() is None}
         return next((j for j in running if 0 < j.progress < below and j.worker_id in live), None)
@@ -415,6 +437,7 @@ class Scenario:
     # -- the end -------------------------------------------------------------------------------------
 
     def settled(self) -> bool:
+        self.fleet.revive()
         jobs = _quiet(self.jobs)
         if jobs is None:
             return False
@@ -466,7 +489,8 @@ def test_a_fleet_under_kills_stops_and_a_database_restart_publishes_each_job_onc
     good, bad = _batches(N_GOOD, 4), _batches(N_BAD, 4)
     try:
         drops.drop(good[0], bad[0])
-        for name in fleet.names:
+        fleet.start_crashing(fleet.names[0])
+        for name in fleet.names[1:]:
             fleet.start(name)
 
         sc.sigstop_past_the_lease()
@@ -485,6 +509,7 @@ def test_a_fleet_under_kills_stops_and_a_database_restart_publishes_each_job_onc
         raise AssertionError(f"{exc}\n{fleet.tail()}") from None
     fleet.wait_ready()
     fleet.check_alive()
+    assert fleet.crashed, "the injected crash in mid-publish did not happen"
     for p in fleet.procs.values():
         p.terminate()
     codes = {n: p.wait(60) for n, p in fleet.procs.items()}
