@@ -60,7 +60,9 @@ def scenario(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[S
                          **store_cfg})
     fleet = Fleet(env, [f"w{i}" for i in range(workers)])
     drops = Drops(env, tmp_path / "staging")
-    store = Store.connect(env.config.store, env.config.paths.database)
+    # The test's own polls give up on a locked SQLite file at once (and poll again), so that a lock
+    # held by a stopped daemon is noticed within a poll, not after the daemons' busy timeout.
+    store = Store.connect(env.config.store.model_copy(update={"busy_timeout_s": 0.2}), env.config.paths.database)
     try:
         yield Scenario(env, fleet, drops, store, random.Random(12)), cluster
     finally:
