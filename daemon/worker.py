@@ -441,6 +441,12 @@ class Worker:
             if monitor.lost:
                 log.error("job.lost", reason="the job was taken from this worker (lease lost); result discarded")
                 return _Outcome("lost")
+            # A former holder stopped past its lease after its last ownership check may have
+            # published meanwhile: its complete set stands, nothing is published twice.
+            published = ob.find_published(self.config.paths.outbox, job.stem, job.id, run_key(job))
+            if published is not None:
+                log.info("job.already_published", outputs=published.get("outputs"))
+                return _Outcome("done", doc=published, already_published=True)
             base = self._reserve_base(job)
             if base is None:
                 log.error("job.lost", reason="the job was taken from this worker (lease lost); result discarded")
