@@ -19,7 +19,7 @@ failed/ exactly once, and no daemon exited unless the test stopped it.
 PostgreSQL: 4 daemons on a cluster of the test's own (tests/daemon/pg_cluster.py). SQLite: 3
 daemons on one host, no database restart. The drop counts default to a CI-sized run;
 INFINITETALKD_FLEET=full runs the full scenario (200 good drops and 20 bad ones);
-INFINITETALKD_FLEET_GOOD / _BAD set other counts.
+INFINITETALKD_FLEET_GOOD / _BAD set other counts, INFINITETALKD_FLEET_SEED the random kills.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -64,7 +65,8 @@ def scenario(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[S
     # held by a stopped daemon is noticed within a poll, not after the daemons' busy timeout.
     store = Store.connect(env.config.store.model_copy(update={"busy_timeout_s": 0.2}), env.config.paths.database)
     try:
-        yield Scenario(env, fleet, drops, store, random.Random(12)), cluster
+        rng = random.Random(int(os.environ.get("INFINITETALKD_FLEET_SEED", "12")))
+        yield Scenario(env, fleet, drops, store, rng), cluster
     finally:
         fleet.close()
         store.close()
@@ -249,4 +251,57 @@ def test_workers_whose_clocks_are_15_minutes_off_steal_nothing(tmp_path: Path) -
         assert env.outbox_files() == sorted(f"{s}.{ext}" for s in stems for ext in ("json", "log", "mp4"))
     finally:
         fleet.close()
+        env.close()
+
+
+def test_a_result_published_by_a_former_holder_during_the_render_is_not_published_again(tmp_path: Path) -> None:
+    """The former holder of a job, stopped past its lease right after its last ownership check,
+    resumes and publishes while the new holder renders the job again: the new holder finds the
+    complete result set when its render ends, and publishes nothing a second time."""
+    import threading
+
+    from daemon.metrics import Metrics
+    from daemon.notify import Notifier
+    from daemon.results import run_key
+    from daemon.worker import Worker
+    from engine.api import RenderRequest
+    from tests.daemon.fake_renderer import FakeRenderer
+
+    env = Env(tmp_path)
+    try:
+        for d in (env.outbox, env.failed, env.config.paths.state):
+            d.mkdir(parents=True, exist_ok=True)
+        env.drop("alice")
+        inputs = [{"role": role, "name": f"alice.{ext}", "size": (env.inbox / f"alice.{ext}").stat().st_size,
+                   "mtime_ns": (env.inbox / f"alice.{ext}").stat().st_mtime_ns}
+                  for role, ext in (("image", "png"), ("audio", "wav"))]
+        from daemon import inbox as ib
+        prepared = ib.prepare(env.inbox, "alice", ib.Parts(image="alice.png", video=None, audio="alice.wav",
+                                                           sidecar=None, marker=None, problem=None, missing=()),
+                              defaults=env.config.render, identity="x",
+                              limits=ib.Limits(max_input_bytes=2**30, max_sidecar_bytes=2**16,
+                                               max_image_pixels=env.config.jobs.max_image_pixels))
+        job, _ = env.store.add(fingerprint=prepared.fingerprint, stem="alice", inputs=inputs, params=prepared.params,
+                               identity="x", max_attempts=3)
+        held = env.store.claim("new-holder", lease_s=60)
+        assert held is not None and held.id == job.id
+
+        class FormerHolderPublishes(FakeRenderer):
+            def render(self, request: RenderRequest, out_path: Path, *args: Any, **kwargs: Any) -> Any:
+                result = super().render(request, out_path, *args, **kwargs)
+                for ext in ("json", "log", "mp4"):  # the former holder's renames land meanwhile
+                    doc = {"job_id": job.id, "run": run_key(held), "outputs": {"mp4": "alice.mp4"}, "timings": {}}
+                    (env.outbox / f"alice.{ext}").write_text(json.dumps(doc) if ext == "json" else ext)
+                return result
+
+        renderer = FormerHolderPublishes(env.config.engine.options())
+        renderer.warmup()
+        worker = Worker(env.config, env.store, renderer, "x", notifier=Notifier({}), metrics=Metrics(),
+                        stop=threading.Event(), wake=threading.Event(), files_lock=threading.Lock(),
+                        name="new-holder")
+        assert worker.run_job(held) == "done"
+        assert env.outbox_files() == ["alice.json", "alice.log", "alice.mp4"]
+        done = env.store.get(job.id)
+        assert done is not None and done.status is JobStatus.DONE
+    finally:
         env.close()
