@@ -306,3 +306,45 @@ def test_a_result_published_by_a_former_holder_during_the_render_is_not_publishe
         assert done is not None and done.status is JobStatus.DONE
     finally:
         env.close()
+
+
+def test_a_cancelled_jobs_inputs_that_cannot_move_yet_are_moved_at_a_later_pass(tmp_path: Path) -> None:
+    """The row is won first; when failed/ cannot be written then (a full disk), the inputs stay in the
+    inbox and the process that won the row moves them once it can."""
+    import threading
+
+    from daemon.metrics import Metrics
+    from daemon.notify import Notifier
+    from daemon.worker import Worker
+    from tests.daemon import faults
+    from tests.daemon.fake_renderer import FakeRenderer
+
+    env = Env(tmp_path)
+    uninstall = faults.install({"under": [str(env.failed)], "flag": str(tmp_path / "full"), "errno": "ENOSPC"})
+    try:
+        for d in (env.outbox, env.failed, env.config.paths.state):
+            d.mkdir(parents=True, exist_ok=True)
+        env.drop("alice")
+        inputs = [{"role": role, "name": f"alice.{ext}", "size": (env.inbox / f"alice.{ext}").stat().st_size,
+                   "mtime_ns": (env.inbox / f"alice.{ext}").stat().st_mtime_ns}
+                  for role, ext in (("image", "png"), ("audio", "wav"))]
+        job, _ = env.store.add(fingerprint="a" * 64, stem="alice", inputs=inputs, params={}, identity="x",
+                               max_attempts=3)
+        env.store.request_cancel(job.id)
+        worker = Worker(env.config, env.store, FakeRenderer(env.config.engine.options()), "x", notifier=Notifier({}),
+                        metrics=Metrics(), stop=threading.Event(), wake=threading.Event(),
+                        files_lock=threading.Lock(), name="leader")
+        (tmp_path / "full").touch()
+        worker._cancel_requested_jobs()
+        cancelled = env.store.get(job.id)
+        assert cancelled is not None and cancelled.status is JobStatus.CANCELLED and cancelled.failed_dir is None
+        assert sorted(p.name for p in env.inbox.iterdir()) == ["alice.png", "alice.wav"]
+        (tmp_path / "full").unlink()
+        worker._cancel_requested_jobs()
+        assert not list(env.inbox.iterdir())
+        assert sorted(p.name for p in (env.failed / "alice").iterdir()) == ["alice.png", "alice.wav", "error.txt"]
+        moved = env.store.get(job.id)
+        assert moved is not None and moved.failed_dir == str(env.failed / "alice")
+    finally:
+        uninstall()
+        env.close()
