@@ -548,24 +548,28 @@ class Worker:
         with self.files_lock:
             try:
                 # Publish, move the inputs away, then record: "done" in the database means finished.
+                # Ownership confirmed right before the renames (or the move of the inputs of a result
+                # found published): a worker that lost its lease (paused, cut off) discards its
+                # result and moves nothing; the new holder publishes.
+                if not self._db(lambda: self.store.holds(job, self.worker_id), "checking the claim"):
+                    log.error("job.lost", reason="the job was taken from this worker before publishing; "
+                              "result discarded")
+                    return
                 if not out.already_published:
                     files = dict(out.files)
                     if log_path.exists():
                         files["log"] = tmp / ob.fit_name(job.stem, ".log")
                         shutil.copyfile(log_path, files["log"])
-                    # Ownership confirmed right before the renames: a worker that lost its lease
-                    # (paused, cut off) discards its result; the new holder publishes.
-                    if not self._db(lambda: self.store.holds(job, self.worker_id), "checking the claim"):
-                        log.error("job.lost", reason="the job was taken from this worker before publishing; "
-                                  "result discarded")
-                        return
                     ob.publish(tmp, cfg.paths.outbox, out.base, files)
             except OSError as exc:  # any: a fault of the outbox's storage, not of this job
                 ob.remove_partial(cfg.paths.outbox, job.stem, job.id)
                 self._requeue_for_space(job, f"disk full or failing while publishing: {ib.one_line(str(exc))}")
                 return
             try:
-                where = fl.dispose_after_success(cfg.paths.inbox, job.inputs, tmp / "inputs",
+                # A result found published is an earlier attempt's: the inputs it archived are gone
+                # from the inbox, and this attempt's snapshot of them must not be archived again.
+                snap = None if out.already_published else tmp / "inputs"
+                where = fl.dispose_after_success(cfg.paths.inbox, job.inputs, snap,
                                                  after_success=cfg.jobs.after_success, archive_root=cfg.paths.archive,
                                                  stem=job.stem, job_id=job.id)
             except OSError as exc:
