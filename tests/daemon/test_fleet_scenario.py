@@ -255,12 +255,22 @@ def test_workers_whose_clocks_are_15_minutes_off_steal_nothing(tmp_path: Path) -
         env.close()
 
 
-def test_a_result_published_by_a_former_holder_during_the_render_is_not_published_again(tmp_path: Path) -> None:
-    """The former holder of a job, stopped past its lease right after its last ownership check,
-    resumes and publishes while the new holder renders the job again: the new holder finds the
-    complete result set when its render ends, and publishes nothing a second time."""
+@pytest.mark.parametrize("who", ["new holder", "former holder"])
+def test_a_result_published_by_the_other_holder_during_a_render_is_neither_published_nor_archived_again(
+        tmp_path: Path, who: str) -> None:
+    """Two holders of one job render it at once: the former one, stopped past its lease after its
+    last ownership check, and the one that took the job over. Whichever finishes second finds the
+    other's complete result set in the outbox when its render ends:
+    - the new holder (the former one published and archived the inputs meanwhile) records the job
+      done, publishing nothing a second time and archiving no copy of the inputs from its snapshot;
+    - the former holder (the new one published and has not archived yet) moves nothing: the job
+      is no longer its own."""
     import threading
 
+    from sqlalchemy import update
+
+    from daemon import inbox as ib
+    from daemon.jobs import JobRow
     from daemon.metrics import Metrics
     from daemon.notify import Notifier
     from daemon.results import run_key
@@ -273,37 +283,54 @@ def test_a_result_published_by_a_former_holder_during_the_render_is_not_publishe
         for d in (env.outbox, env.failed, env.config.paths.state):
             d.mkdir(parents=True, exist_ok=True)
         env.drop("alice")
-        inputs = [{"role": role, "name": f"alice.{ext}", "size": (env.inbox / f"alice.{ext}").stat().st_size,
-                   "mtime_ns": (env.inbox / f"alice.{ext}").stat().st_mtime_ns}
-                  for role, ext in (("image", "png"), ("audio", "wav"))]
-        from daemon import inbox as ib
+        limits = ib.Limits(max_input_bytes=2**30, max_sidecar_bytes=2**16,
+                           max_image_pixels=env.config.jobs.max_image_pixels)
         prepared = ib.prepare(env.inbox, "alice", ib.Parts(image="alice.png", video=None, audio="alice.wav",
                                                            sidecar=None, marker=None, problem=None, missing=()),
-                              defaults=env.config.render, identity="x",
-                              limits=ib.Limits(max_input_bytes=2**30, max_sidecar_bytes=2**16,
-                                               max_image_pixels=env.config.jobs.max_image_pixels))
-        job, _ = env.store.add(fingerprint=prepared.fingerprint, stem="alice", inputs=inputs, params=prepared.params,
-                               identity="x", max_attempts=3)
-        held = env.store.claim("new-holder", lease_s=60)
+                              defaults=env.config.render, identity="x", limits=limits)
+        job, _ = env.store.add(fingerprint=prepared.fingerprint, stem="alice", inputs=prepared.inputs,
+                               params=prepared.params, identity="x", max_attempts=3)
+        held = env.store.claim("former", lease_s=60)
         assert held is not None and held.id == job.id
+        name = "former"
+        if who == "new holder":  # the former holder's lease ran out; the new one took the job over
+            with env.store.engine.begin() as conn:
+                conn.execute(update(JobRow).where(JobRow.id == job.id).values(lease_until=0.0))
+            held, name = env.store.claim("new", lease_s=60), "new"
+            assert held is not None and held.attempts == 2
 
-        class FormerHolderPublishes(FakeRenderer):
+        class TheOtherHolderPublishes(FakeRenderer):
             def render(self, request: RenderRequest, out_path: Path, *args: Any, **kwargs: Any) -> Any:
                 result = super().render(request, out_path, *args, **kwargs)
-                for ext in ("json", "log", "mp4"):  # the former holder's renames land meanwhile
-                    doc = {"job_id": job.id, "run": run_key(held), "outputs": {"mp4": "alice.mp4"}, "timings": {}}
+                if who == "former holder":  # meanwhile the job went to another worker
+                    with env.store.engine.begin() as conn:
+                        conn.execute(update(JobRow).where(JobRow.id == job.id).values(lease_until=0.0))
+                    assert env.store.claim("new", lease_s=60) is not None
+                for ext in ("json", "log", "mp4"):  # the other holder's renames
+                    doc = {"job_id": job.id, "run": run_key(job), "outputs": {"mp4": "alice.mp4"}, "timings": {}}
                     (env.outbox / f"alice.{ext}").write_text(json.dumps(doc) if ext == "json" else ext)
+                if who == "new holder":  # ... and its archiving of the inputs
+                    (env.archive / "alice").mkdir(parents=True)
+                    for p in sorted(env.inbox.iterdir()):
+                        os.replace(p, env.archive / "alice" / p.name)
                 return result
 
-        renderer = FormerHolderPublishes(env.config.engine.options())
+        renderer = TheOtherHolderPublishes(env.config.engine.options())
         renderer.warmup()
         worker = Worker(env.config, env.store, renderer, "x", notifier=Notifier({}), metrics=Metrics(),
-                        stop=threading.Event(), wake=threading.Event(), files_lock=threading.Lock(),
-                        name="new-holder")
-        assert worker.run_job(held) == "done"
+                        stop=threading.Event(), wake=threading.Event(), files_lock=threading.Lock(), name=name)
+        worker.run_job(held)
         assert env.outbox_files() == ["alice.json", "alice.log", "alice.mp4"]
-        done = env.store.get(job.id)
-        assert done is not None and done.status is JobStatus.DONE
+        archived = sorted(str(p.relative_to(env.archive)) for p in env.archive.rglob("*")) if env.archive.is_dir() \
+            else []
+        after = env.store.get(job.id)
+        assert after is not None
+        if who == "new holder":
+            assert archived == ["alice", "alice/alice.png", "alice/alice.wav"] and not list(env.inbox.iterdir())
+            assert after.status is JobStatus.DONE
+        else:
+            assert archived == [] and sorted(p.name for p in env.inbox.iterdir()) == ["alice.png", "alice.wav"]
+            assert after.status is JobStatus.RUNNING and after.worker_id == "new"
     finally:
         env.close()
 
