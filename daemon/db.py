@@ -7,8 +7,8 @@ settings the store relies on, and gives the store its one clock: the database's.
   fails with "database is locked" half-way).
 - PostgreSQL (``postgresql+psycopg://``): pool pre-ping (a connection killed by a server restart is
   replaced, not handed out), ``connect_timeout``, TCP keepalives, and ``statement_timeout`` /
-  ``lock_timeout`` set in every connection's start-up packet, so no statement or lock wait can
-  stall a worker for longer than configured.
+  ``lock_timeout`` / ``idle_in_transaction_session_timeout`` set in every connection's start-up
+  packet, so no statement, lock wait or stopped client can stall a worker for longer than configured.
 - The password never sits in the config file: it comes from an environment variable or a file and
   is added to the URL in memory only; :func:`redacted` is what logs, ``status`` and ``doctor`` show.
 
@@ -171,8 +171,13 @@ def _sqlite_engine(path: Path, busy_timeout_s: float) -> Engine:
 
 
 def _postgres_engine(url: URL, opts: StoreOptions) -> Engine:
+    # idle_in_transaction_session_timeout: a client stopped inside a transaction (SIGSTOP, a
+    # debugger, a host frozen mid-call) would hold its row locks until it resumes, and a sibling
+    # could take over neither its job nor the ingest lease; the server ends such a session after
+    # as long as a statement may run (the client reconnects when it resumes).
     ms = {k: max(1, int(v * 1000)) for k, v in
-          (("statement_timeout", opts.statement_timeout_s), ("lock_timeout", opts.lock_timeout_s))}
+          (("statement_timeout", opts.statement_timeout_s), ("lock_timeout", opts.lock_timeout_s),
+           ("idle_in_transaction_session_timeout", opts.statement_timeout_s))}
     # libpq's connect_timeout is whole seconds, and values below 2 are raised to 2.
     connect_s = max(2, math.ceil(opts.connect_timeout_s))
     return create_engine(

@@ -304,7 +304,9 @@ class Scanner:
             del self.retry[gone]
         self._next_check = None
         for stem in sorted(groups):
-            if self._stop.is_set():
+            # A leader that lost its lease during the pass (stopped, cut off) stops here: the rest
+            # of the inbox is the new leader's (docs/daemon.md §4.6).
+            if self._stop.is_set() or not self.is_leader():
                 break
             with structlog.contextvars.bound_contextvars(stem=stem):
                 self._consider_isolated(groups[stem], now)
@@ -502,6 +504,9 @@ class Scanner:
         if what is Redrop.RENDER_AGAIN:
             return self._requeue(job, prepared, "dropped again (jobs.redo_finished = render)")
         if what is Redrop.SKIP:
+            # No row is won here: only the ingest leader moves these files, checked right before.
+            if not self.is_leader():
+                return None
             try:
                 where = fl.dispose_after_success(cfg.paths.inbox, prepared.inputs, None,
                                                  after_success=cfg.jobs.after_success,
@@ -581,7 +586,9 @@ class Scanner:
             "watch_mode": self.mode,
             "waiting": [{"stem": s, "reason": w.reason, "since": w.since} for s, w in sorted(self.waiting.items())],
         }
-        if self.leading is not None:  # a fleet: the waiting list lives in the database for every host's status
+        if self.leading is not None and self.is_leader():
+            # a fleet: the waiting list lives in the database for every host's status (written by the
+            # leader only: a cut-off former leader must not replace the new one's)
             now = time.time()
             waiting = {s: (w.reason, now - w.since) for s, w in self.waiting.items()}
             try:

@@ -125,6 +125,7 @@ class Worker:
         self.paused = ""
         self._paused_db = ""  # what the worker's database row says
         self._swept = 0.0  # time.monotonic() of the last sweep of kept checkpoints
+        self._unmoved: dict[int, Job] = {}  # cancelled here; inputs not yet in failed/ (a full disk)
         self.limits = ib.Limits(
             max_input_bytes=config.jobs.max_input_mb * 2**20,
             max_sidecar_bytes=config.jobs.max_sidecar_kb * 1024,
@@ -277,8 +278,15 @@ class Worker:
             log.info("checkpoints.swept", job_ids=removed)
 
     def _cancel_requested_jobs(self) -> None:
+        # Database first (docs/daemon.md §4.6): only the process whose row update wins moves the
+        # files, so a cut-off former ingest leader holding a stale list moves nothing.
+        reason = "cancelled by user (infinitetalkd cancel) before it started"
         for job in self._db(self.store.cancel_requests, "reading cancel requests"):
-            reason = "cancelled by user (infinitetalkd cancel) before it started"
+            with self.files_lock:
+                if self._db(lambda j=job: self.store.cancel_queued(j, error=reason, failed_dir=None),  # type: ignore[misc]
+                            "cancelling a queued job") is not None:
+                    self._unmoved[job.id] = job
+        for job in list(self._unmoved.values()):
             with structlog.contextvars.bound_contextvars(job_id=job.id, stem=job.stem), self.files_lock:
                 try:
                     dest = fl.to_failed(self.config.paths.failed, job.stem, job.id, source_dir(self.config, job),
@@ -286,13 +294,11 @@ class Worker:
                 except OSError as exc:
                     log.error("job.cancel_move_failed", error=str(exc), hint="tried again at the next pass")
                     continue
-                if self._cancel_queued(job, reason, dest) is not None:
-                    log.info("job.cancelled", reason=reason, failed_dir=str(dest))
-                    self._ended(job)  # an earlier, requeued attempt may have left checkpoints
-
-    def _cancel_queued(self, job: Job, reason: str, dest: Path) -> Job | None:
-        return self._db(lambda: self.store.cancel_queued(job, error=reason, failed_dir=str(dest)),
-                        "cancelling a queued job")
+                del self._unmoved[job.id]
+                self._db(lambda j=job.id, d=str(dest): self.store.set_failed_dir(j, d),  # type: ignore[misc]
+                         "recording a cancelled job")
+                log.info("job.cancelled", reason=reason, failed_dir=str(dest))
+                self._ended(job)  # an earlier, requeued attempt may have left checkpoints
 
     # -- one job ------------------------------------------------------------------------------
 
@@ -366,6 +372,12 @@ class Worker:
             if monitor.lost:
                 log.error("job.lost", reason="the job was taken from this worker (lease lost); result discarded")
                 return _Outcome("lost")
+            # A former holder stopped past its lease after its last ownership check may have
+            # published meanwhile: its complete set stands, nothing is published twice.
+            published = ob.find_published(self.config.paths.outbox, job.stem, job.id, run_key(job))
+            if published is not None:
+                log.info("job.already_published", outputs=published.get("outputs"))
+                return _Outcome("done", doc=published, already_published=True)
             base = self._reserve_base(job)
             if base is None:
                 log.error("job.lost", reason="the job was taken from this worker (lease lost); result discarded")
@@ -471,17 +483,18 @@ class Worker:
         with self.files_lock:
             try:
                 # Publish, move the inputs away, then record: "done" in the database means finished.
+                # Ownership confirmed right before the renames (or the move of the inputs of a result
+                # found published): a worker that lost its lease (paused, cut off) discards its
+                # result and moves nothing; the new holder publishes.
+                if not self._db(lambda: self.store.holds(job, self.worker_id), "checking the claim"):
+                    log.error("job.lost", reason="the job was taken from this worker before publishing; "
+                              "result discarded")
+                    return
                 if not out.already_published:
                     files = dict(out.files)
                     if log_path.exists():
                         files["log"] = tmp / ob.fit_name(job.stem, ".log")
                         shutil.copyfile(log_path, files["log"])
-                    # Ownership confirmed right before the renames: a worker that lost its lease
-                    # (paused, cut off) discards its result; the new holder publishes.
-                    if not self._db(lambda: self.store.holds(job, self.worker_id), "checking the claim"):
-                        log.error("job.lost", reason="the job was taken from this worker before publishing; "
-                                  "result discarded")
-                        return
                     ob.publish(tmp, cfg.paths.outbox, out.base, files)
             except OSError as exc:  # any: a fault of the outbox's storage, not of this job
                 ob.remove_partial(cfg.paths.outbox, job.stem, job.id)
@@ -491,7 +504,10 @@ class Worker:
                 if job.inputs_dir:  # a redo's own copy: the originals stay in the archive
                     where = "the redo's copy removed; the originals stay in the archive"
                 else:
-                    where = fl.dispose_after_success(cfg.paths.inbox, job.inputs, tmp / "inputs",
+                    # A result found published is an earlier attempt's: the inputs it archived are gone
+                    # from the inbox, and this attempt's snapshot of them must not be archived again.
+                    snap = None if out.already_published else tmp / "inputs"
+                    where = fl.dispose_after_success(cfg.paths.inbox, job.inputs, snap,
                                                      after_success=cfg.jobs.after_success,
                                                      archive_root=cfg.paths.archive, stem=job.stem, job_id=job.id)
             except OSError as exc:

@@ -372,3 +372,33 @@ def test_connections_cut_by_a_server_restart_are_replaced(pg_url: str) -> None:
         assert s.counts()["queued"] == 0  # pre-ping found the dead connection and opened a new one
     finally:
         s.close()
+
+
+def test_a_client_stopped_inside_a_transaction_blocks_its_siblings_only_briefly(pg_url: str, tmp_path: Path) -> None:
+    """A process stopped (SIGSTOP, a debugger) in mid-transaction holds its row locks only until the
+    server ends its idle session (after store.statement_timeout_s); a sibling then takes the ingest
+    lease over, and the stopped one, resumed, meets an error it waits out like an outage."""
+    from sqlalchemy import select, update
+
+    from daemon.config import StoreConfig
+    from daemon.db import is_transient
+    from daemon.db_models import LEASES
+
+    stopped = Store.connect(StoreConfig(url=pg_url, statement_timeout_s=1), tmp_path)
+    other = Store.connect(StoreConfig(url=pg_url, lock_timeout_s=8), tmp_path)
+    conn = stopped.engine.connect()
+    try:
+        assert stopped.acquire_lease("ingest", "a", ttl_s=0.5) is not None
+        conn.begin()
+        conn.execute(update(LEASES).where(LEASES.c.name == "ingest").values(holder="a"))  # the row is locked
+        time.sleep(0.6)  # ... and the holder stops; its lease runs out
+        t0 = time.monotonic()
+        lease = other.acquire_lease("ingest", "b", ttl_s=30)
+        assert lease is not None and lease.holder == "b" and time.monotonic() - t0 < 6
+        with pytest.raises(Exception) as cut:
+            conn.execute(select(LEASES.c.holder))
+        assert is_transient(cut.value)
+    finally:
+        conn.close()
+        stopped.close()
+        other.close()
