@@ -1,7 +1,7 @@
 """Resumable renders: the state a render carries from one chunk to the next, written after every chunk.
 
 A checkpoint directory (layout and validity rules: docs/formats.md §12) holds the video as one closed mp4 segment
-per finished chunk (``seg_00000.mp4``, ...; engine/render.py writes them) and checkpoint files
+per finished chunk (``seg_00000.mp4``, ...; engine/output.py writes them) and checkpoint files
 ``ckpt_<next_chunk>.safetensors``: the clean context latents the next chunk pins at the front of its window
 (exactly the tensor the chunk loop carries, so a resumed render computes the same frames bit for bit), plus in the
 safetensors header's metadata the format ``version``, the ``recipe`` (what the frames so far depend on),

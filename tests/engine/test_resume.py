@@ -48,7 +48,8 @@ def _hashes(path: Path) -> list[str]:
 
 
 def _stop_after(chunks: int, steps_per_chunk: int):
-    """should_stop that stops the render in chunk ``chunks`` (0-based), after ``chunks`` finished chunks."""
+    """should_stop that stops the render after ``chunks`` finished chunks (counted from the first chunk this call
+    renders), at the 2nd step of the next one."""
     steps: list[int] = []
 
     def should_stop() -> bool:
