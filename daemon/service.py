@@ -256,6 +256,22 @@ def _join(config: Config, store: Store, inst: Instance, stop: threading.Event) -
     return live
 
 
+def _start_scanner(config: Config, store: Store, live: Liveness, name: str, identity: str, *,
+                   files_lock: threading.Lock, wake: threading.Event, metrics: Metrics,
+                   stop: threading.Event) -> Scanner:
+    """Record what this worker renders (docs/daemon.md §4.9), then scan the inbox once (the truth
+    before any event) and start the scanner, which works while this process leads the ingest."""
+    token = live.token
+    patiently(lambda: store.set_worker_recipe(name, token, identity), "recording the worker's recipe", stop=stop)
+    scanner = Scanner(config, store, identity, files_lock=files_lock, wake_worker=wake.set,
+                      on_reject=metrics.failures.labels(kind="input").inc, stop_event=stop,
+                      leading=lambda: live.leader and live.database_ok, name=name,
+                      on_expired=lambda jobs: move_to_failed(config, store, jobs, stop))
+    scanner.scan_once()
+    scanner.start()
+    return scanner
+
+
 def run_daemon(config: Config, make_renderer: RendererFactory, *, notifier: Notifier | None = None,
                stop: threading.Event | None = None, install_signals: bool = True,
                configure_logging: bool = True, busy_timeout_ms: int | None = None,
@@ -302,18 +318,9 @@ def run_daemon(config: Config, make_renderer: RendererFactory, *, notifier: Noti
         renderer, identity = loaded
         if stop.is_set():
             return EXIT_OK
-        # What this worker can render, for doctor and status (docs/daemon.md §4.9).
-        token = live.token
-        patiently(lambda: store.set_worker_recipe(inst.name, token, identity), "recording the worker's recipe",
-                  stop=stop)
         files_lock = threading.Lock()
-        lv = live
-        scanner = Scanner(config, store, identity, files_lock=files_lock, wake_worker=wake.set,
-                          on_reject=metrics.failures.labels(kind="input").inc, stop_event=stop,
-                          leading=lambda: lv.leader and lv.database_ok, name=inst.name,
-                          on_expired=lambda jobs: move_to_failed(config, store, jobs, stop) if store else None)
-        scanner.scan_once()  # the start-up scan: the truth before any event
-        scanner.start()
+        scanner = _start_scanner(config, store, live, inst.name, identity, files_lock=files_lock, wake=wake,
+                                 metrics=metrics, stop=stop)
         if config.metrics.enabled:
             metrics.serve(config.metrics.host, config.metrics.port)
             log.info("metrics.serving", host=config.metrics.host, port=config.metrics.port)

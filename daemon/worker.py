@@ -57,6 +57,7 @@ from engine.api import (
     OutOfMemory,
     Renderer,
     RenderError,
+    RenderResult,
     RenderStopped,
 )
 
@@ -350,10 +351,8 @@ class Worker:
 
         try:
             # An earlier attempt published this run and died before recording it: finish it off.
-            published = ob.find_published(self.config.paths.outbox, job.stem, job.id, run_key(job))
-            if published is not None:
-                log.info("job.already_published", outputs=published.get("outputs"))
-                return _Outcome("done", doc=published, already_published=True)
+            if (found := self._found_published(job)) is not None:
+                return found
             prepared = reprepare(self.config, job, tmp / "inputs", identity=self.identity, limits=self.limits,
                                  fingerprint=self._source_fingerprint(job))
             mp4 = tmp / ob.fit_name(job.stem, ".mp4")
@@ -368,31 +367,7 @@ class Worker:
             if not all(fl.same_file(tmp / "inputs" / str(i["name"]), i) for i in prepared.inputs):
                 raise InputsChanged("an input file was changed in place during the render; "
                                      "the current files are scanned as a new job")
-            render_s = time.time() - started
-            if monitor.lost:
-                log.error("job.lost", reason="the job was taken from this worker (lease lost); result discarded")
-                return _Outcome("lost")
-            # A former holder stopped past its lease after its last ownership check may have
-            # published meanwhile: its complete set stands, nothing is published twice.
-            published = ob.find_published(self.config.paths.outbox, job.stem, job.id, run_key(job))
-            if published is not None:
-                log.info("job.already_published", outputs=published.get("outputs"))
-                return _Outcome("done", doc=published, already_published=True)
-            base = self._reserve_base(job)
-            if base is None:
-                log.error("job.lost", reason="the job was taken from this worker (lease lost); result discarded")
-                return _Outcome("lost")
-            doc = result_doc(job, prepared, result, base, render_s, self.identity, chunks_rendered=monitor.chunks.total,
-                             resumed_from_chunk=monitor.chunks.resumed_from)
-            json_path = tmp / ob.fit_name(job.stem, ".json")
-            ob.write_json(json_path, doc)
-            # The canonical line of a job: everything needed to grep for outcomes and speed.
-            log.info("job.finished", outcome="done", render_s=round(render_s, 3), frames=result.frames,
-                     duration_s=result.duration_s, width=result.width, height=result.height,
-                     chunks=result.chunks, seed=result.seed, output=f"{base}.mp4",
-                     chunks_rendered=monitor.chunks.total, resumed_from_chunk=monitor.chunks.resumed_from)
-            return _Outcome("done", doc=doc, base=base, files={"mp4": mp4, "json": json_path},
-                            chunks_rendered=monitor.chunks.total)
+            return self._publishable(job, prepared, result, monitor, tmp, mp4, time.time() - started)
         except RenderStopped:
             if self.stop.is_set():
                 log.info("job.interrupted", reason="shutdown requested; the job goes back to the queue")
@@ -424,6 +399,42 @@ class Worker:
                 return failed("failed", f"render failed: {ib.one_line(str(exc))}", "render")
             log.exception("job.internal_error")
             return failed("failed", f"internal error: {type(exc).__name__}: {ib.one_line(str(exc))}", "internal")
+
+    def _found_published(self, job: Job) -> _Outcome | None:
+        """This run's complete result set already in the outbox (published by an earlier attempt or a
+        former holder), as the outcome to record; None when there is none."""
+        published = ob.find_published(self.config.paths.outbox, job.stem, job.id, run_key(job))
+        if published is None:
+            return None
+        log.info("job.already_published", outputs=published.get("outputs"))
+        return _Outcome("done", doc=published, already_published=True)
+
+    def _publishable(self, job: Job, prepared: ib.Prepared, result: RenderResult, monitor: Monitor, tmp: Path,
+                     mp4: Path, render_s: float) -> _Outcome:
+        """A finished render, unless the job is no longer this worker's: its output name reserved and
+        its result JSON written, ready to publish."""
+        if monitor.lost:
+            log.error("job.lost", reason="the job was taken from this worker (lease lost); result discarded")
+            return _Outcome("lost")
+        # A former holder stopped past its lease after its last ownership check may have
+        # published meanwhile: its complete set stands, nothing is published twice.
+        if (found := self._found_published(job)) is not None:
+            return found
+        base = self._reserve_base(job)
+        if base is None:
+            log.error("job.lost", reason="the job was taken from this worker (lease lost); result discarded")
+            return _Outcome("lost")
+        doc = result_doc(job, prepared, result, base, render_s, self.identity, chunks_rendered=monitor.chunks.total,
+                         resumed_from_chunk=monitor.chunks.resumed_from)
+        json_path = tmp / ob.fit_name(job.stem, ".json")
+        ob.write_json(json_path, doc)
+        # The canonical line of a job: everything needed to grep for outcomes and speed.
+        log.info("job.finished", outcome="done", render_s=round(render_s, 3), frames=result.frames,
+                 duration_s=result.duration_s, width=result.width, height=result.height,
+                 chunks=result.chunks, seed=result.seed, output=f"{base}.mp4",
+                 chunks_rendered=monitor.chunks.total, resumed_from_chunk=monitor.chunks.resumed_from)
+        return _Outcome("done", doc=doc, base=base, files={"mp4": mp4, "json": json_path},
+                        chunks_rendered=monitor.chunks.total)
 
     def _reserve_base(self, job: Job) -> str | None:
         """A free output base name, reserved for this job in the database (unique across the
