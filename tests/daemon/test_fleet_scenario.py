@@ -17,8 +17,8 @@ cancelled job has exactly one failed/ folder with its reason, every input file's
 failed/ exactly once, and no daemon exited unless the test stopped it.
 
 PostgreSQL: 4 daemons on a cluster of the test's own (tests/daemon/pg_cluster.py). SQLite: 3
-daemons on one host, no database restart. The drop counts default to a CI-sized run;
-INFINITETALKD_FLEET=full runs the full scenario (200 good drops and 20 bad ones);
+daemons on one host, no database restart. The drop counts are the full scenario's (200 good drops and
+20 bad ones); INFINITETALKD_FLEET=quick runs a smaller one (32 and 11) while working on it;
 INFINITETALKD_FLEET_GOOD / _BAD set other counts, INFINITETALKD_FLEET_SEED the random kills.
 """
 
@@ -42,7 +42,7 @@ from tests.daemon.conftest import Env, wait_for
 from tests.daemon.fleet_chaos import INCOMPLETE_S, LEASE_S, Drops, Fleet, Scenario, batches, good_drop
 from tests.daemon.pg_cluster import PgCluster, pg_cluster  # noqa: F401 - the fixture
 
-FULL = os.environ.get("INFINITETALKD_FLEET") == "full"
+FULL = os.environ.get("INFINITETALKD_FLEET") != "quick"
 N_GOOD = int(os.environ.get("INFINITETALKD_FLEET_GOOD", "200" if FULL else "32"))
 N_BAD = int(os.environ.get("INFINITETALKD_FLEET_BAD", "20" if FULL else "11"))
 # Events that mean a bug, whatever else happened (daemon/worker.py, daemon/watcher.py, daemon/service.py).
