@@ -266,7 +266,8 @@ def _print_fleet(fleet: dict[str, Any]) -> None:
           + (f"{leader['holder']} (lease {leader['remaining_s']:.0f} s left)" if leader else "none"))
     for w in fleet["workers"]:
         job = f"job #{w['job_id']}" if w["job_id"] is not None else "idle"
-        print(f"worker   {w['name']} ({w['state']}, {w['device']}, pid {w['pid']} on {w['host']}): {job}, "
+        gpu = f" {w['gpu']}" if w.get("gpu") and w["gpu"] != w["device"] else ""
+        print(f"worker   {w['name']} ({w['state']}, {w['device']}{gpu}, pid {w['pid']} on {w['host']}): {job}, "
               f"heartbeat {w['heartbeat_age_s']:.0f} s ago")
 
 

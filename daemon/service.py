@@ -256,13 +256,14 @@ def _join(config: Config, store: Store, inst: Instance, stop: threading.Event) -
     return live
 
 
-def _start_scanner(config: Config, store: Store, live: Liveness, name: str, identity: str, *,
+def _start_scanner(config: Config, store: Store, live: Liveness, name: str, renderer: Renderer, identity: str, *,
                    files_lock: threading.Lock, wake: threading.Event, metrics: Metrics,
                    stop: threading.Event) -> Scanner:
-    """Record what this worker renders (docs/daemon.md §4.9), then scan the inbox once (the truth
-    before any event) and start the scanner, which works while this process leads the ingest."""
-    token = live.token
-    patiently(lambda: store.set_worker_recipe(name, token, identity), "recording the worker's recipe", stop=stop)
+    """Record what this worker renders, on which GPU (docs/daemon.md §4.9), then scan the inbox once
+    (the truth before any event) and start the scanner, which works while this process leads the ingest."""
+    token, gpu = live.token, renderer.device_name()
+    patiently(lambda: store.set_worker_engine(name, token, recipe=identity, gpu=gpu), "recording the worker's engine",
+              stop=stop)
     scanner = Scanner(config, store, identity, files_lock=files_lock, wake_worker=wake.set,
                       on_reject=metrics.failures.labels(kind="input").inc, stop_event=stop,
                       leading=lambda: live.leader and live.database_ok, name=name,
@@ -319,8 +320,8 @@ def run_daemon(config: Config, make_renderer: RendererFactory, *, notifier: Noti
         if stop.is_set():
             return EXIT_OK
         files_lock = threading.Lock()
-        scanner = _start_scanner(config, store, live, inst.name, identity, files_lock=files_lock, wake=wake,
-                                 metrics=metrics, stop=stop)
+        scanner = _start_scanner(config, store, live, inst.name, renderer, identity, files_lock=files_lock,
+                                 wake=wake, metrics=metrics, stop=stop)
         if config.metrics.enabled:
             metrics.serve(config.metrics.host, config.metrics.port)
             log.info("metrics.serving", host=config.metrics.host, port=config.metrics.port)

@@ -142,12 +142,12 @@ class FleetOps:
                                .values(heartbeat_at=self._now(), job_id=job_id))
         return res.rowcount == 1
 
-    def set_worker_recipe(self, name: str, token: str, recipe: str) -> bool:
-        """Record the recipe (engine identity) this worker renders, known once its engine is loaded.
-        False when the name is no longer this process's."""
+    def set_worker_engine(self, name: str, token: str, *, recipe: str, gpu: str) -> bool:
+        """Record the recipe (engine identity) this worker renders and its GPU model, known once its
+        engine is loaded. False when the name is no longer this process's."""
         with self.engine.begin() as conn:
             res = conn.execute(update(WORKERS).where(WORKERS.c.name == name, WORKERS.c.token == token)
-                               .values(recipe=recipe))
+                               .values(recipe=recipe, gpu=gpu))
         return res.rowcount == 1
 
     def queued_by_recipe(self) -> dict[str, int]:

@@ -233,6 +233,11 @@ class Renderer(Protocol):
         """A stable string naming the model files and code version (part of job fingerprints)."""
         ...
 
+    def device_name(self) -> str:
+        """The device it renders on, as people name it ("NVIDIA H100 80GB HBM3", "cpu"): the worker registry's
+        GPU model."""
+        ...
+
     def render(
         self, request: RenderRequest, out_path: Path, progress: ProgressFn, should_stop: StopFn, *,
         checkpoint_dir: Path | None = None, keep_all_checkpoints: bool = False,

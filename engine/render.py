@@ -116,6 +116,10 @@ class Engine:
             parts.append("dit_gemm=fp8")
         return ";".join(parts)
 
+    def device_name(self) -> str:
+        dev = torch.device(self.m.device)
+        return torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+
     def kernels(self) -> dict[str, str]:
         """Kernel choices that do not change results beyond bf16 noise (for the result JSON)."""
         from engine.fast import uses_flash3

@@ -80,6 +80,9 @@ class FakeRenderer:
     def warmup(self) -> None:
         self.warm = True
 
+    def device_name(self) -> str:
+        return "fake device"
+
     def identity(self) -> str:
         return f"fake-renderer/1 preset={self.options.preset}"
 

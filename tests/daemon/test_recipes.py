@@ -21,7 +21,7 @@ def test_a_worker_leaves_jobs_of_another_recipe_queued(env: Env) -> None:
     assert env.renderer is not None
     mine = env.renderer.identity()
     [me] = wait_for(lambda: [w for w in env.store.list_workers() if w.recipe], what="the worker's recipe")
-    assert me.recipe == mine
+    assert me.recipe == mine and me.gpu == "fake device"  # the GPU model, once the engine is loaded
     job = env.store.get(alien.id)
     assert job is not None and job.status is JobStatus.QUEUED and job.attempts == 0
     check = doctor.check_recipes(env.store.list_workers(), env.store.queued_by_recipe(), stale_after_s=60)
