@@ -313,7 +313,7 @@ def overview_doc(ctx: Ctx) -> dict[str, Any]:
     return {"counts": snap.counts, "running": [job_doc(j) for j in snap.running],
             "queued": [job_doc(j) for j in snap.queued], "done": [job_doc(j) for j in snap.done],
             "failed": [job_doc(j) for j in snap.failed], "waiting": inbox.get("waiting", []),
-            "inbox_missing": bool(inbox.get("inbox_missing")), "workers": workers(snap.running),
+            "inbox_missing": bool(inbox.get("inbox_missing")), "workers": workers(ctx.cfg, snap),
             "daemon": daemon_seen(ctx.cfg, inbox, snap.running), "finished_version": snap.finished_version}
 
 

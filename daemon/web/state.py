@@ -18,8 +18,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from daemon.config import Config
 from daemon.db import StoreConfigError
+from daemon.instance import stale_after
 from daemon.jobs import Job, JobStatus
 from daemon.store import Store, StoreError
+from daemon.store_fleet import WorkerInfo
 from engine.settings import form_fields
 
 __all__ = ["Unavailable", "StoreAccess", "job_doc", "workers", "daemon_seen", "read_inbox_status",
@@ -93,11 +95,13 @@ def job_doc(j: Job) -> dict[str, Any]:
     }
 
 
-def workers(running: list[Job]) -> list[dict[str, Any]]:
-    """The workers to show. Until the store has a workers table (fleet), the single daemon is
-    known only through the job it runs: its worker id is ``host:pid``; its GPU is not recorded."""
-    return [{"name": j.worker_id, "job_id": j.id, "stem": j.stem, "gpu": None, "heartbeat_at": j.heartbeat_at}
-            for j in running if j.worker_id]
+def workers(cfg: Config, snap: Snapshot) -> list[dict[str, Any]]:
+    """The live workers of the registry (not stopped, heartbeat younger than the stale limit): name,
+    device, GPU model, job, heartbeat age and pause reason."""
+    stems = {j.id: j.stem for j in snap.running}
+    return [{"name": w.name, "device": w.device, "gpu": w.gpu if w.gpu != w.device else None, "job_id": w.job_id,
+             "stem": stems.get(w.job_id) if w.job_id is not None else None, "heartbeat_age_s": round(w.age_s, 1),
+             "paused": w.paused} for w in snap.workers if w.stopped_at is None and w.age_s < stale_after(cfg)]
 
 
 def read_inbox_status(cfg: Config) -> dict[str, Any]:
@@ -135,6 +139,7 @@ class Snapshot:
     done: list[Job]
     failed: list[Job]  # failed and cancelled
     finished_version: str  # changes whenever a job finishes or is retried: the page reloads results
+    workers: list[WorkerInfo]
 
 
 def _read(store: Store) -> Snapshot:
@@ -144,7 +149,8 @@ def _read(store: Store) -> Snapshot:
     failed = store.list_jobs([JobStatus.FAILED, JobStatus.CANCELLED], limit=12)
     counts = store.counts()
     marks = ",".join(f"{j.id}:{j.status.value}:{j.updated_at}" for j in (*done, *failed))
-    return Snapshot(counts, running, queued, done, failed, hashlib.sha256(marks.encode()).hexdigest()[:16])
+    return Snapshot(counts, running, queued, done, failed, hashlib.sha256(marks.encode()).hexdigest()[:16],
+                    store.list_workers())
 
 
 def snapshot(access: StoreAccess) -> Snapshot:

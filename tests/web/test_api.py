@@ -89,6 +89,10 @@ def test_waiting_stems_show_why(site: Site) -> None:
                  interval=0.2, what="the waiting stem and its reason on the page")
         doc = site.client.get("/api/v1/overview").json()
         assert [w["stem"] for w in doc["waiting"]] == ["lonely"]
+        # the worker registry: the daemon's worker, its GPU model (the fake renderer's), idle
+        [worker] = doc["workers"]
+        assert worker["gpu"] == "fake device" and worker["job_id"] is None and worker["paused"] is None
+        assert "(fake device): idle" in site.client.get("/partials/live").text
     finally:
         (site.inbox / "lonely.png").unlink()
 
