@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 
-from daemon.jobs import JobStatus
+from daemon.jobs import Job, JobStatus
 from daemon.store import Store
 from tests.daemon.conftest import Env, wait_for
 from tests.daemon.fleet_chaos import INCOMPLETE_S, LEASE_S, Drops, Fleet, Scenario, batches, good_drop
@@ -77,6 +77,19 @@ def scenario(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[S
 @pytest.mark.slow
 @pytest.mark.parametrize("scenario", [("sqlite", 3), ("postgresql", 4)], ids=["sqlite-3", "postgresql-4"],
                          indirect=True)
+def _queued_alice(env: Env) -> Job:
+    """A queued job of the recipe "x" for the drop ``alice`` in the inbox (its inputs as ingest records them)."""
+    for d in (env.outbox, env.failed, env.config.paths.state):
+        d.mkdir(parents=True, exist_ok=True)
+    env.drop("alice")
+    inputs = [{"role": role, "name": f"alice.{ext}", "size": (env.inbox / f"alice.{ext}").stat().st_size,
+               "mtime_ns": (env.inbox / f"alice.{ext}").stat().st_mtime_ns}
+              for role, ext in (("image", "png"), ("audio", "wav"))]
+    job, _ = env.store.add(fingerprint="a" * 64, stem="alice", inputs=inputs, params={}, identity="x",
+                           max_attempts=3)
+    return job
+
+
 def test_a_fleet_under_kills_stops_and_a_database_restart_publishes_each_job_once(
         scenario: tuple[Scenario, PgCluster | None]) -> None:
     sc, cluster = scenario
@@ -160,14 +173,7 @@ def test_a_cut_off_former_leader_moves_no_file_of_a_cancelled_queued_job(tmp_pat
     env = Env(tmp_path)
     former_store = Store.connect(env.config.store, env.config.paths.database)
     try:
-        for d in (env.outbox, env.failed, env.config.paths.state):
-            d.mkdir(parents=True, exist_ok=True)
-        env.drop("alice")
-        inputs = [{"role": role, "name": f"alice.{ext}", "size": (env.inbox / f"alice.{ext}").stat().st_size,
-                   "mtime_ns": (env.inbox / f"alice.{ext}").stat().st_mtime_ns}
-                  for role, ext in (("image", "png"), ("audio", "wav"))]
-        job, _ = env.store.add(fingerprint="a" * 64, stem="alice", inputs=inputs, params={}, identity="x",
-                               max_attempts=3)
+        job = _queued_alice(env)
         assert env.store.request_cancel(job.id) is not None
 
         def worker(store: Store, name: str) -> Worker:
@@ -349,14 +355,7 @@ def test_a_cancelled_jobs_inputs_that_cannot_move_yet_are_moved_at_a_later_pass(
     env = Env(tmp_path)
     uninstall = faults.install({"under": [str(env.failed)], "flag": str(tmp_path / "full"), "errno": "ENOSPC"})
     try:
-        for d in (env.outbox, env.failed, env.config.paths.state):
-            d.mkdir(parents=True, exist_ok=True)
-        env.drop("alice")
-        inputs = [{"role": role, "name": f"alice.{ext}", "size": (env.inbox / f"alice.{ext}").stat().st_size,
-                   "mtime_ns": (env.inbox / f"alice.{ext}").stat().st_mtime_ns}
-                  for role, ext in (("image", "png"), ("audio", "wav"))]
-        job, _ = env.store.add(fingerprint="a" * 64, stem="alice", inputs=inputs, params={}, identity="x",
-                               max_attempts=3)
+        job = _queued_alice(env)
         env.store.request_cancel(job.id)
         worker = Worker(env.config, env.store, FakeRenderer(env.config.engine.options()), "x", notifier=Notifier({}),
                         metrics=Metrics(), stop=threading.Event(), wake=threading.Event(),
