@@ -74,9 +74,6 @@ def scenario(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[S
         env.close()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("scenario", [("sqlite", 3), ("postgresql", 4)], ids=["sqlite-3", "postgresql-4"],
-                         indirect=True)
 def _queued_alice(env: Env) -> Job:
     """A queued job of the recipe "x" for the drop ``alice`` in the inbox (its inputs as ingest records them)."""
     for d in (env.outbox, env.failed, env.config.paths.state):
@@ -90,6 +87,9 @@ def _queued_alice(env: Env) -> Job:
     return job
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", [("sqlite", 3), ("postgresql", 4)], ids=["sqlite-3", "postgresql-4"],
+                         indirect=True)
 def test_a_fleet_under_kills_stops_and_a_database_restart_publishes_each_job_once(
         scenario: tuple[Scenario, PgCluster | None]) -> None:
     sc, cluster = scenario
