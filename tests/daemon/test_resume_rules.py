@@ -207,7 +207,11 @@ def test_status_shows_each_workers_pause_reason_from_the_database(make_env: Call
     env = make_env({"jobs": {"min_free_mb": 10**9}})  # a petabyte: the disk is always "full"
     env.start()
     wait_for(lambda: any(w.paused for w in env.store.list_workers()), timeout=30, what="the pause in the database")
-    (env.config.paths.state / "worker.json").unlink()  # a fleet worker's own state folder is elsewhere
+    # the worker writes its row first, then state/worker.json (once per change): remove the file once it is
+    # there, as if the worker's own state folder were elsewhere (a fleet worker's)
+    local = env.config.paths.state / "worker.json"
+    wait_for(local.exists, timeout=30, what="state/worker.json")
+    local.unlink()
     code, out = _cli(env, "status", capsys=capsys)
     assert code == 0 and re.search(r"^paused   less than jobs.min_free_mb = \d+ MiB free .* \(worker .+\)$", out,
                                    re.MULTILINE), out
