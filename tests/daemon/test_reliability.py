@@ -161,7 +161,10 @@ def test_2_3_a_full_outbox_requeues_refusals_and_renders_later_without_retry(
     assert done.attempts == 1  # the disk-full attempts were refunded
     assert "bad.png is not a .png file" in (bad.error or "")
     assert len(rows(env, "bad")) == 1 and len(rows(env, "good")) == 1
-    assert (env.failed / "bad" / "error.txt").read_text().startswith("bad.png is not a .png file")
+    # the row is won first, then the files move (database first): wait for the reason file
+    reason = wait_for((env.failed / "bad" / "error.txt").is_file, timeout=30, what="failed/bad/error.txt") and \
+        (env.failed / "bad" / "error.txt").read_text()
+    assert reason.startswith("bad.png is not a .png file")
     assert env.outbox_files() == ["good.json", "good.log", "good.mp4"]
     assert env.stop() == 0
 
