@@ -33,8 +33,8 @@ from safetensors import SafetensorError
 from engine.api import RenderRequest
 from engine.events import emit
 
-__all__ = ["VERSION", "Checkpoint", "Recipes", "checkpoint_path", "clear", "load", "load_at", "prune", "recipe_id",
-           "recipes", "save_checkpoint", "seed_from", "segment_path"]
+__all__ = ["VERSION", "Checkpoint", "Recipes", "checkpoint_path", "clear", "fsync_file", "load", "load_at", "prune",
+           "recipe_id", "recipes", "save_checkpoint", "seed_from", "segment_path"]
 
 VERSION = 2
 _CHUNK = 1 << 20
@@ -150,6 +150,13 @@ def save_checkpoint(directory: Path, ckpt: Checkpoint, *, keep_previous: bool = 
     return path
 
 
+def fsync_file(path: Path) -> None:
+    """Make ``path``'s data durable before a rename makes it count (a power loss must not leave a renamed but
+    empty segment behind a checkpoint that names it)."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
 def _fsync_dir(directory: Path) -> None:
     """Make a rename in ``directory`` durable (a power loss must not bring back the previous name). Filesystems
     that refuse to fsync a directory (network shares) are left to their own guarantees."""
@@ -262,8 +269,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, tmp)
     except OSError:
         shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        fsync_file(tmp)
     os.replace(tmp, dst)
 
 

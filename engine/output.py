@@ -125,6 +125,7 @@ class Segments:
         t0 = time.perf_counter()
         writer.close()
         self.encode_s += writer.encode_s
+        ckpt.fsync_file(writer.path)  # the segment's data is durable before its name and checkpoint count
         writer.path.replace(ckpt.segment_path(self.dir, point.next_chunk - 1))
         t1 = time.perf_counter()
         path = ckpt.save_checkpoint(self.dir, point, keep_previous=self.keep_all)

@@ -110,6 +110,21 @@ def test_interrupted_render_resumes_with_identical_frames(engine, reference, tmp
     assert abs(info["duration"] - SECONDS) <= 0.05 and abs(info["audio_duration"] - SECONDS) <= 0.05, info
 
 
+def test_each_segment_is_fsynced_before_it_counts(engine, tmp_path: Path, monkeypatch) -> None:
+    """A power loss must not leave a checkpoint naming a segment whose data never reached the disk."""
+    synced: list[str] = []
+    real = os.fsync
+
+    def recording(fd: int) -> None:
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    req = _request(tmp_path)
+    result = engine.render(req, tmp_path / "out.mp4", lambda p: None, lambda: False, checkpoint_dir=tmp_path / "ck")
+    assert synced.count("seg.part") == result.chunks
+
+
 def _damage_truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
