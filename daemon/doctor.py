@@ -134,7 +134,7 @@ def check_store(cfg: Config) -> list[Check]:
 def check_recipes(workers: list[WorkerInfo], queued: Mapping[str, int], stale_after_s: float) -> Check:
     """Whether the live workers render one recipe, and whether every queued job's recipe has a live
     worker: a worker claims only jobs of its own recipe (docs/daemon.md §4.9)."""
-    live = [w for w in workers if w.age_s < stale_after_s and w.recipe]
+    live = [w for w in workers if w.state(stale_after_s) == "live" and w.recipe]
     recipes = {w.recipe for w in live}
     orphaned = {r: n for r, n in queued.items() if r not in recipes}
     details = [f"{w.name}: {short_identity(w.recipe)}" for w in live]

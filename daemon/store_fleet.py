@@ -54,6 +54,10 @@ class WorkerInfo:
     age_s: float
     paused: str | None = None  # why it does not claim (schema 3); None: it claims
 
+    def state(self, stale_s: float) -> str:
+        """"stopped" (signed off), "stale" (no heartbeat for ``stale_s``) or "live"."""
+        return "stopped" if self.stopped_at is not None else "stale" if self.age_s > stale_s else "live"
+
 
 @dataclass(frozen=True)
 class Lease:
@@ -278,7 +282,7 @@ class FleetOps:
         workers = [{
             "name": w.name, "host": w.host, "pid": w.pid, "device": w.device, "gpu": w.gpu, "version": w.version,
             "job_id": w.job_id, "heartbeat_age_s": round(w.age_s, 1), "paused": w.paused,
-            "state": "stopped" if w.stopped_at is not None else "stale" if w.age_s > stale_s else "live",
+            "state": w.state(stale_s),
         } for w in self.list_workers()]
         lease = self.lease(INGEST_LEASE)
         leader = None if lease is None or lease.remaining_s < 0 else {

@@ -98,10 +98,10 @@ def job_doc(j: Job) -> dict[str, Any]:
 def workers(cfg: Config, snap: Snapshot) -> list[dict[str, Any]]:
     """The live workers of the registry (not stopped, heartbeat younger than the stale limit): name,
     device, GPU model, job, heartbeat age and pause reason."""
-    stems = {j.id: j.stem for j in snap.running}
+    stems, stale_s = {j.id: j.stem for j in snap.running}, stale_after(cfg)
     return [{"name": w.name, "device": w.device, "gpu": w.gpu if w.gpu != w.device else None, "job_id": w.job_id,
              "stem": stems.get(w.job_id) if w.job_id is not None else None, "heartbeat_age_s": round(w.age_s, 1),
-             "paused": w.paused} for w in snap.workers if w.stopped_at is None and w.age_s < stale_after(cfg)]
+             "paused": w.paused} for w in snap.workers if w.state(stale_s) == "live"]
 
 
 def read_inbox_status(cfg: Config) -> dict[str, Any]:
