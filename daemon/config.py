@@ -166,6 +166,12 @@ class PathsConfig(BaseModel):
         # Work in progress lives on the outbox's filesystem so that publishing is a rename.
         return self.outbox / ".tmp"
 
+    @property
+    def settled(self) -> tuple[Path, Path]:
+        """Where a job's inputs end up (archive/, failed/): daemon/files.py looks there before moving
+        a job's inputs, so they are settled once."""
+        return self.archive, self.failed
+
 
 class WatchConfig(BaseModel):
     """How the inbox is watched."""

@@ -7,7 +7,11 @@ Rules that keep "nothing the user dropped is ever lost" true on full, failing or
 - error.txt is written before the inputs move, so a folder in failed/ always says why;
 - a job renders a snapshot of its inputs taken at claim (a hard link into its work folder, a copy
   across filesystems), so a file replaced or edited in the inbox afterwards is never archived as
-  the input of a render that did not read it: it stays in the inbox and becomes a job of its own.
+  the input of a render that did not read it: it stays in the inbox and becomes a job of its own;
+- a job's inputs are settled once: when they are gone from the inbox and a folder named for the job
+  in archive/ or failed/ already holds them (another holder of the job, stopped past its lease
+  after its last ownership check, settled them), nothing is moved or made a second time
+  (docs/daemon.md §4.3).
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from daemon import outbox as ob
+from daemon.inbox import sha256_file
 
 __all__ = ["is_storage_fault", "snapshot", "settle", "to_failed", "dispose_after_success", "same_file",
-           "changed_in_inbox"]
+           "changed_in_inbox", "holding_folder", "already_settled"]
 
 # Faults of the storage rather than of the job: ENOSPC/EDQUOT (full), EIO (failing disk or a dropped
 # share), EROFS (remounted read-only), EACCES/EPERM (a folder the daemon writes made unwritable).
@@ -86,6 +91,34 @@ def _move_all(moves: list[tuple[Path, Path]]) -> None:
         raise
 
 
+def _holds_input(path: Path, recorded: Mapping[str, Any]) -> bool:
+    try:
+        return (path.is_file() and path.stat().st_size == int(recorded["size"])
+                and sha256_file(path) == recorded["sha256"])
+    except (OSError, KeyError, ValueError):
+        return False
+
+
+def holding_folder(roots: Iterable[Path], stem: str, job_id: int, inputs: list[dict[str, Any]]) -> Path | None:
+    """A folder named for this job (as :func:`daemon.outbox.unique_dir` names them) under one of
+    ``roots`` that holds every input as recorded at ingest (size and sha256)."""
+    for root in roots:
+        for name in ob.candidate_names(stem, job_id):
+            d = root / name
+            if d.is_dir() and all(_holds_input(d / str(i["name"]), i) for i in inputs):
+                return d
+    return None
+
+
+def already_settled(roots: Iterable[Path], stem: str, job_id: int, inbox: Path,
+                    inputs: list[dict[str, Any]]) -> Path | None:
+    """Where the job's inputs were settled already: none of them is in the inbox any more and a folder
+    for this job under ``roots`` holds them all. A second holder's snapshot is then not moved too."""
+    if any(os.path.lexists(inbox / str(i["name"])) for i in inputs):
+        return None
+    return holding_folder(roots, stem, job_id, inputs)
+
+
 def changed_in_inbox(inbox: Path, inputs: list[dict[str, Any]]) -> bool:
     """Some input in the inbox is no longer the recorded file (replaced or edited since the claim)."""
     return any(os.path.lexists(inbox / str(i["name"])) and not same_file(inbox / str(i["name"]), i) for i in inputs)
@@ -119,12 +152,15 @@ def _undo_dir(d: Path) -> None:
 
 
 def to_failed(failed_root: Path, stem: str, job_id: int, inbox: Path, inputs: list[dict[str, Any]], reason: str,
-              *, snap: Path | None = None, log_file: Path | None = None) -> Path:
-    """failed/<stem>/: error.txt (one line), the inputs, and the job's log when given.
+              *, settled_in: Iterable[Path], snap: Path | None = None, log_file: Path | None = None) -> Path:
+    """failed/<stem>/: error.txt (one line), the inputs, and the job's log when given; or the folder
+    under ``settled_in`` (archive/, failed/) already holding them (:func:`already_settled`).
 
     All or nothing for error.txt and the inputs: on an OSError nothing moved stays moved, the new
     folder is removed, and the error propagates (the caller tries again later). The log is a
     copy and best effort (the reason is in error.txt and the database)."""
+    if (settled := already_settled(settled_in, stem, job_id, inbox, inputs)) is not None:
+        return settled
     dest = ob.unique_dir(failed_root, stem, job_id)
     try:
         ob.write_error(dest, reason)
@@ -139,8 +175,11 @@ def to_failed(failed_root: Path, stem: str, job_id: int, inbox: Path, inputs: li
 
 
 def dispose_after_success(inbox: Path, inputs: list[dict[str, Any]], snap: Path | None, *, after_success: str,
-                          archive_root: Path, stem: str, job_id: int) -> str:
-    """After success: the inputs to archive/<stem>/, or deleted (jobs.after_success)."""
+                          archive_root: Path, stem: str, job_id: int, settled_in: Iterable[Path]) -> str:
+    """After success: the inputs to archive/<stem>/, or deleted (jobs.after_success); nothing when
+    a folder under ``settled_in`` (archive/, failed/) already holds them (:func:`already_settled`)."""
+    if (settled := already_settled(settled_in, stem, job_id, inbox, inputs)) is not None:
+        return f"already in {settled}"
     present = [i for i in inputs if os.path.lexists(inbox / str(i["name"]))
                or (snap is not None and os.path.lexists(snap / str(i["name"])))]
     if not present:

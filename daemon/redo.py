@@ -18,7 +18,6 @@ import shutil
 from pathlib import Path
 
 from daemon import files as fl
-from daemon import inbox as ib
 from daemon import outbox as ob
 from daemon import resume
 from daemon.config import Config
@@ -50,20 +49,11 @@ def archived_inputs(config: Config, job: Job) -> Path:
         raise RedoError(f"the inputs of job #{job.id} were deleted after it finished (jobs.after_success: delete "
                         f"in {config.source}); a redo needs them in the archive: drop them again instead")
     root = config.paths.archive
-    for name in ob.candidate_names(job.stem, job.id):
-        d = root / name
-        if d.is_dir() and all(_same(d / str(i["name"]), i) for i in job.inputs):
-            return d
+    found = fl.holding_folder([root], job.stem, job.id, job.inputs)
+    if found is not None:
+        return found
     raise RedoError(f"the inputs of job #{job.id} ({', '.join(str(i['name']) for i in job.inputs)}) are not in "
                     f"{root}/{job.stem}/ any more (moved or removed?); drop them again instead")
-
-
-def _same(path: Path, recorded: dict[str, object]) -> bool:
-    try:
-        return path.is_file() and path.stat().st_size == int(str(recorded["size"])) and \
-            ib.sha256_file(path) == recorded["sha256"]
-    except (OSError, KeyError, ValueError):
-        return False
 
 
 def _chunks(config: Config, job: Job) -> int | None:

@@ -151,7 +151,7 @@ def move_to_failed(config: Config, store: Store, jobs: list[Job], stop: threadin
         try:
             # (a redo's inputs are in its own folder, never the inbox: source_dir)
             dest = fl.to_failed(paths.failed, job.stem, job.id, source_dir(config, job), job.inputs, reason,
-                                snap=snaps[-1] if snaps else None)
+                                settled_in=paths.settled, snap=snaps[-1] if snaps else None)
         except OSError as exc:
             log.error("job.recovered", job_id=job.id, stem=job.stem, action="failed", reason=reason,
                       error=str(exc), hint="the inputs stay in the inbox")

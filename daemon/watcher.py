@@ -508,9 +508,9 @@ class Scanner:
             if not self.is_leader():
                 return None
             try:
-                where = fl.dispose_after_success(cfg.paths.inbox, prepared.inputs, None,
-                                                 after_success=cfg.jobs.after_success,
-                                                 archive_root=cfg.paths.archive, stem=prepared.stem, job_id=job.id)
+                where = fl.dispose_after_success(
+                    cfg.paths.inbox, prepared.inputs, None, after_success=cfg.jobs.after_success,
+                    archive_root=cfg.paths.archive, stem=prepared.stem, job_id=job.id, settled_in=cfg.paths.settled)
             except OSError as exc:
                 log.error("job.archive_failed", job_id=job.id, error=str(exc), hint="tried again later")
                 return None
@@ -556,7 +556,8 @@ class Scanner:
                 self.tracker.forget(g.stem)
                 return
             try:
-                dest = fl.to_failed(cfg.paths.failed, g.stem, job.id, inbox, inputs, reason)
+                dest = fl.to_failed(cfg.paths.failed, g.stem, job.id, inbox, inputs, reason,
+                                    settled_in=cfg.paths.settled)
             except OSError as exc:
                 self._db(lambda: self.store.delete(job.id), "undoing a refusal")
                 if g.stem not in self.retry:

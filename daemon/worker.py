@@ -291,7 +291,7 @@ class Worker:
             with structlog.contextvars.bound_contextvars(job_id=job.id, stem=job.stem), self.files_lock:
                 try:
                     dest = fl.to_failed(self.config.paths.failed, job.stem, job.id, source_dir(self.config, job),
-                                        job.inputs, reason)
+                                        job.inputs, reason, settled_in=self.config.paths.settled)
                 except OSError as exc:
                     log.error("job.cancel_move_failed", error=str(exc), hint="tried again at the next pass")
                     continue
@@ -520,7 +520,8 @@ class Worker:
                     snap = None if out.already_published else tmp / "inputs"
                     where = fl.dispose_after_success(cfg.paths.inbox, job.inputs, snap,
                                                      after_success=cfg.jobs.after_success,
-                                                     archive_root=cfg.paths.archive, stem=job.stem, job_id=job.id)
+                                                     archive_root=cfg.paths.archive, stem=job.stem, job_id=job.id,
+                                                     settled_in=cfg.paths.settled)
             except OSError as exc:
                 # Published: the job is done. The inputs stay in the inbox, where the scanner sees
                 # the files of a finished job and archives them once it can.
@@ -542,9 +543,14 @@ class Worker:
             reason += f" (attempt {job.attempts} of {job.max_attempts}; giving up)"
         status = JobStatus.CANCELLED if out.kind == "cancelled" else JobStatus.FAILED
         with self.files_lock:
+            if not self._db(lambda: self.store.holds(job, self.worker_id), "checking the claim"):
+                # (as before publishing: the holder now may be rendering from these very inputs)
+                log.error("job.lost", reason=f"the job was taken from this worker; its failure ({reason}) "
+                          "is not recorded and its inputs stay")
+                return
             try:
                 dest = fl.to_failed(cfg.paths.failed, job.stem, job.id, source_dir(cfg, job), job.inputs, reason,
-                                    snap=tmp / "inputs", log_file=log_path)
+                                    settled_in=cfg.paths.settled, snap=tmp / "inputs", log_file=log_path)
             except OSError as exc:
                 # failed/ cannot be written: keep everything where it is and try the job again later.
                 self._requeue_for_space(job, f"{reason} (and failed/ cannot be written: {ib.one_line(str(exc))})")

@@ -24,7 +24,7 @@ def test_moving_a_jobs_files_is_all_or_nothing(tmp_path: Path) -> None:
         fl.settle(inbox, inputs, None, failed / "a.9")
     assert sorted(p.name for p in inbox.iterdir()) == ["a.png", "a.wav", "a.yaml"]
     assert sorted(p.name for p in (failed / "a.9").iterdir()) == ["a.yaml"]
-    dest = fl.to_failed(failed, "a", 10, inbox, inputs, "why")
+    dest = fl.to_failed(failed, "a", 10, inbox, inputs, "why", settled_in=[failed])
     assert sorted(p.name for p in dest.iterdir()) == ["a.png", "a.wav", "a.yaml", "error.txt"]
 
 

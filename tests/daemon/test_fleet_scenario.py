@@ -261,6 +261,68 @@ def test_workers_whose_clocks_are_15_minutes_off_steal_nothing(tmp_path: Path) -
         env.close()
 
 
+def _claimed_alice(env: Env) -> tuple[Job, Job]:
+    """One job (alice) in the store, claimed by worker "former": (the job, its claimed attempt)."""
+    from daemon import inbox as ib
+
+    for d in (env.outbox, env.failed, env.config.paths.state):
+        d.mkdir(parents=True, exist_ok=True)
+    env.drop("alice")
+    limits = ib.Limits(max_input_bytes=2**30, max_sidecar_bytes=2**16,
+                       max_image_pixels=env.config.jobs.max_image_pixels)
+    prepared = ib.prepare(env.inbox, "alice", ib.Parts(image="alice.png", video=None, audio="alice.wav",
+                                                       sidecar=None, marker=None, problem=None, missing=()),
+                          defaults=env.config.render, identity="x", limits=limits)
+    job, _ = env.store.add(fingerprint=prepared.fingerprint, stem="alice", inputs=prepared.inputs,
+                           params=prepared.params, identity="x", max_attempts=3)
+    held = env.store.claim("former", lease_s=60)
+    assert held is not None and held.id == job.id
+    return job, held
+
+
+def _take_over(env: Env, job: Job) -> Job:
+    """The job's lease runs out and worker "new" claims it."""
+    from sqlalchemy import update
+
+    from daemon.jobs import JobRow
+
+    with env.store.engine.begin() as conn:
+        conn.execute(update(JobRow).where(JobRow.id == job.id).values(lease_until=0.0))
+    held = env.store.claim("new", lease_s=60)
+    assert held is not None and held.id == job.id
+    return held
+
+
+def _other_holder_finishes(env: Env, job: Job, *, archive: bool) -> None:
+    """The other holder's renames of a complete result set (and, with ``archive``, its archiving of
+    the inputs from the inbox)."""
+    from daemon.results import run_key
+
+    for ext in ("json", "log", "mp4"):
+        doc = {"job_id": job.id, "run": run_key(job), "outputs": {"mp4": "alice.mp4"}, "timings": {}}
+        (env.outbox / f"alice.{ext}").write_text(json.dumps(doc) if ext == "json" else ext)
+    if archive:
+        (env.archive / "alice").mkdir(parents=True)
+        for p in sorted(env.inbox.iterdir()):
+            os.replace(p, env.archive / "alice" / p.name)
+
+
+def _run_as(env: Env, renderer: Any, name: str, held: Job) -> list[str]:
+    """Run one job in a worker named ``name``; the archive's paths after it."""
+    import threading
+
+    from daemon.metrics import Metrics
+    from daemon.notify import Notifier
+    from daemon.worker import Worker
+
+    renderer.warmup()
+    worker = Worker(env.config, env.store, renderer, "x", notifier=Notifier({}), metrics=Metrics(),
+                    stop=threading.Event(), wake=threading.Event(), files_lock=threading.Lock(), name=name)
+    worker.run_job(held)
+    assert env.outbox_files() == ["alice.json", "alice.log", "alice.mp4"]
+    return sorted(str(p.relative_to(env.archive)) for p in env.archive.rglob("*")) if env.archive.is_dir() else []
+
+
 @pytest.mark.parametrize("who", ["new holder", "former holder"])
 def test_a_result_published_by_the_other_holder_during_a_render_is_neither_published_nor_archived_again(
         tmp_path: Path, who: str) -> None:
@@ -271,64 +333,26 @@ def test_a_result_published_by_the_other_holder_during_a_render_is_neither_publi
       done, publishing nothing a second time and archiving no copy of the inputs from its snapshot;
     - the former holder (the new one published and has not archived yet) moves nothing: the job
       is no longer its own."""
-    import threading
-
-    from sqlalchemy import update
-
-    from daemon import inbox as ib
-    from daemon.jobs import JobRow
-    from daemon.metrics import Metrics
-    from daemon.notify import Notifier
-    from daemon.results import run_key
-    from daemon.worker import Worker
     from engine.api import RenderRequest
     from tests.daemon.fake_renderer import FakeRenderer
 
     env = Env(tmp_path)
     try:
-        for d in (env.outbox, env.failed, env.config.paths.state):
-            d.mkdir(parents=True, exist_ok=True)
-        env.drop("alice")
-        limits = ib.Limits(max_input_bytes=2**30, max_sidecar_bytes=2**16,
-                           max_image_pixels=env.config.jobs.max_image_pixels)
-        prepared = ib.prepare(env.inbox, "alice", ib.Parts(image="alice.png", video=None, audio="alice.wav",
-                                                           sidecar=None, marker=None, problem=None, missing=()),
-                              defaults=env.config.render, identity="x", limits=limits)
-        job, _ = env.store.add(fingerprint=prepared.fingerprint, stem="alice", inputs=prepared.inputs,
-                               params=prepared.params, identity="x", max_attempts=3)
-        held = env.store.claim("former", lease_s=60)
-        assert held is not None and held.id == job.id
+        job, held = _claimed_alice(env)
         name = "former"
         if who == "new holder":  # the former holder's lease ran out; the new one took the job over
-            with env.store.engine.begin() as conn:
-                conn.execute(update(JobRow).where(JobRow.id == job.id).values(lease_until=0.0))
-            held, name = env.store.claim("new", lease_s=60), "new"
-            assert held is not None and held.attempts == 2
+            held, name = _take_over(env, job), "new"
+            assert held.attempts == 2
 
         class TheOtherHolderPublishes(FakeRenderer):
             def render(self, request: RenderRequest, out_path: Path, *args: Any, **kwargs: Any) -> Any:
                 result = super().render(request, out_path, *args, **kwargs)
                 if who == "former holder":  # meanwhile the job went to another worker
-                    with env.store.engine.begin() as conn:
-                        conn.execute(update(JobRow).where(JobRow.id == job.id).values(lease_until=0.0))
-                    assert env.store.claim("new", lease_s=60) is not None
-                for ext in ("json", "log", "mp4"):  # the other holder's renames
-                    doc = {"job_id": job.id, "run": run_key(job), "outputs": {"mp4": "alice.mp4"}, "timings": {}}
-                    (env.outbox / f"alice.{ext}").write_text(json.dumps(doc) if ext == "json" else ext)
-                if who == "new holder":  # ... and its archiving of the inputs
-                    (env.archive / "alice").mkdir(parents=True)
-                    for p in sorted(env.inbox.iterdir()):
-                        os.replace(p, env.archive / "alice" / p.name)
+                    _take_over(env, job)
+                _other_holder_finishes(env, job, archive=who == "new holder")
                 return result
 
-        renderer = TheOtherHolderPublishes(env.config.engine.options())
-        renderer.warmup()
-        worker = Worker(env.config, env.store, renderer, "x", notifier=Notifier({}), metrics=Metrics(),
-                        stop=threading.Event(), wake=threading.Event(), files_lock=threading.Lock(), name=name)
-        worker.run_job(held)
-        assert env.outbox_files() == ["alice.json", "alice.log", "alice.mp4"]
-        archived = sorted(str(p.relative_to(env.archive)) for p in env.archive.rglob("*")) if env.archive.is_dir() \
-            else []
+        archived = _run_as(env, TheOtherHolderPublishes(env.config.engine.options()), name, held)
         after = env.store.get(job.id)
         assert after is not None
         if who == "new holder":
@@ -337,6 +361,48 @@ def test_a_result_published_by_the_other_holder_during_a_render_is_neither_publi
         else:
             assert archived == [] and sorted(p.name for p in env.inbox.iterdir()) == ["alice.png", "alice.wav"]
             assert after.status is JobStatus.RUNNING and after.worker_id == "new"
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("outcome", ["done", "failed"])
+def test_a_holder_stopped_past_its_lease_after_its_ownership_check_settles_no_input_twice(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outcome: str) -> None:
+    """The former holder passes its ownership check, is stopped past its lease right after it, and
+    resumes once the new holder has published the job and archived its inputs: its own moves (the
+    publish, or failed/) find the inputs gone from the inbox and archive/alice/ holding them, and
+    move no copy from its snapshot (the fleet scenario met this as an input archived twice)."""
+    from daemon import files as fl
+    from daemon import outbox as ob
+    from engine.api import RenderError, RenderRequest
+    from tests.daemon.fake_renderer import FakeRenderer
+
+    env = Env(tmp_path)
+    try:
+        job, held = _claimed_alice(env)
+
+        def stopped_past_the_lease() -> None:
+            _take_over(env, job)
+            _other_holder_finishes(env, job, archive=True)
+
+        class Fails(FakeRenderer):
+            def render(self, request: RenderRequest, out_path: Path, *args: Any, **kwargs: Any) -> Any:
+                stopped_past_the_lease()  # (the failure path checks no ownership before its moves)
+                raise RenderError("a fault of this worker")
+
+        if outcome == "done":
+            real_publish = ob.publish
+            monkeypatch.setattr(ob, "publish", lambda *a, **k: (stopped_past_the_lease(), real_publish(*a, **k))[1])
+            renderer = FakeRenderer(env.config.engine.options())
+        else:
+            renderer = Fails(env.config.engine.options())
+        archived = _run_as(env, renderer, "former", held)
+        assert archived == ["alice", "alice/alice.png", "alice/alice.wav"]
+        assert not list(env.inbox.iterdir()) and not (env.failed.exists() and list(env.failed.iterdir()))
+        after = env.store.get(job.id)
+        assert after is not None and after.status is JobStatus.RUNNING and after.worker_id == "new"
+        assert fl.already_settled(env.config.paths.settled, "alice", job.id, env.inbox, job.inputs) == \
+            env.archive / "alice"
     finally:
         env.close()
 
