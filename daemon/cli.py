@@ -38,7 +38,7 @@ from typing import Any, cast
 
 from sqlalchemy.exc import DatabaseError, OperationalError
 
-from daemon import doctor, oneshot
+from daemon import doctor, oneshot, statefiles
 from daemon.config import EX_CONFIG, Config, ConfigError, load_config
 from daemon.db import StoreConfigError
 from daemon.instance import stale_after
@@ -194,15 +194,6 @@ def _recent_render_s(done: list[Job]) -> float | None:
     return round(sum(spans) / len(spans), 1) if spans else None
 
 
-def _state_file(cfg: Config, name: str) -> dict[str, Any]:
-    """state/inbox.json (the scanner's) or state/worker.json (the worker's); {} when unreadable."""
-    try:
-        doc = json.loads((cfg.paths.state / name).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = _config(args.config)
     store = _store(cfg, busy_timeout_ms=2000)  # a status that hangs is worse than "database busy"
@@ -221,11 +212,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         raise
     finally:
         store.close()
-    inbox = _state_file(cfg, "inbox.json")
+    inbox = statefiles.read(cfg.paths.state, statefiles.INBOX)
     # each worker's pause reason from the database (any host, any state folder); a daemon that has not
     # written one yet (an older version) still has state/worker.json
     pauses = [(w["name"], str(w["paused"])) for w in fleet["workers"] if w.get("paused") and w["state"] == "live"]
-    paused = str(_state_file(cfg, "worker.json").get("paused") or "") if not pauses else pauses[0][1]
+    own = statefiles.read(cfg.paths.state, statefiles.WORKER)
+    paused = str(own.get("paused") or "") if not pauses else pauses[0][1]
     per_job = _recent_render_s(done)
     queue_s = None if per_job is None else per_job * counts.get(JobStatus.QUEUED.value, 0)
     if args.json:

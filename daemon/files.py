@@ -92,6 +92,10 @@ def _move_all(moves: list[tuple[Path, Path]]) -> None:
 
 
 def _holds_input(path: Path, recorded: Mapping[str, Any]) -> bool:
+    """``path`` holds the input as recorded: size and sha256, or (a refused drop is not hashed) size
+    and mtime, which a move keeps."""
+    if "sha256" not in recorded:
+        return same_file(path, recorded)
     try:
         return (path.is_file() and path.stat().st_size == int(recorded["size"])
                 and sha256_file(path) == recorded["sha256"])
@@ -101,7 +105,7 @@ def _holds_input(path: Path, recorded: Mapping[str, Any]) -> bool:
 
 def holding_folder(roots: Iterable[Path], stem: str, job_id: int, inputs: list[dict[str, Any]]) -> Path | None:
     """A folder named for this job (as :func:`daemon.outbox.unique_dir` names them) under one of
-    ``roots`` that holds every input as recorded at ingest (size and sha256)."""
+    ``roots`` that holds every input as recorded at ingest."""
     for root in roots:
         for name in ob.candidate_names(stem, job_id):
             d = root / name

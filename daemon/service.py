@@ -267,7 +267,7 @@ def _start_scanner(config: Config, store: Store, live: Liveness, name: str, rend
     scanner = Scanner(config, store, identity, files_lock=files_lock, wake_worker=wake.set,
                       on_reject=metrics.failures.labels(kind="input").inc, stop_event=stop,
                       leading=lambda: live.leader and live.database_ok, name=name,
-                      on_expired=lambda jobs: move_to_failed(config, store, jobs, stop))
+                      move_to_failed=lambda jobs: move_to_failed(config, store, jobs, stop))
     scanner.scan_once()
     scanner.start()
     return scanner

@@ -14,7 +14,6 @@ remounted (device/inode changed), the observer is started again.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import stat
 import threading
@@ -31,6 +30,7 @@ from watchdog.observers.api import BaseObserver
 from daemon import files as fl
 from daemon import inbox as ib
 from daemon import outbox as ob
+from daemon import statefiles
 from daemon.config import Config
 from daemon.fsinfo import filesystem_type, is_network_fs, watch_mode
 from daemon.jobs import Job, JobStatus, rejection_key
@@ -96,14 +96,15 @@ class Scanner:
     def __init__(self, config: Config, store: Store, identity: str, *, files_lock: threading.Lock,
                  wake_worker: Callable[[], None], on_reject: Callable[[], None] | None = None,
                  stop_event: threading.Event | None = None, leading: Callable[[], bool] | None = None,
-                 name: str = "", on_expired: Callable[[list[Job]], None] | None = None) -> None:
+                 name: str = "", move_to_failed: Callable[[list[Job]], None] | None = None) -> None:
         """``leading``: whether this process holds the ingest lease now (None: always, one daemon
-        alone); only the leader scans, refuses, and sweeps expired jobs (``on_expired`` moves their
-        inputs to failed/). ``name``: the worker name, reported with the waiting list."""
+        alone); only the leader scans, refuses, and sweeps expired jobs. ``move_to_failed`` moves
+        the inputs of jobs the database ended to failed/ (swept ones, and orphans: :meth:`_orphaned`).
+        ``name``: the worker name, reported with the waiting list."""
         self.config = config
         self.leading = leading
         self.name = name
-        self.on_expired = on_expired
+        self.move_to_failed = move_to_failed
         self._was_leading = False
         self.store = store
         self.identity = identity
@@ -318,9 +319,9 @@ class Scanner:
         if self.leading is None:
             return  # one daemon alone: its own recovery at start does this
         expired = self._db(self.store.sweep_expired, "sweeping expired jobs")
-        if expired and self.on_expired is not None:
+        if expired and self.move_to_failed is not None:
             with self.files_lock:
-                self.on_expired(expired)
+                self.move_to_failed(expired)
 
     def _consider_isolated(self, g: ib.Group, now: float) -> None:
         """One stem's decision, isolated: whatever it raises, the other stems are still looked at,
@@ -518,10 +519,25 @@ class Scanner:
                      reason=f"already rendered as job {job.id} (jobs.redo_finished = skip)")
             return None
         if what is Redrop.LEAVE:
+            if self._settle_orphan(job):
+                return None
             log.warning("job.left_in_inbox", job_id=job.id, reason=job.error,
                         hint=f"run 'infinitetalkd retry {job.id}'")
             return None
         return self._requeue(job, prepared, f"dropped again after it was {job.status.value}")
+
+    def _settle_orphan(self, job: Job) -> bool:
+        """The inputs of a job the database ended (refused, failed, cancelled) more than
+        ``jobs.lease_s`` ago are still in the inbox: the process that won its row died or was cut
+        off before its move, so the leader moves them now (docs/daemon.md §4.3)."""
+        if job.failed_dir is not None or job.finished_at is None or self.move_to_failed is None:
+            return False
+        if self._db(self.store.db_time, "reading the database clock") - job.finished_at <= self.config.jobs.lease_s:
+            return False
+        log.warning("job.orphan_moved", job_id=job.id, reason="its files were still in the inbox long after the "
+                    "database ended it: the process that ended it died or was cut off before moving them")
+        self.move_to_failed([job])
+        return True
 
     def _requeue(self, job: Job, prepared: ib.Prepared, reason: str) -> int | None:
         try:
@@ -553,6 +569,7 @@ class Scanner:
             job, created = self._db(lambda: self.store.reject(key, stem=g.stem, inputs=inputs, error=reason),
                                     "refusing")
             if not created:  # another ingester (a former leader) refused these very files: its move
+                self._settle_orphan(job)
                 self.tracker.forget(g.stem)
                 return
             try:
@@ -596,10 +613,4 @@ class Scanner:
                 self.store.set_waiting(self.name, waiting)
             except Exception as exc:  # noqa: BLE001 - a status report; the next pass writes it again
                 log.warning("status.waiting_failed", error=str(exc))
-        path = self.config.paths.state / "inbox.json"
-        tmp = path.with_suffix(".json.tmp")
-        try:
-            tmp.write_text(json.dumps(doc, indent=1), encoding="utf-8")
-            os.replace(tmp, path)
-        except OSError as exc:
-            log.warning("status_file.failed", error=str(exc))
+        statefiles.write(self.config.paths.state, statefiles.INBOX, doc)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import os
 import shutil
 import socket
@@ -38,7 +37,7 @@ import structlog
 from daemon import files as fl
 from daemon import inbox as ib
 from daemon import outbox as ob
-from daemon import resume
+from daemon import resume, statefiles
 from daemon.config import Config
 from daemon.db_liveness import Liveness
 from daemon.jobs import Job, JobStatus
@@ -224,13 +223,7 @@ class Worker:
             log.warning("worker.paused", reason=reason)
         else:
             log.info("worker.resumed")
-        path = self.config.paths.state / "worker.json"
-        try:
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps({"paused": reason, "since": time.time()}), encoding="utf-8")
-            os.replace(tmp, path)
-        except OSError as exc:
-            log.warning("status_file.failed", error=str(exc))
+        statefiles.write(self.config.paths.state, statefiles.WORKER, {"paused": reason, "since": time.time()})
 
     def _idle(self, status: str, timeout: float) -> None:
         if self.scanner is None or self.scanner.alive():

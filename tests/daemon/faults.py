@@ -2,13 +2,15 @@
 errno while a flag file exists, as on a full, failing or read-only disk.
 
     spec = {"under": ["/x/outbox", "/x/failed"], "flag": "/x/full", "errno": "ENOSPC",
-            "crash_after_publish": "/x/outbox"}
+            "crash_after_publish": "/x/outbox", "crash_before_mkdir": "/x/failed"}
 
 - every write the daemon can make under ``under`` (open for writing, os.open with write flags,
   mkdir, rename/replace/link into it, logging file handlers) raises ``OSError(errno)`` while
   ``flag`` exists, and ``shutil.disk_usage`` reports 0 bytes free there;
 - ``crash_after_publish``: the process dies (``os._exit(137)``, as kill -9) right after the first
-  rename into that folder, once (the flag file ``<flag>.crashed`` records that it happened).
+  rename into that folder, once (the flag file ``<flag>.crashed`` records that it happened);
+- ``crash_before_mkdir``: the same, right before the first folder is made inside that folder (for
+  failed/: after the database recorded a refusal or failure, before its files move).
 
 Installed by tests/daemon/fake_daemon.py from the env var FAKE_FAULTS (a JSON spec), or in-process
 with :func:`install` (returns the function that removes it).
@@ -34,7 +36,8 @@ def install(spec: dict[str, Any]) -> Callable[[], None]:
     flag = Path(spec["flag"]) if spec.get("flag") else None
     code = getattr(errno_mod, str(spec.get("errno", "ENOSPC")))
     crash_dir = os.path.realpath(spec["crash_after_publish"]) if spec.get("crash_after_publish") else None
-    crashed = Path(f"{spec.get('flag') or spec['crash_after_publish']}.crashed")
+    mkdir_crash_dir = os.path.realpath(spec["crash_before_mkdir"]) if spec.get("crash_before_mkdir") else None
+    crashed = Path(f"{spec.get('flag') or spec.get('crash_after_publish') or spec['crash_before_mkdir']}.crashed")
 
     def active() -> bool:
         return flag is not None and flag.exists()
@@ -67,6 +70,10 @@ def install(spec: dict[str, Any]) -> Callable[[], None]:
     def f_mkdir(path: Any, *a: Any, **k: Any) -> None:
         if not os.path.lexists(path):  # an existing folder is EEXIST, as on a real full disk
             fail(path)
+            if (mkdir_crash_dir is not None and not crashed.exists()
+                    and os.path.dirname(os.path.realpath(os.fspath(path))) == mkdir_crash_dir):
+                crashed.touch()
+                os._exit(137)
         real_mkdir(path, *a, **k)
 
     def moved(real: Callable[..., None]) -> Callable[..., None]:

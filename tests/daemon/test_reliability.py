@@ -363,6 +363,31 @@ def test_8_kill_9_after_the_first_publish_rename_leaves_no_stray_set(env: Env,
     assert env.outbox_files() == ["alice.json", "alice.log", "alice.mp4"]
 
 
+def test_8_kill_9_between_refusing_a_drop_and_moving_it_leaves_no_file_in_the_inbox(
+        env: Env, procs: list[subprocess.Popen[bytes]]) -> None:
+    """The refusal is recorded first (database first); a daemon killed before the move leaves the
+    files in the inbox and a row that nobody else may move (docs/daemon.md §4.3). Once the row is
+    older than jobs.lease_s, the ingest leader moves them itself."""
+    env.write_config({"jobs": {"lease_s": 3}})
+    (env.inbox / "bad.png").write_bytes(b"this is text, not a picture")
+    write_wav(env.inbox / "bad.wav", 0.4)
+    spec = json.dumps({"crash_before_mkdir": str(env.failed), "flag": str(env.root / "crash")})
+    procs.append(p := spawn(env, steps=2, step_s=0.01, extra_env={"FAKE_FAULTS": spec}))
+    assert p.wait(60) == 137  # died between the refusal's row and its move
+    job = env.job("bad")
+    assert job is not None and job.status is JobStatus.FAILED and job.failed_dir is None
+    assert sorted(p.name for p in env.inbox.iterdir()) == ["bad.png", "bad.wav"]
+    procs.append(p2 := spawn(env, steps=2, step_s=0.01))
+    wait_for(lambda: not list(env.inbox.iterdir()), timeout=30, what="the refused files moved")
+    job = env.job("bad")
+    assert job is not None and job.failed_dir == str(env.failed / "bad")
+    assert sorted(p.name for p in (env.failed / "bad").iterdir()) == ["bad.png", "bad.wav", "error.txt"]
+    assert "bad.png" in (env.failed / "bad" / "error.txt").read_text()
+    assert len(env.jobs()) == 1
+    p2.terminate()
+    assert p2.wait(20) == 0
+
+
 def test_8_a_job_that_fails_after_a_partial_publish_removes_it(tmp_path: Path) -> None:
     (tmp_path / "alice.json").write_text(json.dumps({"job_id": 7}))
     (tmp_path / "alice.log").write_text("")
