@@ -1,13 +1,18 @@
 """The fleet's own overhead on the CPU, with the fake renderer (tests/daemon/fake_renderer.py) where the GPU would be:
 
 - ``claim``: claim-to-start latency: real daemon processes (tests/daemon/fake_daemon.py) on one inbox and one
-  SQLite database; jobs dropped one at a time while the workers are idle; the figure is the job's
+  job database; jobs dropped one at a time while the workers are idle; the figure is the job's
   ``started_at - created_at`` on the database clock (queued by the ingest leader -> claimed by some worker);
 - ``ingest``: how fast the ingest leader queues many stems dropped at once (each with a ``.ready`` marker, so no
   stability wait), one scanner, from the first pass until every stem is queued;
 - ``status``: the wall time of ``infinitetalkd status --json`` with N jobs in the database.
 
     python -m bench.fleet [--only claim,ingest,status] [--workers 3] [--claims 20] [--stems 5000] [--jobs 10000]
+                          [--store-url postgresql+psycopg://user@host/db]
+
+SQLite in each part's temporary state folder by default; with ``--store-url`` every part runs on that
+PostgreSQL database instead, **which is emptied before each part** (its ``public`` schema dropped): give
+it a throwaway database.
 
 Prints one Markdown table and writes ``fleet.json`` to ``--out`` (default: a temporary folder).
 Figures: bench/RESULTS.md.
@@ -34,6 +39,7 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+STORE_URL: str | None = None  # --store-url: PostgreSQL instead of SQLite (set once by main)
 
 
 def _config(root: Path, **over: Any) -> Path:
@@ -45,6 +51,8 @@ def _config(root: Path, **over: Any) -> Path:
         "engine": {"models_dir": str(root / "models"), "device": "cpu"},
         "logging": {"level": "warning", "format": "json"},
     }
+    if STORE_URL:
+        doc["store"] = {"url": STORE_URL}
     for k, v in over.items():
         doc[k].update(v)
     for d in ("inbox", "outbox", "state", "models"):
@@ -91,7 +99,7 @@ def bench_claim(root: Path, workers: int, claims: int) -> dict[str, Any]:
         for p in procs:
             p.wait(60)
     lat = sorted(latencies)
-    return {"what": f"claim-to-start latency, {workers} daemons on SQLite, idle (the ingest leader wakes its own "
+    return {"what": f"claim-to-start latency, {workers} daemons on {_backend()}, idle (the ingest leader wakes its own "
                     "worker at once; the others poll every watch.poll_interval_s = 0.2 s)",
             "median_s": round(statistics.median(lat), 3), "p95_s": round(lat[int(0.95 * (len(lat) - 1))], 3),
             "max_s": round(lat[-1], 3), "n": len(lat)}
@@ -116,7 +124,7 @@ def bench_ingest(root: Path, stems: int) -> dict[str, Any]:
         seconds = time.perf_counter() - t0
     finally:
         store.close()
-    return {"what": f"ingest of {stems} stems dropped at once (png + wav + .ready, one scanner, SQLite)",
+    return {"what": f"ingest of {stems} stems dropped at once (png + wav + .ready, one scanner, {_backend()})",
             "seconds": round(seconds, 2), "stems_per_s": round(stems / seconds, 1), "passes": passes}
 
 
@@ -147,8 +155,25 @@ def bench_status(root: Path, jobs: int, repeat: int = 5) -> dict[str, Any]:
         with contextlib.redirect_stdout(io.StringIO()):
             assert cli.main(["status", "--json", "--config", str(cfg_path)]) == 0
         times.append(time.perf_counter() - t0)
-    return {"what": f"infinitetalkd status --json with {jobs} jobs (SQLite, in-process)",
+    return {"what": f"infinitetalkd status --json with {jobs} jobs ({_backend()}, in-process)",
             "median_s": round(statistics.median(times), 3), "max_s": round(max(times), 3), "n": repeat}
+
+
+def _empty_database(url: str) -> None:
+    """A fresh start for the next part on PostgreSQL: the schema dropped and made again."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("DROP SCHEMA public CASCADE"))
+            conn.execute(text("CREATE SCHEMA public"))
+    finally:
+        engine.dispose()
+
+
+def _backend() -> str:
+    return "PostgreSQL" if STORE_URL else "SQLite"
 
 
 def _wait(cond: Any, timeout: float, what: str) -> Any:
@@ -168,7 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stems", type=int, default=5000)
     ap.add_argument("--jobs", type=int, default=10000)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--store-url", default=None, help="a throwaway PostgreSQL database (emptied before each part)")
     args = ap.parse_args(argv)
+    global STORE_URL
+    STORE_URL = args.store_url
     from daemon.log import setup_logging
 
     setup_logging("warning", "json")
@@ -178,10 +206,13 @@ def main(argv: list[str] | None = None) -> int:
              "ingest": lambda d: bench_ingest(d, args.stems), "status": lambda d: bench_status(d, args.jobs)}
     results = {}
     for name in args.only.split(","):
+        if STORE_URL:
+            _empty_database(STORE_URL)
         with tempfile.TemporaryDirectory(prefix=f"bench-fleet-{name}-") as d:
             results[name] = parts[name](Path(d))
-    doc = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} {platform.machine()}, "
-           f"{os.cpu_count()} CPUs", "python": platform.python_version(), "results": results}
+    doc = {"date": time.strftime("%Y-%m-%d"), "store": _backend(),
+           "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs",
+           "python": platform.python_version(), "results": results}
     (out / "fleet.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
     print("| part | what | figures |\n|---|---|---|")
     for name, r in results.items():

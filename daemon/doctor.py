@@ -61,7 +61,7 @@ def check_models(models_dir: Path, files: Mapping[str, str], preset: str, models
 
 def check_installation(cfg: Config, models_dir: Path, models_check: ModelsCheck, engine: ImportFn) -> list[Check]:
     """Config, folders, filesystems, database, models and GPU."""
-    from daemon.watcher import filesystem_type, is_network_fs, watch_mode
+    from daemon.fsinfo import filesystem_type, is_network_fs, watch_mode
 
     checks = [Check("config", "ok", f"config {cfg.source}")]
     p = cfg.paths

@@ -15,6 +15,7 @@ Rules (docs/daemon.md §3.4 and §7):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -242,6 +243,14 @@ def move_files(paths: Iterable[Path], dest: Path) -> list[str]:
 
 
 def write_error(dest: Path, reason: str) -> Path:
-    path = dest / "error.txt"
-    path.write_text(" ".join(reason.split()) + "\n", encoding="utf-8")
+    """``dest/error.txt``: the reason on one line, written aside and renamed into place, so whoever
+    watches failed/ never reads it empty or half written."""
+    path, tmp = dest / "error.txt", dest / ".error.txt.tmp"
+    try:
+        tmp.write_text(" ".join(reason.split()) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
     return path

@@ -5,17 +5,12 @@ wakes it, every ``poll_interval_s`` while something is settling (or always, in p
 least every ``rescan_interval_s``. For each stem it tracks stability, validates, fingerprints and
 inserts a queued job, or moves refused inputs to failed/ with a one-line reason.
 
-In poll mode (configured, or ``auto`` on a network filesystem, where inotify never sees other
-machines' writes) no watchdog observer runs at all: the scan itself is the poll. An inbox that
-disappears (NAS unmounted) is logged and checked every poll interval; when it comes back, or is
-remounted (device/inode changed), the observer is started again.
+Whether the inbox is there and the watchdog observer are :class:`daemon.inbox_watch.InboxWatch`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -23,16 +18,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import structlog
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
-from watchdog.observers.api import BaseObserver
 
 from daemon import files as fl
 from daemon import inbox as ib
 from daemon import outbox as ob
 from daemon import statefiles
 from daemon.config import Config
-from daemon.fsinfo import filesystem_type, is_network_fs, watch_mode
+from daemon.inbox_watch import InboxWatch
 from daemon.jobs import Job, JobStatus, rejection_key
 from daemon.log import get_logger, job_log
 from daemon.patience import Stopped, patiently
@@ -40,7 +32,7 @@ from daemon.redrop import Redrop, decide
 from daemon.store import StaleJob, Store
 from engine.api import InputError
 
-__all__ = ["Scanner", "filesystem_type", "is_network_fs", "watch_mode"]
+__all__ = ["Scanner"]
 
 T = TypeVar("T")
 
@@ -50,15 +42,6 @@ _REFUSE_RETRY_S = 2.0
 _REFUSE_RETRY_MAX_S = 60.0
 
 log = get_logger("infinitetalkd.watcher")
-
-class _Hint(FileSystemEventHandler):
-    """Runs on watchdog's thread: only wakes the scanner (records nothing, decides nothing)."""
-
-    def __init__(self, wake: threading.Event) -> None:
-        self.wake = wake
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        self.wake.set()
 
 
 @dataclass
@@ -114,17 +97,13 @@ class Scanner:
         self.wake = threading.Event()
         self._stop = stop_event if stop_event is not None else threading.Event()
         self._thread: threading.Thread | None = None
-        self._observer: BaseObserver | None = None
         self.tracker = ib.StabilityTracker()
         self.known: dict[str, _Known] = {}  # stem -> the state already handled
         self.waiting: dict[str, _Wait] = {}
         self.retry: dict[str, _Retry] = {}
         self._last_failure = ""
         self._refs_cache: dict[str, tuple[tuple[int, int], list[tuple[str, str]]]] = {}
-        self.inbox_missing = False
-        self._inbox_ident: tuple[int, int] | None = None
-        self.fstype = "unknown"
-        self.mode = "poll"
+        self.watch = InboxWatch(config.paths.inbox, config.watch, self.wake)
         self.last_cycle = time.monotonic()
         self._next_check: float | None = None
         self.limits = ib.Limits(
@@ -144,7 +123,16 @@ class Scanner:
         self.wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        self._stop_observer()
+        self.watch.stop()
+
+    @property
+    def inbox_missing(self) -> bool:
+        return self.watch.missing
+
+    @property
+    def mode(self) -> str:
+        """How the inbox is watched now: inotify, or poll."""
+        return self.watch.mode
 
     def alive(self) -> bool:
         """The scanner thread runs and finished a cycle recently (feeds the systemd watchdog)."""
@@ -160,7 +148,7 @@ class Scanner:
                 # In inotify mode a full pass waits for an event or the rescan interval, but the
                 # inbox's presence is checked every poll interval: a share that is unmounted or
                 # renamed away while idle sends no event.
-                if self.wake.is_set() or now >= next_scan or self._presence_changed():
+                if self.wake.is_set() or now >= next_scan or self.watch.presence_changed():
                     self.wake.clear()
                     self.scan_once()
                     next_scan = time.monotonic() + (self._timeout() if self._was_leading
@@ -177,18 +165,9 @@ class Scanner:
             self.last_cycle = time.monotonic()
             self.wake.wait(max(0.01, min(next_scan - time.monotonic(), self.config.watch.poll_interval_s)))
 
-    def _presence_changed(self) -> bool:
-        """The inbox vanished or came back (or was remounted) since the last pass."""
-        try:
-            st = os.stat(self.config.paths.inbox)
-            here = stat.S_ISDIR(st.st_mode)
-        except OSError:
-            return not self.inbox_missing
-        return self.inbox_missing or not here or (self._inbox_ident not in (None, (st.st_dev, st.st_ino)))
-
     def _timeout(self) -> float:
         w = self.config.watch
-        if self.mode == "poll" or self.inbox_missing:
+        if self.watch.mode == "poll" or self.watch.missing:
             return w.poll_interval_s
         timeout = w.rescan_interval_s
         if self._next_check is not None:
@@ -197,70 +176,6 @@ class Scanner:
 
     def _db(self, call: Callable[[], T], what: str) -> T:
         return patiently(call, what, stop=self._stop)
-
-    # -- observer and inbox presence ----------------------------------------------------------
-
-    def _stop_observer(self) -> None:
-        obs, self._observer = self._observer, None
-        if obs is not None:
-            try:
-                obs.stop()
-                obs.join(timeout=10)
-            except Exception:  # a dead watch on a vanished mount may refuse to stop cleanly
-                log.warning("watcher.stop_failed", exc_info=True)
-
-    def _start_observer(self) -> None:
-        self._stop_observer()
-        inbox = self.config.paths.inbox
-        self.fstype = filesystem_type(inbox)
-        self.mode = watch_mode(self.config.watch.mode, self.fstype)
-        if self.mode == "inotify":
-            try:
-                obs = Observer()
-                obs.schedule(_Hint(self.wake), str(inbox), recursive=False)
-                obs.daemon = True
-                obs.start()
-                self._observer = obs
-            except OSError as exc:  # ENOSPC: inotify watch limit; EMFILE: instance limit
-                log.error("watcher.failed", error=str(exc), fallback="poll",
-                          hint="raise fs.inotify.max_user_watches / max_user_instances")
-                self.mode = "poll"
-        log.info("watcher.started", inbox=str(inbox), fstype=self.fstype, mode=self.mode,
-                 configured=self.config.watch.mode)
-
-    def _check_inbox(self) -> bool:
-        inbox = self.config.paths.inbox
-        try:
-            st = os.stat(inbox)
-            ok = stat.S_ISDIR(st.st_mode)
-        except OSError:
-            ok = False
-        if not ok:
-            self._mark_missing("missing")
-            return False
-        ident = (st.st_dev, st.st_ino)
-        if self.inbox_missing:
-            log.warning("inbox.back", inbox=str(inbox))
-        elif self._inbox_ident is not None and ident != self._inbox_ident:
-            log.warning("inbox.remounted", inbox=str(inbox))
-        elif self._observer is not None and not self._observer.is_alive():
-            log.error("watcher.died", inbox=str(inbox))
-        elif self._inbox_ident is not None:
-            return True
-        self.inbox_missing = False
-        self._inbox_ident = ident
-        self._start_observer()
-        return True
-
-    def _mark_missing(self, why: str, error: str = "") -> None:
-        """The one place the inbox becomes missing: logged once per outage, observer stopped."""
-        if not self.inbox_missing:
-            log.error("inbox.missing", inbox=str(self.config.paths.inbox), why=why, error=error,
-                      hint=f"is the share mounted? checking again every {self.config.watch.poll_interval_s:g} s; "
-                           "queued jobs wait for it")
-        self._stop_observer()
-        self._inbox_ident = None
-        self.inbox_missing = True
 
     # -- scanning -----------------------------------------------------------------------------
 
@@ -281,14 +196,14 @@ class Scanner:
         if not self.is_leader():
             return
         self._sweep()
-        if not self._check_inbox():
+        if not self.watch.check():
             self._write_status()
             return
         now = time.monotonic()
         try:
             entries = ib.list_inbox(self.config.paths.inbox)
         except OSError as exc:  # gone between the stat and the listing, EIO / ESTALE on a dropped share
-            self._mark_missing("unreadable", str(exc))
+            self.watch.mark_missing("unreadable", str(exc))
             self._write_status()
             return
         groups = ib.group_entries(entries)
@@ -599,9 +514,9 @@ class Scanner:
         doc = {
             "updated_at": time.time(),
             "inbox": str(self.config.paths.inbox),
-            "inbox_missing": self.inbox_missing,
-            "fstype": self.fstype,
-            "watch_mode": self.mode,
+            "inbox_missing": self.watch.missing,
+            "fstype": self.watch.fstype,
+            "watch_mode": self.watch.mode,
             "waiting": [{"stem": s, "reason": w.reason, "since": w.since} for s, w in sorted(self.waiting.items())],
         }
         if self.leading is not None and self.is_leader():

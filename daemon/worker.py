@@ -76,7 +76,8 @@ T = TypeVar("T")
 class ScannerView(Protocol):
     """What the worker needs of the scanner (daemon/watcher.py), without importing it."""
 
-    inbox_missing: bool
+    @property
+    def inbox_missing(self) -> bool: ...
 
     def alive(self) -> bool: ...
 

@@ -109,7 +109,7 @@ class _NoObserver:
 
 def test_poll_mode_finds_files_without_any_events(make_env: Callable[..., Env],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("daemon.watcher.Observer", _NoObserver)
+    monkeypatch.setattr("daemon.inbox_watch.Observer", _NoObserver)
     env = make_env({"watch": {"mode": "poll", "rescan_interval_s": 300}})
     env.start()
     time.sleep(0.2)
