@@ -62,7 +62,7 @@ class _Wait:
 
 @dataclass
 class _Retry:
-    """A stem whose refusal could not be written: not looked at again before ``at``."""
+    """A stem not looked at again before ``at`` (see :meth:`Scanner._defer`)."""
 
     signature: tuple[Any, ...]
     at: float
@@ -303,7 +303,8 @@ class Scanner:
                                for n, e in ref_entries.items())))
 
     def _defer(self, stem: str, signature: tuple[Any, ...]) -> None:
-        """A refusal could not be written: look at this stem again after a back-off."""
+        """Look at this stem again after a back-off (a refusal that could not be written, files that
+        another process should move)."""
         prev = self.retry.get(stem)
         backoff = _REFUSE_RETRY_S if prev is None else min(prev.backoff * 2, _REFUSE_RETRY_MAX_S)
         self.retry[stem] = _Retry(signature, time.monotonic() + backoff, backoff)
@@ -405,9 +406,9 @@ class Scanner:
                     log.info("job.queued", job_id=job.id, files=prepared.names)
                     self.wake_worker()
                 return
-            self.known[stem] = _Known(signature, prepared, self._existing(existing, prepared))
+            self.known[stem] = _Known(signature, prepared, self._existing(existing, prepared, signature))
 
-    def _existing(self, job: Job, prepared: ib.Prepared) -> int | None:
+    def _existing(self, job: Job, prepared: ib.Prepared, signature: tuple[Any, ...]) -> int | None:
         """Carry out the re-drop decision (daemon/redrop.py) for files with the fingerprint of job
         ``job``. Returns the id of the job to wait on when it is (again) queued or running."""
         cfg = self.config
@@ -434,24 +435,30 @@ class Scanner:
                      reason=f"already rendered as job {job.id} (jobs.redo_finished = skip)")
             return None
         if what is Redrop.LEAVE:
-            if self._settle_orphan(job):
-                return None
+            if self._unmoved(job, prepared.stem, signature):
+                return job.id  # looked at again, after a back-off, until its files are moved
             log.warning("job.left_in_inbox", job_id=job.id, reason=job.error,
                         hint=f"run 'infinitetalkd retry {job.id}'")
             return None
         return self._requeue(job, prepared, f"dropped again after it was {job.status.value}")
 
-    def _settle_orphan(self, job: Job) -> bool:
-        """The inputs of a job the database ended (refused, failed, cancelled) more than
-        ``jobs.lease_s`` ago are still in the inbox: the process that won its row died or was cut
-        off before its move, so the leader moves them now (docs/daemon.md §4.3)."""
+    def _unmoved(self, job: Job, stem: str, signature: tuple[Any, ...]) -> bool:
+        """Whether the database ended ``job`` (refused, failed, cancelled) and nobody moved its files,
+        still in the inbox. The process that won the row moves them right after, unless it died or
+        was cut off: once the row is older than ``jobs.lease_s`` (a winner still alive has lost
+        every lease by then) the leader moves them itself (docs/daemon.md §4.3). Until they are gone
+        the stem is looked at again after a back-off."""
         if job.failed_dir is not None or job.finished_at is None or self.move_to_failed is None:
             return False
-        if self._db(self.store.db_time, "reading the database clock") - job.finished_at <= self.config.jobs.lease_s:
-            return False
-        log.warning("job.orphan_moved", job_id=job.id, reason="its files were still in the inbox long after the "
-                    "database ended it: the process that ended it died or was cut off before moving them")
-        self.move_to_failed([job])
+        lease_s = self.config.jobs.lease_s
+        if stem not in self.retry:
+            log.info("job.unmoved", job_id=job.id, hint=f"its files go to failed/ as soon as the process that "
+                     f"ended it moves them, or by the ingest leader {lease_s:g} s (jobs.lease_s) after it ended")
+        if self._db(self.store.db_time, "reading the database clock") - job.finished_at > lease_s:
+            log.warning("job.orphan_moved", job_id=job.id, reason="its files were still in the inbox long after the "
+                        "database ended it: the process that ended it died or was cut off before moving them")
+            self.move_to_failed([job])
+        self._defer(stem, signature)
         return True
 
     def _requeue(self, job: Job, prepared: ib.Prepared, reason: str) -> int | None:
@@ -484,7 +491,7 @@ class Scanner:
             job, created = self._db(lambda: self.store.reject(key, stem=g.stem, inputs=inputs, error=reason),
                                     "refusing")
             if not created:  # another ingester (a former leader) refused these very files: its move
-                self._settle_orphan(job)
+                self._unmoved(job, g.stem, signature)
                 self.tracker.forget(g.stem)
                 return
             try:

@@ -177,6 +177,8 @@ def test_cancel_running_and_queued_jobs(env: Env) -> None:
     assert "cancelled by user" in (job.error or "")
     env.wait_status("next", JobStatus.CANCELLED)
     for stem in ("long", "next"):
+        # a queued job's cancel wins its row first, then moves the files (docs/daemon.md §4.6)
+        wait_for(lambda s=stem: not any(env.inbox.glob(f"{s}.*")), what=f"{stem}'s files moved")  # type: ignore[misc]
         assert (env.failed / stem / f"{stem}.wav").exists()
         assert "cancelled" in (env.failed / stem / "error.txt").read_text()
     assert env.renderer is not None and env.renderer.renders == 0

@@ -388,6 +388,43 @@ def test_8_kill_9_between_refusing_a_drop_and_moving_it_leaves_no_file_in_the_in
     assert p2.wait(20) == 0
 
 
+def test_8_a_cancelled_jobs_files_left_in_the_inbox_are_moved_once_the_row_is_older_than_the_lease(
+        env: Env) -> None:
+    """The cancel of a queued job won its row and its process died before the move: the scanner leaves
+    the files while the row is younger than jobs.lease_s (the winner may still be moving them), looks
+    again after a back-off (a decision it remembered would never be looked at again), and moves them to
+    failed/ itself once the row is older, recording where."""
+    import threading
+
+    from sqlalchemy import update
+
+    from daemon.jobs import JobRow
+    from daemon.service import move_to_failed
+    from daemon.watcher import Scanner
+
+    env.config.paths.state.mkdir(parents=True, exist_ok=True)
+    scanner = Scanner(env.config, env.store, "test", files_lock=threading.Lock(), wake_worker=lambda: None,
+                      move_to_failed=lambda jobs: move_to_failed(env.config, env.store, jobs, threading.Event()))
+    env.drop("alice")
+    queued = wait_for(lambda: scanner.scan_once() or env.job("alice"), what="alice queued")
+    reason = "cancelled by user (infinitetalkd cancel) before it started"
+    assert env.store.cancel_queued(queued, error=reason, failed_dir=None) is not None  # ... and the winner died
+    for _ in range(3):
+        scanner.scan_once()
+    assert sorted(p.name for p in env.inbox.iterdir()) == ["alice.png", "alice.wav"] and not env.failed.exists()
+    with env.store.engine.begin() as conn:
+        conn.execute(update(JobRow).where(JobRow.id == queued.id)
+                     .values(finished_at=JobRow.finished_at - env.config.jobs.lease_s - 1))
+    wait_for(lambda: scanner.scan_once() or not list(env.inbox.iterdir()), timeout=15,
+             what="the files moved (looked at again after a back-off)")
+    assert sorted(p.name for p in (env.failed / "alice").iterdir()) == ["alice.png", "alice.wav", "error.txt"]
+    assert (env.failed / "alice" / "error.txt").read_text().strip() == reason
+    job = env.job("alice")
+    assert job is not None and job.status is JobStatus.CANCELLED and job.failed_dir == str(env.failed / "alice")
+    scanner.scan_once()  # settled: nothing more happens
+    assert sorted(p.name for p in env.failed.iterdir()) == ["alice"] and len(env.jobs()) == 1
+
+
 def test_8_a_job_that_fails_after_a_partial_publish_removes_it(tmp_path: Path) -> None:
     (tmp_path / "alice.json").write_text(json.dumps({"job_id": 7}))
     (tmp_path / "alice.log").write_text("")
