@@ -39,10 +39,9 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-STORE_URL: str | None = None  # --store-url: PostgreSQL instead of SQLite (set once by main)
 
 
-def _config(root: Path, **over: Any) -> Path:
+def _config(root: Path, store_url: str | None, **over: Any) -> Path:
     doc: dict[str, Any] = {
         "paths": {"inbox": str(root / "inbox"), "outbox": str(root / "outbox"), "state": str(root / "state")},
         "watch": {"mode": "poll", "poll_interval_s": 0.2, "stable_window_s": 0.3},
@@ -51,8 +50,8 @@ def _config(root: Path, **over: Any) -> Path:
         "engine": {"models_dir": str(root / "models"), "device": "cpu"},
         "logging": {"level": "warning", "format": "json"},
     }
-    if STORE_URL:
-        doc["store"] = {"url": STORE_URL}
+    if store_url:
+        doc["store"] = {"url": store_url}
     for k, v in over.items():
         doc[k].update(v)
     for d in ("inbox", "outbox", "state", "models"):
@@ -70,12 +69,12 @@ def _drop(inbox: Path, stem: str, shade: int) -> None:
     (inbox / f"{stem}.ready").touch()
 
 
-def bench_claim(root: Path, workers: int, claims: int) -> dict[str, Any]:
+def bench_claim(root: Path, workers: int, claims: int, store_url: str | None = None) -> dict[str, Any]:
     from daemon.config import load_config
     from daemon.jobs import JobStatus
     from daemon.store import Store
 
-    cfg_path = _config(root)
+    cfg_path = _config(root, store_url)
     cfg = load_config(cfg_path)
     env = dict(os.environ, FAKE_STEPS="2", FAKE_STEP_S="0.01", PYTHONPATH=str(REPO))
     env.pop("NOTIFY_SOCKET", None)
@@ -99,18 +98,18 @@ def bench_claim(root: Path, workers: int, claims: int) -> dict[str, Any]:
         for p in procs:
             p.wait(60)
     lat = sorted(latencies)
-    return {"what": f"claim-to-start latency, {workers} daemons on {_backend()}, idle (the ingest leader wakes its own "
-                    "worker at once; the others poll every watch.poll_interval_s = 0.2 s)",
+    return {"what": f"claim-to-start latency, {workers} daemons on {_backend(store_url)}, idle (the ingest leader "
+                    "wakes its own worker at once; the others poll every watch.poll_interval_s = 0.2 s)",
             "median_s": round(statistics.median(lat), 3), "p95_s": round(lat[int(0.95 * (len(lat) - 1))], 3),
             "max_s": round(lat[-1], 3), "n": len(lat)}
 
 
-def bench_ingest(root: Path, stems: int) -> dict[str, Any]:
+def bench_ingest(root: Path, stems: int, store_url: str | None = None) -> dict[str, Any]:
     from daemon.config import load_config
     from daemon.store import Store
     from daemon.watcher import Scanner
 
-    cfg = load_config(_config(root, jobs={"ready_marker": "required"}))
+    cfg = load_config(_config(root, store_url, jobs={"ready_marker": "required"}))
     for i in range(stems):
         _drop(cfg.paths.inbox, f"s{i:05d}", i)
     store = Store.connect(cfg.store, cfg.paths.database)
@@ -124,11 +123,11 @@ def bench_ingest(root: Path, stems: int) -> dict[str, Any]:
         seconds = time.perf_counter() - t0
     finally:
         store.close()
-    return {"what": f"ingest of {stems} stems dropped at once (png + wav + .ready, one scanner, {_backend()})",
+    return {"what": f"ingest of {stems} stems dropped at once (png + wav + .ready, one scanner, {_backend(store_url)})",
             "seconds": round(seconds, 2), "stems_per_s": round(stems / seconds, 1), "passes": passes}
 
 
-def bench_status(root: Path, jobs: int, repeat: int = 5) -> dict[str, Any]:
+def bench_status(root: Path, jobs: int, repeat: int = 5, store_url: str | None = None) -> dict[str, Any]:
     from sqlalchemy import insert
 
     from daemon import cli
@@ -136,7 +135,7 @@ def bench_status(root: Path, jobs: int, repeat: int = 5) -> dict[str, Any]:
     from daemon.jobs import JobRow, JobStatus
     from daemon.store import Store
 
-    cfg_path = _config(root)
+    cfg_path = _config(root, store_url)
     cfg = load_config(cfg_path)
     store = Store.connect(cfg.store, cfg.paths.database)
     now = time.time()
@@ -155,7 +154,7 @@ def bench_status(root: Path, jobs: int, repeat: int = 5) -> dict[str, Any]:
         with contextlib.redirect_stdout(io.StringIO()):
             assert cli.main(["status", "--json", "--config", str(cfg_path)]) == 0
         times.append(time.perf_counter() - t0)
-    return {"what": f"infinitetalkd status --json with {jobs} jobs ({_backend()}, in-process)",
+    return {"what": f"infinitetalkd status --json with {jobs} jobs ({_backend(store_url)}, in-process)",
             "median_s": round(statistics.median(times), 3), "max_s": round(max(times), 3), "n": repeat}
 
 
@@ -172,8 +171,8 @@ def _empty_database(url: str) -> None:
         engine.dispose()
 
 
-def _backend() -> str:
-    return "PostgreSQL" if STORE_URL else "SQLite"
+def _backend(store_url: str | None) -> str:
+    return "PostgreSQL" if store_url else "SQLite"
 
 
 def _wait(cond: Any, timeout: float, what: str) -> Any:
@@ -195,22 +194,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--store-url", default=None, help="a throwaway PostgreSQL database (emptied before each part)")
     args = ap.parse_args(argv)
-    global STORE_URL
-    STORE_URL = args.store_url
+    url = args.store_url
     from daemon.log import setup_logging
 
     setup_logging("warning", "json")
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-fleet-"))
     out.mkdir(parents=True, exist_ok=True)
-    parts = {"claim": lambda d: bench_claim(d, args.workers, args.claims),
-             "ingest": lambda d: bench_ingest(d, args.stems), "status": lambda d: bench_status(d, args.jobs)}
+    parts = {"claim": lambda d: bench_claim(d, args.workers, args.claims, store_url=url),
+             "ingest": lambda d: bench_ingest(d, args.stems, store_url=url),
+             "status": lambda d: bench_status(d, args.jobs, store_url=url)}
     results = {}
     for name in args.only.split(","):
-        if STORE_URL:
-            _empty_database(STORE_URL)
+        if url:
+            _empty_database(url)
         with tempfile.TemporaryDirectory(prefix=f"bench-fleet-{name}-") as d:
             results[name] = parts[name](Path(d))
-    doc = {"date": time.strftime("%Y-%m-%d"), "store": _backend(),
+    doc = {"date": time.strftime("%Y-%m-%d"), "store": _backend(url),
            "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs",
            "python": platform.python_version(), "results": results}
     (out / "fleet.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")

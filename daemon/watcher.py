@@ -82,7 +82,7 @@ class Scanner:
                  name: str = "", move_to_failed: Callable[[list[Job]], None] | None = None) -> None:
         """``leading``: whether this process holds the ingest lease now (None: always, one daemon
         alone); only the leader scans, refuses, and sweeps expired jobs. ``move_to_failed`` moves
-        the inputs of jobs the database ended to failed/ (swept ones, and orphans: :meth:`_orphaned`).
+        the inputs of jobs the database ended to failed/ (swept ones, and those nobody moved: :meth:`_unmoved`).
         ``name``: the worker name, reported with the waiting list."""
         self.config = config
         self.leading = leading

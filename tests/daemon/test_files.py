@@ -44,3 +44,21 @@ def test_a_changed_inbox_file_stays_and_the_snapshot_is_archived(tmp_path: Path)
     assert (dest / "a.wav").read_text() == "old a.wav"
     assert sorted(p.name for p in inbox.iterdir()) == ["a.png", "a.wav"]  # both stay: a new job
     assert (inbox / "a.wav").read_text() == "a new recording"
+
+
+def test_a_refused_drop_settled_by_another_process_is_not_settled_again(tmp_path: Path) -> None:
+    """Refused drops are recorded without a hash: a second mover (a former leader waking up after the
+    new one moved the files) recognises failed/a/ by size and mtime, which a move keeps, and makes no
+    second folder."""
+    inbox, failed, archive = tmp_path / "inbox", tmp_path / "failed", tmp_path / "archive"
+    inbox.mkdir()
+    inputs = []
+    for name in ("a.png", "a.wav"):
+        (inbox / name).write_text("refused " + name)
+        st = (inbox / name).stat()
+        inputs.append({"role": "input", "name": name, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    first = fl.to_failed(failed, "a", 10, inbox, inputs, "why", settled_in=[archive, failed])
+    again = fl.to_failed(failed, "a", 10, inbox, inputs, "why", settled_in=[archive, failed])
+    assert again == first == failed / "a"
+    assert [p.name for p in failed.iterdir()] == ["a"]
+    assert sorted(p.name for p in first.iterdir()) == ["a.png", "a.wav", "error.txt"]
